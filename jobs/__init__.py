@@ -1,0 +1,1 @@
+"""RQ side of the loader: task functions, enqueueing, and the worker entry point."""

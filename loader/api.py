@@ -1,0 +1,94 @@
+"""The operations people run, from the CLI, a notebook or the console: start, watch, retry, cancel."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import ledger, runs
+from .catalog import Catalog, load_catalog
+from .contract import run_contract
+from .errors import ServiceError
+from .ledger import FINAL_RUN_STATES
+from .runs import RunRef
+
+
+def initdb(url: str | None = None) -> int:
+    """Create or upgrade the ledger schema (idempotent); returns its version."""
+    return ledger.initdb(url)
+
+
+def list_jobs(catalog: str | Path | Catalog | None = None) -> Catalog:
+    """The configured jobs (and, separately, the broken ones with their error)."""
+    return catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
+
+
+def start_run(job: str, *, run_id: str | None = None, batch_size: int | None = None, force: bool = False,
+              catalog: str | Path | Catalog | None = None) -> RunRef:
+    """Start a run of ``job``: it is queued at once and its lineage returned.
+
+    Refuses (RunConflict) while the job has a run in progress, unless ``force=True``.
+
+    Example::
+
+        ref = start_run("orders", batch_size=1000)
+        print(ref.etl_job_id, ref.etl_run_id)
+    """
+    from jobs.queues import enqueue_plan
+
+    spec = list_jobs(catalog).get(job)
+    ref = runs.create_run(spec, run_id=run_id, batch_size=batch_size, force=force)
+    try:
+        enqueue_plan(ref.etl_job_id, ref.etl_run_id)
+    except ServiceError as exc:
+        runs.fail_queued_run(ref.etl_job_id, ref.etl_run_id, str(exc))
+        raise
+    return ref
+
+
+def cancel_run(job: str, run: str) -> str:
+    """Cancel a queued, validating or loading run; returns 'canceled'."""
+    return runs.mark_canceled(job, run)
+
+
+def retry_run(job: str, run: str, batches: list[int] | None = None) -> list[int]:
+    """Re-run the failed batches (all, or those listed) of a failed or partial_success run.
+
+    Returns the batch indexes queued again.
+    """
+    from jobs.queues import enqueue_batches
+
+    indexes = runs.reset_failed_batches(job, run, batches)
+    enqueue_batches(job, run, indexes, trigger="manual")
+    return indexes
+
+
+def wait_for_run(job: str, run: str, *, timeout: float | None = None, poll: float = 0.5,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Block until the run reaches a final state; returns its contract.
+
+    ``on_progress`` gets the contract (without batches) each time the run changed.
+    Raises TimeoutError after ``timeout`` seconds.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen = -1
+    while True:
+        contract = run_contract(job, run, include_batches=False)
+        if contract["version"] != seen:
+            seen = contract["version"]
+            if on_progress is not None:
+                on_progress(contract)
+        if contract["status"] in {s.value for s in FINAL_RUN_STATES}:
+            return run_contract(job, run)
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"run {job}/{run} still {contract['status']} after {timeout} s")
+        time.sleep(poll)
+
+
+def workers_alive() -> int:
+    """How many workers listen on the queue."""
+    from jobs.queues import workers_alive as alive
+
+    return alive()

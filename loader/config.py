@@ -1,0 +1,139 @@
+"""Settings as data: every environment variable the product reads, with its default and help."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+#: Smallest and largest batch a run may use; outside this range start_run refuses.
+BATCH_SIZE_MIN = 100
+BATCH_SIZE_MAX = 10_000
+#: Batch size when neither the job nor ETL_BATCH_SIZE sets one.
+DEFAULT_BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, default (as text) and what it does."""
+
+    name: str
+    default: str
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("DATABASE_URL", "", "PostgreSQL URL for the ledger and staging tables; "
+            "unset: `dataloader up` / `make test` start an embedded server under ETL_DATA_DIR"),
+    Setting("REDIS_URL", "", "Redis URL for the RQ queue; unset: an embedded Redis is started"),
+    Setting("ETL_BATCH_SIZE", str(DEFAULT_BATCH_SIZE),
+            f"records per batch when the job sets none ({BATCH_SIZE_MIN}..{BATCH_SIZE_MAX})"),
+    Setting("ETL_JOBS_FILE", "jobs.toml", "the job catalog (TOML), relative to the working directory"),
+    Setting("ETL_QUEUE", "dataloader", "name of the RQ queue the runs and batches go through"),
+    Setting("ETL_LEDGER_SCHEMA", "etl_ledger", "PostgreSQL schema holding the ledger tables"),
+    Setting("ETL_MAX_ATTEMPTS", "4", "attempts per batch for transient database errors, when the job sets none"),
+    Setting("ETL_RETRY_BASE_SECONDS", "0.5", "first backoff delay between attempts (doubles, with jitter)"),
+    Setting("ETL_RETRY_MAX_SECONDS", "10", "longest backoff delay between two attempts"),
+    Setting("ETL_JOB_TIMEOUT", "1800", "seconds an RQ job (planning or one batch) may run before it is killed"),
+    Setting("ETL_CONSOLE_URL", "http://localhost:8501",
+            "public base URL of the console; logs_url and metrics_download_url start with it"),
+    Setting("ETL_DB_POOL_SIZE", "4", "largest number of pooled PostgreSQL connections per process"),
+    Setting("ETL_DATA_DIR", ".data", "where embedded PostgreSQL and Redis keep their data"),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def get(name: str) -> str:
+    """The current value of a setting: the environment, else its default.
+
+    Read at call time (not import time) so a notebook or a test can change the environment.
+
+    Example::
+
+        >>> get("ETL_QUEUE")
+        'dataloader'
+    """
+    setting = _BY_NAME[name]
+    value = os.environ.get(name, "").strip()
+    return value or setting.default
+
+
+def get_int(name: str, *, minimum: int = 0) -> int:
+    raw = get(name)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, found {raw!r}", setting=name) from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, found {value}", setting=name)
+    return value
+
+
+def get_float(name: str) -> float:
+    raw = get(name)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, found {raw!r}", setting=name) from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, found {value}", setting=name)
+    return value
+
+
+def check_batch_size(value: object) -> int:
+    """Return ``value`` as a batch size, or raise ConfigError saying the allowed range.
+
+    Example::
+
+        >>> check_batch_size("500")
+        500
+    """
+    try:
+        size = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(
+            f"batch size must be a whole number from {BATCH_SIZE_MIN} to {BATCH_SIZE_MAX}, found {value!r}"
+        ) from None
+    if not BATCH_SIZE_MIN <= size <= BATCH_SIZE_MAX:
+        raise ConfigError(
+            f"batch size must be from {BATCH_SIZE_MIN} to {BATCH_SIZE_MAX}, found {size}", batch_size=size
+        )
+    return size
+
+
+def default_batch_size() -> int:
+    """ETL_BATCH_SIZE when set (checked against the allowed range), else 1000."""
+    raw = get("ETL_BATCH_SIZE")
+    try:
+        return check_batch_size(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"ETL_BATCH_SIZE: {exc}", setting="ETL_BATCH_SIZE") from None
+
+
+def database_url() -> str:
+    url = get("DATABASE_URL")
+    if not url:
+        raise ConfigError(
+            "DATABASE_URL is not set: point it at PostgreSQL (postgresql://user@host:5432/db), "
+            "or use `dataloader up`, which starts an embedded server"
+        )
+    return url
+
+
+def redis_url() -> str:
+    url = get("REDIS_URL")
+    if not url:
+        raise ConfigError(
+            "REDIS_URL is not set: point it at Redis (redis://127.0.0.1:6379/0), "
+            "or use `dataloader up`, which starts an embedded server"
+        )
+    return url
+
+
+def jobs_file() -> Path:
+    return Path(get("ETL_JOBS_FILE")).expanduser()

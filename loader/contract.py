@@ -1,0 +1,257 @@
+"""The run contract: the one description of a run that the console, the CLI and the exports share."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import sqlalchemy as sa
+
+from . import config, db
+from .errors import RunNotFound
+from .ledger import batches, events, rejects, runs
+
+EXAMPLES_LIMIT = 10
+LOG_FRAGMENT_EVENTS = 5
+
+METRIC_FIELDS = ("rows_inserted", "rows_updated", "rows_validated", "batches_total", "batches_succeeded",
+                 "batches_failed", "retries", "throughput_rps", "batch_duration_ms_avg", "batch_duration_ms_p95")
+BATCH_FIELDS = ("index", "status", "attempts", "rows_attempted", "rows_inserted", "rows_updated",
+                "validation_failures", "duration_ms", "retries", "committed_at", "error_code", "error_message",
+                "logs_fragment")
+
+
+def iso(value: datetime | None) -> str | None:
+    """UTC ISO 8601 with a Z, or None."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def run_urls(job: str, run: str) -> dict[str, str]:
+    """logs_url and metrics_download_url: served by the console, streamed from the ledger."""
+    base = config.get("ETL_CONSOLE_URL").rstrip("/")
+    path = f"{base}/etl/data-loader/api/runs/{quote(job, safe='')}/{quote(run, safe='')}"
+    return {"logs_url": f"{path}/logs.ndjson", "metrics_download_url": f"{path}/metrics.csv"}
+
+
+def _key(table: sa.Table, job: str, run: str) -> sa.ColumnElement[bool]:
+    return sa.and_(table.c.etl_job_id == job, table.c.etl_run_id == run)
+
+
+def _metrics_query(job: str, run: str) -> sa.Select[Any]:
+    b = batches.c
+    ok = b.status == "succeeded"
+    return sa.select(
+        sa.func.coalesce(sa.func.sum(b.rows_inserted), 0).label("rows_inserted"),
+        sa.func.coalesce(sa.func.sum(b.rows_updated), 0).label("rows_updated"),
+        sa.func.coalesce(sa.func.sum(b.rows_validated), 0).label("rows_validated"),
+        sa.func.coalesce(sa.func.sum(b.rows_superseded), 0).label("rows_superseded"),
+        sa.func.coalesce(sa.func.sum(b.rows_attempted).filter(ok), 0).label("rows_attempted"),
+        sa.func.coalesce(sa.func.sum(b.rows_attempted), 0).label("rows_planned"),
+        sa.func.coalesce(sa.func.sum(b.validation_failures), 0).label("validation_failures"),
+        sa.func.coalesce(sa.func.sum(b.required_field_errors), 0).label("required_field_errors"),
+        sa.func.coalesce(sa.func.sum(b.json_shape_errors), 0).label("json_shape_errors"),
+        sa.func.count().label("batches_total"),
+        sa.func.count().filter(ok).label("batches_succeeded"),
+        sa.func.count().filter(b.status == "failed").label("batches_failed"),
+        sa.func.count().filter(b.status == "running").label("batches_running"),
+        sa.func.count().filter(b.status == "pending").label("batches_pending"),
+        sa.func.count().filter(b.status == "retried").label("batches_retried"),
+        sa.func.coalesce(sa.func.sum(sa.func.greatest(b.attempts - 1, 0)), 0).label("retries"),
+        sa.func.avg(b.duration_ms).filter(ok).label("avg_ms"),
+        sa.func.percentile_cont(0.95).within_group(b.duration_ms).filter(ok).label("p95_ms"),
+        sa.func.max(b.committed_at).label("last_commit"),
+        sa.func.max(b.change_seq).label("change_seq"),
+    ).where(_key(batches, job, run))
+
+
+def get_run_row(conn: sa.Connection, job: str, run: str) -> sa.Row[Any]:
+    row = conn.execute(sa.select(runs).where(_key(runs, job, run))).first()
+    if row is None:
+        raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
+    return row
+
+
+def batch_status_label(status: str, attempts: int) -> str:
+    """``retried(n)`` for a batch waiting for its next attempt, else the status itself."""
+    return f"retried({max(attempts, 1)})" if status == "retried" else status
+
+
+def build_metrics(run_row: sa.Row[Any], m: sa.Row[Any], now: datetime) -> dict[str, Any]:
+    end = run_row.completed_at or now
+    elapsed_s = max(0.0, (end - run_row.started_at).total_seconds())
+    loading_s = 0.0
+    if run_row.planned_at is not None and m.last_commit is not None:
+        loading_s = max(0.0, (m.last_commit - run_row.planned_at).total_seconds())
+    throughput = round(m.rows_attempted / loading_s, 1) if loading_s > 0 else 0.0
+    return {
+        "rows_inserted": int(m.rows_inserted),
+        "rows_updated": int(m.rows_updated),
+        "rows_validated": int(m.rows_validated),
+        "batches_total": int(run_row.batches_total or m.batches_total),
+        "batches_succeeded": int(m.batches_succeeded),
+        "batches_failed": int(m.batches_failed),
+        "retries": int(m.retries),
+        "throughput_rps": throughput,
+        "batch_duration_ms_avg": round(float(m.avg_ms), 1) if m.avg_ms is not None else None,
+        "batch_duration_ms_p95": round(float(m.p95_ms), 1) if m.p95_ms is not None else None,
+        # Beyond the spec's list, for the console's cards and the CLI summary:
+        "rows_attempted": int(m.rows_attempted),
+        "rows_planned": int(run_row.rows_planned or 0),
+        "rows_superseded": int(m.rows_superseded),
+        "validation_failures": int(m.validation_failures),
+        "batches_running": int(m.batches_running),
+        "batches_pending": int(m.batches_pending),
+        "batches_retried": int(m.batches_retried),
+        "elapsed_ms": round(elapsed_s * 1000),
+    }
+
+
+def batch_rows_query(job: str, run: str) -> sa.Select[Any]:
+    b = batches.c
+    return sa.select(
+        b.batch_index, b.status, b.attempts, b.rows_attempted, b.rows_inserted, b.rows_updated,
+        b.rows_validated, b.rows_superseded, b.validation_failures, b.duration_ms, b.committed_at,
+        b.started_at, b.error_code, b.error_message, b.source_file, b.line_start, b.line_count, b.worker,
+    ).where(_key(batches, job, run))
+
+
+def batch_dict(r: sa.Row[Any], fragment: list[dict[str, Any]] | None) -> dict[str, Any]:
+    return {
+        "index": r.batch_index,
+        "status": r.status,
+        "status_label": batch_status_label(r.status, r.attempts - 1 if r.status == "retried" else r.attempts),
+        "attempts": r.attempts,
+        "rows_attempted": r.rows_attempted,
+        "rows_inserted": r.rows_inserted,
+        "rows_updated": r.rows_updated,
+        "validation_failures": r.validation_failures,
+        "duration_ms": round(r.duration_ms, 1) if r.duration_ms is not None else None,
+        "retries": max(r.attempts - 1, 0),
+        "committed_at": iso(r.committed_at),
+        "error_code": r.error_code,
+        "error_message": r.error_message,
+        "logs_fragment": fragment or [],
+        "rows_validated": r.rows_validated,
+        "rows_superseded": r.rows_superseded,
+        "source_file": r.source_file,
+        "first_line": r.line_start,
+        "line_count": r.line_count,
+    }
+
+
+def event_dict(e: Any) -> dict[str, Any]:
+    return {"ts": iso(e.ts), "level": e.level, "event": e.event, "job": e.etl_job_id, "run": e.etl_run_id,
+            "batch": e.batch_index, "attempt": e.attempt, "details": e.details}
+
+
+def log_fragments(conn: sa.Connection, job: str, run: str, indexes: list[int] | None = None
+                  ) -> dict[int, list[dict[str, Any]]]:
+    """The last few log events of each batch (all batches, or those listed), oldest first."""
+    e = events.c
+    cond = sa.and_(_key(events, job, run), e.batch_index.is_not(None))
+    if indexes is not None:
+        cond = sa.and_(cond, e.batch_index.in_(indexes))
+    ranked = sa.select(events, sa.func.row_number().over(
+        partition_by=e.batch_index, order_by=e.id.desc()).label("rn")).where(cond).subquery()
+    rows = conn.execute(sa.select(ranked).where(ranked.c.rn <= LOG_FRAGMENT_EVENTS)
+                        .order_by(ranked.c.batch_index, ranked.c.id))
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r.batch_index, []).append(event_dict(r))
+    return out
+
+
+def validation_examples(conn: sa.Connection, job: str, run: str, limit: int = EXAMPLES_LIMIT
+                        ) -> list[dict[str, Any]]:
+    r = rejects.c
+    rows = conn.execute(sa.select(r.batch_index, r.source_file, r.line_no, r.error_class, r.path, r.message,
+                                  r.sample_value).where(_key(rejects, job, run))
+                        .order_by(r.batch_index, r.line_no).limit(limit))
+    return [{"path": x.path, "message": x.message, "sample_value": x.sample_value, "error_class": x.error_class,
+             "batch_index": x.batch_index, "source_file": x.source_file, "line_no": x.line_no} for x in rows]
+
+
+def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[str, Any]:
+    """Everything the spec's data contract names for one run, with those exact field names.
+
+    Metrics are computed by PostgreSQL from the ledger (one aggregate query), so the numbers are
+    the same wherever they are shown. ``include_batches=False`` leaves ``batches`` empty for callers
+    that page through batches themselves (the console's grid).
+
+    Example::
+
+        contract = run_contract("orders", "2f1c...")
+        contract["metrics"]["rows_inserted"]
+    """
+    engine = db.get_engine()
+    with engine.connect() as conn:
+        run_row = get_run_row(conn, job, run)
+        m = conn.execute(_metrics_query(job, run)).one()
+        now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
+        examples = validation_examples(conn, job, run)
+        batch_list: list[dict[str, Any]] = []
+        if include_batches:
+            fragments = log_fragments(conn, job, run)
+            rows = conn.execute(batch_rows_query(job, run).order_by(batches.c.batch_index))
+            batch_list = [batch_dict(r, fragments.get(r.batch_index)) for r in rows]
+    metrics = build_metrics(run_row, m, now)
+    return {
+        "etl_job_id": run_row.etl_job_id,
+        "etl_run_id": run_row.etl_run_id,
+        "batch_size": run_row.batch_size,
+        "status": run_row.status,
+        "started_at": iso(run_row.started_at),
+        "completed_at": iso(run_row.completed_at),
+        "loaded_at": iso(run_row.loaded_at or m.last_commit),
+        "metrics": metrics,
+        "validation_summary": {
+            "required_field_errors": int(m.required_field_errors),
+            "json_shape_errors": int(m.json_shape_errors),
+            "examples": examples,
+        },
+        "batches": batch_list,
+        **run_urls(job, run),
+        "target_table": run_row.target_table,
+        "error_code": run_row.error_code,
+        "error_message": run_row.error_message,
+        "forced": run_row.forced,
+        "version": max(int(run_row.change_seq), int(m.change_seq or 0)),
+    }
+
+
+def ledger_version(job: str, run: str) -> int:
+    """A number that grows whenever anything about the run changes (one index lookup)."""
+    with db.get_engine().connect() as conn:
+        r = conn.execute(sa.select(runs.c.change_seq).where(_key(runs, job, run))).scalar()
+        if r is None:
+            raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
+        b = conn.execute(sa.select(sa.func.max(batches.c.change_seq)).where(_key(batches, job, run))).scalar()
+    return max(int(r), int(b or 0))
+
+
+def list_runs(job: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Recent runs, newest first, with their headline counts (batches summed per listed run only)."""
+    b = batches.c
+    recent = sa.select(runs).order_by(runs.c.started_at.desc()).limit(limit)
+    if job is not None:
+        recent = recent.where(runs.c.etl_job_id == job)
+    r = recent.subquery("r")
+    counts = (sa.select(sa.func.sum(b.rows_inserted).label("rows_inserted"),
+                        sa.func.sum(b.rows_updated).label("rows_updated"),
+                        sa.func.sum(b.validation_failures).label("validation_failures"),
+                        sa.func.count().filter(b.status == "failed").label("batches_failed"))
+              .where(b.etl_job_id == r.c.etl_job_id, b.etl_run_id == r.c.etl_run_id).lateral("c"))
+    q = (sa.select(r.c.etl_job_id, r.c.etl_run_id, r.c.status, r.c.batch_size, r.c.started_at, r.c.completed_at,
+                   r.c.batches_total, counts.c.rows_inserted, counts.c.rows_updated, counts.c.validation_failures,
+                   counts.c.batches_failed)
+         .select_from(r.join(counts, sa.true())).order_by(r.c.started_at.desc()))
+    with db.get_engine().connect() as conn:
+        rows = conn.execute(q).all()
+    return [{"etl_job_id": x.etl_job_id, "etl_run_id": x.etl_run_id, "status": x.status,
+             "batch_size": x.batch_size, "started_at": iso(x.started_at), "completed_at": iso(x.completed_at),
+             "batches_total": x.batches_total, "rows_inserted": int(x.rows_inserted or 0),
+             "rows_updated": int(x.rows_updated or 0), "validation_failures": int(x.validation_failures or 0),
+             "batches_failed": int(x.batches_failed or 0)} for x in rows]

@@ -1,0 +1,337 @@
+"""Loading one batch: exactly once, in one transaction with its ledger row, retrying transient errors."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from . import config, db
+from .catalog import JobSpec
+from .db import ledger_table, next_change
+from .errors import LoaderError, TransientDbError
+from .events import log_event
+from .ledger import AttemptStatus, BatchStatus, RunStatus
+from .retrying import backoff_delay
+from .sources import PlannedBatch, read_batch
+from .upsert import upsert_batch
+from .validation import ErrorClass, RecordChecker, RecordProblem
+
+#: Raw text kept for a rejected record (bytes); longer records are cut and flagged.
+REJECT_RECORD_MAX_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one execution of a batch job did (the ledger has the details)."""
+
+    status: str  # succeeded, failed, skipped
+    attempts: int = 0
+    rows_inserted: int = 0
+    rows_updated: int = 0
+    validation_failures: int = 0
+    reason: str = ""
+
+
+BEGIN = sql.SQL("""
+    WITH b AS (
+        UPDATE {batches} b SET status = 'running', attempts = b.attempts + 1, started_at = clock_timestamp(),
+               worker = %(worker)s, change_seq = {next}
+        FROM {runs} r
+        WHERE b.etl_job_id = %(job)s AND b.etl_run_id = %(run)s AND b.batch_index = %(batch)s
+          AND r.etl_job_id = b.etl_job_id AND r.etl_run_id = b.etl_run_id
+          AND r.status = 'loading' AND b.status IN ('pending', 'retried', 'running')
+        RETURNING b.attempts, b.started_at, b.source_file, b.file_size, b.file_mtime_ns, b.byte_start,
+                  b.byte_end, b.line_start, b.line_count, b.ord_start, b.has_payload, b.rows_attempted,
+                  r.run_seq, r.max_attempts
+    ), a AS (
+        INSERT INTO {attempts} (etl_job_id, etl_run_id, batch_index, attempt, status, trigger, worker, started_at)
+        SELECT %(job)s, %(run)s, %(batch)s, attempts, 'running', %(trigger)s, %(worker)s, started_at FROM b
+    )
+    SELECT * FROM b""")
+
+COMMIT_BATCH = sql.SQL("""
+    UPDATE {batches} SET status = 'succeeded', rows_inserted = %(ins)s, rows_updated = %(upd)s,
+        rows_validated = %(valid)s, rows_superseded = %(superseded)s, validation_failures = %(rejected)s,
+        required_field_errors = %(req)s, json_shape_errors = %(shape)s, duration_ms = %(ms)s,
+        committed_at = clock_timestamp(), ended_at = clock_timestamp(), error_code = NULL,
+        error_message = NULL, error_stack = NULL, change_seq = {next}
+    WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND batch_index = %(batch)s""")
+
+END_ATTEMPT = sql.SQL("""
+    UPDATE {attempts} SET status = %(status)s, ended_at = clock_timestamp(), duration_ms = %(ms)s,
+        error_code = %(code)s, error_message = %(message)s, error_stack = %(stack)s
+    WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND batch_index = %(batch)s AND attempt = %(attempt)s""")
+
+FAIL_BATCH = sql.SQL("""
+    UPDATE {batches} SET status = %(status)s, duration_ms = %(ms)s, ended_at = clock_timestamp(),
+        error_code = %(code)s, error_message = %(message)s, error_stack = %(stack)s, change_seq = {next}
+    WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND batch_index = %(batch)s
+      AND attempts = %(attempt)s AND status = 'running'""")
+
+COPY_REJECTS = sql.SQL(
+    "COPY {} (etl_job_id, etl_run_id, batch_index, source_file, line_no, error_class, path, message, "
+    "sample_value, problems, record, record_truncated) FROM STDIN")
+
+
+@lru_cache(maxsize=32)
+def _checker(spec_json: bytes) -> RecordChecker:
+    """One compiled checker per job spec per process: the JSON Schema is compiled once."""
+    spec = JobSpec.from_dict(orjson.loads(spec_json))
+    return RecordChecker(spec.source_id, spec.required, spec.schema)
+
+
+@lru_cache(maxsize=32)
+def _spec(job: str, run: str) -> tuple[JobSpec, bytes]:
+    with db.connection() as conn:
+        row = conn.execute(sql.SQL("SELECT spec FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
+            ledger_table("runs")), [job, run]).fetchone()
+    if row is None:
+        raise LoaderError(f"run {job}/{run} is not in the ledger", job=job, run=run)
+    raw = orjson.dumps(row[0], option=orjson.OPT_SORT_KEYS)
+    return JobSpec.from_dict(row[0]), raw
+
+
+def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, trigger: str = "auto") -> BatchOutcome:
+    """Load batch ``batch`` of a run, retrying transient database errors with backoff.
+
+    Safe to call more than once for the same batch (RQ delivers at least once): a batch that has
+    committed is never loaded or counted again, and two concurrent executions cannot both commit.
+    After the batch ends, the run is finished if it was the last one.
+
+    Example::
+
+        load_batch("orders", "2f1c...", 0)
+    """
+    tries = 0
+    while True:
+        tries += 1
+        started = time.perf_counter()
+        attempt: int | None = None
+        max_attempts = config.get_int("ETL_MAX_ATTEMPTS", minimum=1)
+        try:
+            spec, spec_json = _spec(job, run)
+            max_attempts = spec.max_attempts or max_attempts
+            with db.connection() as conn:
+                began = _begin(conn, job, run, batch, worker, trigger)
+                if began is None:
+                    return _not_started(conn, job, run, batch)
+                attempt = int(began["attempts"])
+                max_attempts = int(began["max_attempts"])
+                outcome = _attempt(conn, spec, spec_json, job, run, batch, attempt, began, started)
+            if outcome.status != "skipped":
+                finish_run_if_done(job, run)
+            return outcome
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded in the ledger, then handled
+            error = exc if isinstance(exc, LoaderError) else (
+                db.wrap_db_error(exc, batch=batch) if isinstance(exc, psycopg.Error) or db.is_transient(exc)
+                else None)
+            transient = isinstance(error, TransientDbError)
+            retry = transient and tries < max_attempts
+            code = _error_code(exc, error)
+            message = db.redact(str(error) if error is not None else f"{type(exc).__name__}: {exc}")
+            stack = db.redact(traceback.format_exc())
+            ms = (time.perf_counter() - started) * 1000
+            recorded = _record_failure(job, run, batch, attempt, retry=retry, code=code, message=message,
+                                       stack=stack, ms=ms)
+            if retry:
+                time.sleep(backoff_delay(tries))
+                continue
+            if recorded:
+                finish_run_if_done(job, run)
+            if error is None and not recorded:
+                raise  # a bug, and the ledger cannot even record it: let RQ see it
+            return BatchOutcome("failed", attempts=tries, reason=message)
+
+
+def _error_code(exc: BaseException, error: LoaderError | None) -> str:
+    sqlstate = (error.context.get("sqlstate") if error is not None else None) or getattr(exc, "sqlstate", None)
+    if sqlstate:
+        return str(sqlstate)
+    if error is not None:
+        return error.code
+    return "internal"
+
+
+def _begin(conn: psycopg.Connection[Any], job: str, run: str, batch: int, worker: str | None,
+           trigger: str) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(BEGIN.format(batches=ledger_table("batches"), runs=ledger_table("runs"),
+                                 attempts=ledger_table("attempts"), next=next_change()),
+                    {"job": job, "run": run, "batch": batch, "worker": worker, "trigger": trigger})
+        return cur.fetchone()
+
+
+def _not_started(conn: psycopg.Connection[Any], job: str, run: str, batch: int) -> BatchOutcome:
+    row = conn.execute(sql.SQL(
+        "SELECT r.status, b.status FROM {} r LEFT JOIN {} b ON b.etl_job_id = r.etl_job_id "
+        "AND b.etl_run_id = r.etl_run_id AND b.batch_index = %s WHERE r.etl_job_id = %s AND r.etl_run_id = %s"
+    ).format(ledger_table("runs"), ledger_table("batches")), [batch, job, run]).fetchone()
+    run_status, batch_status = (row or (None, None))
+    if batch_status == BatchStatus.SUCCEEDED.value:
+        reason = "already committed (duplicate delivery): nothing done"
+    elif run_status == RunStatus.CANCELED.value:
+        reason = "run canceled: batch not started"
+    else:
+        reason = f"not startable (run {run_status}, batch {batch_status})"
+    log_event(conn, job, run, "batch_skipped", batch=batch, reason=reason)
+    return BatchOutcome("skipped", reason=reason)
+
+
+def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job: str, run: str, batch: int,
+             attempt: int, began: dict[str, Any], started: float) -> BatchOutcome:
+    payload = None
+    if began["has_payload"]:
+        row = conn.execute(sql.SQL(
+            "SELECT payload FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = %s").format(
+                ledger_table("batch_payloads")), [job, run, batch]).fetchone()
+        payload = bytes(row[0]) if row else None
+    planned = PlannedBatch(batch, began["source_file"], began["file_size"], began["file_mtime_ns"],
+                           began["byte_start"], began["byte_end"], began["line_start"], began["line_count"],
+                           began["rows_attempted"], began["ord_start"], payload)
+
+    # Read and validate before the transaction: no lock is held during the CPU-bound part.
+    checker = _checker(spec_json)
+    good: list[tuple[int, str, bytes]] = []
+    rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
+    ord_base = planned.ord_start - planned.line_start
+    for line_no, raw in read_batch(planned):
+        record, problems = checker.check(raw)
+        if record is None:
+            rejected.append((line_no, raw, problems))
+        else:
+            good.append((ord_base + line_no, record.source_id, record.text))
+    attempted = len(good) + len(rejected)
+
+    batches = ledger_table("batches")
+    with conn.transaction():
+        row = conn.execute(sql.SQL(
+            "SELECT status, attempts FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = %s "
+            "FOR UPDATE").format(batches), [job, run, batch]).fetchone()
+        if row is None or row[0] != BatchStatus.RUNNING.value or row[1] != attempt:
+            # Another execution took this batch over (or committed it) while we were reading.
+            _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SKIPPED, started)
+            log_event(conn, job, run, "batch_skipped", batch=batch, attempt=attempt,
+                      reason="another execution of this batch took over")
+            return BatchOutcome("skipped", attempts=attempt, reason="taken over")
+        inserted = updated = 0
+        if good:
+            inserted, updated = upsert_batch(conn, spec.target_schema, spec.target_table, good,
+                                             job=job, run=run, run_seq=int(began["run_seq"]))
+        if rejected:
+            _write_rejects(conn, job, run, batch, planned.file, rejected)
+        required = sum(1 for _, _, p in rejected if p[0].error_class == ErrorClass.REQUIRED_FIELD)
+        ms = (time.perf_counter() - started) * 1000
+        conn.execute(COMMIT_BATCH.format(batches=batches, next=next_change()), {
+            "ins": inserted, "upd": updated, "valid": len(good), "superseded": len(good) - inserted - updated,
+            "rejected": len(rejected), "req": required, "shape": len(rejected) - required, "ms": ms,
+            "job": job, "run": run, "batch": batch})
+        _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SUCCEEDED, started)
+        log_event(conn, job, run, "batch_committed", batch=batch, attempt=attempt, rows_attempted=attempted,
+                  rows_inserted=inserted, rows_updated=updated, rows_validated=len(good),
+                  validation_failures=len(rejected), duration_ms=round(ms, 1))
+    return BatchOutcome("succeeded", attempts=attempt, rows_inserted=inserted, rows_updated=updated,
+                        validation_failures=len(rejected))
+
+
+def _end_attempt(conn: psycopg.Connection[Any], job: str, run: str, batch: int, attempt: int,
+                 status: AttemptStatus, started: float, code: str | None = None, message: str | None = None,
+                 stack: str | None = None) -> None:
+    conn.execute(END_ATTEMPT.format(attempts=ledger_table("attempts")), {
+        "status": status.value, "ms": (time.perf_counter() - started) * 1000, "code": code,
+        "message": message, "stack": stack, "job": job, "run": run, "batch": batch, "attempt": attempt})
+
+
+def _write_rejects(conn: psycopg.Connection[Any], job: str, run: str, batch: int, file: str,
+                   rejected: list[tuple[int, bytes, list[RecordProblem]]]) -> None:
+    with conn.cursor().copy(COPY_REJECTS.format(ledger_table("rejects"))) as copy:
+        for line_no, raw, problems in rejected:
+            first = problems[0]
+            cut = raw[:REJECT_RECORD_MAX_BYTES]
+            text = cut.decode("utf-8", errors="replace").replace("\x00", "\\u0000")
+            copy.write_row((job, run, batch, file, line_no, first.error_class.value, first.path,
+                            first.message.replace("\x00", ""), first.sample_value.replace("\x00", "\\u0000"),
+                            Jsonb([p.to_dict() for p in problems]), text, len(raw) > REJECT_RECORD_MAX_BYTES))
+
+
+def _record_failure(job: str, run: str, batch: int, attempt: int | None, *, retry: bool, code: str,
+                    message: str, stack: str, ms: float) -> bool:
+    """Write a failed attempt to the ledger; False when the database cannot be reached."""
+    level = "warning" if retry else "error"
+    event = "attempt_failed_will_retry" if retry else "batch_failed"
+    try:
+        with db.connection() as conn, conn.transaction():
+            if attempt is not None:
+                conn.execute(END_ATTEMPT.format(attempts=ledger_table("attempts")), {
+                    "status": (AttemptStatus.RETRYING if retry else AttemptStatus.FAILED).value, "ms": ms,
+                    "code": code, "message": message, "stack": stack, "job": job, "run": run, "batch": batch,
+                    "attempt": attempt})
+                conn.execute(FAIL_BATCH.format(batches=ledger_table("batches"), next=next_change()), {
+                    "status": (BatchStatus.RETRIED if retry else BatchStatus.FAILED).value, "ms": ms,
+                    "code": code, "message": message, "stack": stack, "job": job, "run": run, "batch": batch,
+                    "attempt": attempt})
+            elif not retry:
+                # The attempt never started (the database was unreachable): fail the batch as it stands.
+                conn.execute(sql.SQL(
+                    "UPDATE {} SET status = 'failed', ended_at = clock_timestamp(), error_code = %s, "
+                    "error_message = %s, error_stack = %s, change_seq = {} WHERE etl_job_id = %s "
+                    "AND etl_run_id = %s AND batch_index = %s AND status IN ('pending', 'retried', 'running')"
+                ).format(ledger_table("batches"), next_change()), [code, message, stack, job, run, batch])
+            log_event(conn, job, run, event, level=level, batch=batch, attempt=attempt, error_code=code,
+                      error=message)
+        return True
+    except Exception:  # noqa: BLE001 - the database is down too; the process log keeps it
+        log_event(None, job, run, event, level=level, batch=batch, attempt=attempt, error_code=code,
+                  error=message)
+        return False
+
+
+FINISH = sql.SQL("""
+    UPDATE {runs} SET status = 'committing', change_seq = {next}
+    WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND status = 'loading'
+      AND NOT EXISTS (SELECT 1 FROM {batches} WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s
+                      AND status NOT IN ('succeeded', 'failed'))
+    RETURNING 1""")
+
+FINAL = sql.SQL("""
+    WITH c AS (
+        SELECT count(*) FILTER (WHERE status = 'succeeded') AS ok, count(*) FILTER (WHERE status = 'failed') AS bad,
+               max(committed_at) AS loaded_at
+        FROM {batches} WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s
+    )
+    UPDATE {runs} r SET status = CASE WHEN c.bad = 0 THEN 'success' WHEN c.ok = 0 THEN 'failed'
+                                      ELSE 'partial_success' END,
+           completed_at = clock_timestamp(), loaded_at = c.loaded_at, change_seq = {next}
+    FROM c WHERE r.etl_job_id = %(job)s AND r.etl_run_id = %(run)s AND r.status = 'committing'
+    RETURNING r.status, c.ok, c.bad""")
+
+
+def finish_run_if_done(job: str, run: str) -> str | None:
+    """Move a run whose batches have all ended to committing, then to its final state.
+
+    Called after every batch; safe when several batches end at once (one caller wins).
+    Returns the final status when this call finished the run.
+    """
+    with db.connection() as conn:
+        params = {"job": job, "run": run}
+        done = conn.execute(FINISH.format(runs=ledger_table("runs"), batches=ledger_table("batches"),
+                                          next=next_change()), params).fetchone()
+        if done is None:
+            return None
+        with conn.transaction():
+            row = conn.execute(FINAL.format(runs=ledger_table("runs"), batches=ledger_table("batches"),
+                                            next=next_change()), params).fetchone()
+            if row is None:
+                return None
+            status = str(row[0])
+            log_event(conn, job, run, "run_completed", level="info" if status == "success" else "warning",
+                      status=status, batches_succeeded=row[1], batches_failed=row[2])
+        return status

@@ -1,0 +1,127 @@
+"""Planning a run: read the source once, cut it into batches the ledger can replay, queue them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import db
+from .catalog import JobSpec
+from .db import ledger_table
+from .errors import LoaderError, TransientDbError
+from .events import log_event
+from .ledger import BatchStatus, RunStatus
+from .retrying import backoff_delay
+from .sources import plan_batches, resolve_source
+from .upsert import ensure_target
+
+BATCH_COLUMNS = ("etl_job_id", "etl_run_id", "batch_index", "status", "source_file", "file_size", "file_mtime_ns",
+                 "byte_start", "byte_end", "line_start", "line_count", "ord_start", "has_payload",
+                 "rows_attempted")
+
+
+def plan_run(job: str, run: str) -> list[int]:
+    """Plan a queued run: create its target table and batches; return the batch indexes to enqueue.
+
+    Transient database errors are retried; any other problem (no source file, a truncated gzip,
+    a bad target table) fails the run with a clear message. Returns [] when there is nothing to
+    load (the run is then final) or the run was canceled or planned already.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return _plan_once(job, run)
+        except LoaderError as exc:
+            if isinstance(exc, TransientDbError) and attempt < 6:
+                log_event(None, job, run, "plan_retrying", level="warning", error=str(exc))
+                time.sleep(backoff_delay(attempt))
+                continue
+            _fail_run(job, run, exc)
+            return []
+        except psycopg.Error as exc:
+            wrapped = db.wrap_db_error(exc)
+            if isinstance(wrapped, TransientDbError) and attempt < 6:
+                log_event(None, job, run, "plan_retrying", level="warning", error=str(wrapped))
+                time.sleep(backoff_delay(attempt))
+                continue
+            _fail_run(job, run, wrapped)
+            return []
+
+
+def _plan_once(job: str, run: str) -> list[int]:
+    runs = ledger_table("runs")
+    with db.connection() as conn:
+        row = conn.execute(sql.SQL(
+            "UPDATE {} SET status = %s, change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s "
+            "AND status IN ('queued', 'validating') RETURNING spec, batch_size").format(
+                runs, db.next_change()),
+            [RunStatus.VALIDATING.value, job, run]).fetchone()
+        if row is None:
+            return []  # canceled, or planned already by an earlier delivery of this job
+        spec = JobSpec.from_dict(row[0])
+        batch_size = int(row[1])
+        log_event(conn, job, run, "plan_started", source=spec.source, batch_size=batch_size)
+        files = resolve_source(spec.source)
+        ensure_target(conn, spec.target_schema, spec.target_table)
+
+        with conn.transaction():
+            conn.execute(sql.SQL("SELECT 1 FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR UPDATE").format(
+                runs), [job, run])
+            for name in ("batch_payloads", "batches"):  # an interrupted earlier planning
+                conn.execute(sql.SQL("DELETE FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
+                    ledger_table(name)), [job, run])
+            total, rows = _write_batches(conn, job, run, files, batch_size)
+            status = RunStatus.LOADING if total else RunStatus.SUCCESS
+            conn.execute(sql.SQL(
+                "UPDATE {} SET status = %s, batches_total = %s, rows_planned = %s, planned_at = clock_timestamp(), "
+                "completed_at = CASE WHEN %s THEN clock_timestamp() END, change_seq = {} "
+                "WHERE etl_job_id = %s AND etl_run_id = %s AND status = 'validating'").format(
+                    runs, db.next_change()),
+                [status.value, total, rows, total == 0, job, run])
+            log_event(conn, job, run, "plan_completed", batches=total, records=rows,
+                      files=[str(f) for f in files])
+            if total == 0:
+                log_event(conn, job, run, "run_completed", status=status.value, note="the source holds no records")
+    return list(range(total))
+
+
+def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: list[Any], batch_size: int
+                   ) -> tuple[int, int]:
+    """Write one ledger row per batch (COPY) and the payloads of unseekable sources."""
+    total = rows = 0
+    batch_rows: list[tuple[object, ...]] = []
+    insert_payload = sql.SQL(
+        "INSERT INTO {} (etl_job_id, etl_run_id, batch_index, payload) VALUES (%s, %s, %s, %s)").format(
+            ledger_table("batch_payloads"))
+    for b in plan_batches(files, batch_size):
+        batch_rows.append((job, run, b.index, BatchStatus.PENDING.value, b.file, b.file_size, b.file_mtime_ns,
+                           b.byte_start, b.byte_end, b.line_start, b.line_count, b.ord_start,
+                           b.payload is not None, b.records))
+        if b.payload is not None:
+            conn.execute(insert_payload, [job, run, b.index, b.payload])
+        total += 1
+        rows += b.records
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in BATCH_COLUMNS)
+    with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(ledger_table("batches"), cols)) as copy:
+        for r in batch_rows:
+            copy.write_row(r)
+    return total, rows
+
+
+def _fail_run(job: str, run: str, exc: LoaderError) -> None:
+    try:
+        with db.connection() as conn, conn.transaction():
+            conn.execute(sql.SQL(
+                "UPDATE {} SET status = 'failed', error_code = %s, error_message = %s, completed_at = clock_timestamp(), "
+                "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s "
+                "AND status IN ('queued', 'validating')").format(
+                    ledger_table("runs"), db.next_change()),
+                [exc.code, db.redact(str(exc)), job, run])
+            log_event(conn, job, run, "run_failed", level="error", error_code=exc.code, error=str(exc))
+    except psycopg.Error:
+        log_event(None, job, run, "run_failed", level="error", error_code=exc.code, error=str(exc))
+        raise

@@ -1,0 +1,161 @@
+"""Run control in the ledger: create a run, cancel it, reset its failed batches for a retry."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from . import config, db
+from .catalog import JobSpec
+from .db import ledger_table, next_change
+from .errors import ConfigError, RunConflict, RunNotFound
+from .events import log_event
+from .ledger import ACTIVE_RUN_STATES, RunStatus
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """The lineage of a run: what to show people right after it starts."""
+
+    etl_job_id: str
+    etl_run_id: str
+    status: str
+    batch_size: int
+
+
+def new_run_id() -> str:
+    return str(uuid.uuid4())
+
+
+def check_run_id(value: str) -> str:
+    """A run id is a UUID (normalised to lower case) or a slug ``[a-z0-9][a-z0-9_-]{0,62}``.
+
+    Example::
+
+        >>> check_run_id("nightly-2026-11-27")
+        'nightly-2026-11-27'
+    """
+    text = value.strip()
+    if UUID_RE.match(text):
+        return str(uuid.UUID(text))
+    if SLUG_RE.match(text):
+        return text
+    raise ConfigError(
+        f"run id {value!r} must be a UUID or a slug: lower-case letters, digits, '-' and '_', "
+        "starting with a letter or digit, at most 63 characters", run=value)
+
+
+def create_run(spec: JobSpec, *, run_id: str | None = None, batch_size: int | None = None,
+               force: bool = False) -> RunRef:
+    """Insert a queued run; refuses a second active run of the same job unless ``force``."""
+    run = check_run_id(run_id) if run_id else new_run_id()
+    size = config.check_batch_size(batch_size) if batch_size is not None else (
+        spec.batch_size or config.default_batch_size())
+    max_attempts = spec.max_attempts or config.get_int("ETL_MAX_ATTEMPTS", minimum=1)
+    runs = ledger_table("runs")
+    with db.connection() as conn, conn.transaction():
+        # Serialises starts of one job, so two starts cannot both pass the in-progress check.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"dataloader.start.{spec.name}"])
+        if not force:
+            active = conn.execute(sql.SQL(
+                "SELECT etl_run_id, status FROM {} WHERE etl_job_id = %s AND status = ANY(%s) "
+                "ORDER BY started_at DESC LIMIT 1").format(runs),
+                [spec.name, [s.value for s in ACTIVE_RUN_STATES]]).fetchone()
+            if active is not None:
+                raise RunConflict(
+                    f"job {spec.name!r} already has a run in progress ({active[0]}, {active[1]}); "
+                    "wait for it, cancel it, or force a concurrent run", job=spec.name, run=active[0])
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL(
+                    "INSERT INTO {} (etl_job_id, etl_run_id, status, batch_size, max_attempts, target_table, "
+                    "spec, forced) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s)").format(runs),
+                    [spec.name, run, size, max_attempts, spec.target, Jsonb(spec.to_dict()), force])
+        except psycopg.errors.UniqueViolation:
+            raise RunConflict(f"run id {run!r} is already used by job {spec.name!r}; choose another",
+                              job=spec.name, run=run) from None
+        log_event(conn, spec.name, run, "run_queued", batch_size=size, forced=force, target=spec.target)
+    return RunRef(spec.name, run, RunStatus.QUEUED.value, size)
+
+
+def fail_queued_run(job: str, run: str, message: str) -> None:
+    """A run that could not even be queued (Redis down) must not stay 'queued' for ever."""
+    with db.connection() as conn, conn.transaction():
+        conn.execute(sql.SQL(
+            "UPDATE {} SET status = 'failed', error_code = 'queue', error_message = %s, "
+            "completed_at = clock_timestamp(), change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s "
+            "AND status = 'queued'").format(ledger_table("runs"), next_change()), [message, job, run])
+        log_event(conn, job, run, "run_failed", level="error", error_code="queue", error=message)
+
+
+def run_status(job: str, run: str) -> str:
+    with db.connection() as conn:
+        row = conn.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
+            ledger_table("runs")), [job, run]).fetchone()
+    if row is None:
+        raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
+    return str(row[0])
+
+
+def mark_canceled(job: str, run: str) -> str:
+    """Cancel an active run: batches not yet started never start; committed ones stay."""
+    with db.connection() as conn, conn.transaction():
+        row = conn.execute(sql.SQL(
+            "UPDATE {} SET status = 'canceled', canceled_at = clock_timestamp(), completed_at = clock_timestamp(), "
+            "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s AND status = ANY(%s) RETURNING 1").format(
+                ledger_table("runs"), next_change()),
+            [job, run, [s.value for s in ACTIVE_RUN_STATES]]).fetchone()
+        if row is None:
+            status = run_status(job, run)
+            raise RunConflict(f"run {job}/{run} is {status}: only a queued, validating or loading run can be "
+                              "canceled", job=job, run=run, status=status)
+        log_event(conn, job, run, "run_canceled", level="warning")
+    return RunStatus.CANCELED.value
+
+
+def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -> list[int]:
+    """Put failed batches (all, or those named) back to pending and the run back to loading."""
+    b_table = ledger_table("batches")
+    with db.connection() as conn, conn.transaction():
+        row = conn.execute(sql.SQL(
+            "SELECT status, batches_total, error_message FROM {} WHERE etl_job_id = %s AND etl_run_id = %s "
+            "FOR UPDATE").format(ledger_table("runs")), [job, run]).fetchone()
+        if row is None:
+            raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
+        status, total, run_error = row
+        if status not in (RunStatus.FAILED.value, RunStatus.PARTIAL_SUCCESS.value):
+            raise RunConflict(f"run {job}/{run} is {status}: only a failed or partial_success run can be retried",
+                              job=job, run=run, status=status)
+        failed = [r[0] for r in conn.execute(sql.SQL(
+            "SELECT batch_index FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND status = 'failed' "
+            "ORDER BY batch_index").format(b_table), [job, run])]
+        if not total:
+            raise RunConflict(f"run {job}/{run} failed before it had batches ({run_error}); start a new run",
+                              job=job, run=run)
+        if batches is not None:
+            wanted = sorted(set(batches))
+            not_failed = [b for b in wanted if b not in set(failed)]
+            if not_failed:
+                raise RunConflict(
+                    f"batch {not_failed[0]} of run {job}/{run} has not failed; failed batches: "
+                    f"{', '.join(map(str, failed)) or 'none'}", job=job, run=run, batch=not_failed[0])
+            failed = wanted
+        if not failed:
+            raise RunConflict(f"run {job}/{run} has no failed batch to retry", job=job, run=run)
+        conn.execute(sql.SQL(
+            "UPDATE {} SET status = 'pending', error_code = NULL, error_message = NULL, error_stack = NULL, "
+            "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = ANY(%s)").format(
+                b_table, next_change()), [job, run, failed])
+        conn.execute(sql.SQL(
+            "UPDATE {} SET status = 'loading', completed_at = NULL, change_seq = {} "
+            "WHERE etl_job_id = %s AND etl_run_id = %s").format(ledger_table("runs"), next_change()), [job, run])
+        log_event(conn, job, run, "retry_requested", batches=failed)
+    return failed
