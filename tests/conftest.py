@@ -1,0 +1,115 @@
+"""Test services: real PostgreSQL and Redis (from the environment, else embedded), real workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point every test (and every process they start) at real services, started here if unset."""
+    if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
+        from loader.services import ensure_services
+
+        services = ensure_services()
+        os.environ.setdefault("DATABASE_URL", services.database_url)
+        os.environ.setdefault("REDIS_URL", services.redis_url)
+    # One ledger schema and one queue for this session: tests never see another session's runs.
+    tag = uuid.uuid4().hex[:8]
+    os.environ["ETL_LEDGER_SCHEMA"] = f"etl_test_{tag}"
+    os.environ["ETL_QUEUE"] = f"test-{tag}"
+    os.environ.setdefault("ETL_RETRY_BASE_SECONDS", "0.2")
+    os.environ.setdefault("ETL_RETRY_MAX_SECONDS", "2")
+
+
+@pytest.fixture(scope="session")
+def ledger() -> Iterator[str]:
+    from loader import db, initdb
+
+    initdb()
+    yield os.environ["ETL_LEDGER_SCHEMA"]
+    db.close_all()
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(os.environ["ETL_LEDGER_SCHEMA"])))
+
+
+@pytest.fixture
+def pg() -> Iterator[psycopg.Connection]:
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def target_schema(pg: psycopg.Connection) -> Iterator[str]:
+    """A fresh schema for this test's staging tables, dropped afterwards."""
+    name = f"stg_{uuid.uuid4().hex[:8]}"
+    yield name
+    pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def redis_conn():
+    from jobs.queues import get_redis
+
+    r = get_redis()
+    yield r
+    for key in r.scan_iter(f"rq:*{os.environ['ETL_QUEUE']}*"):
+        r.delete(key)
+
+
+class WorkerProcs:
+    """Real `dataloader worker` processes, started and stopped by the tests."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, n: int = 1, burst: bool = False) -> list[subprocess.Popen[bytes]]:
+        started = []
+        for _ in range(n):
+            args = [sys.executable, "-m", "loader.cli", "worker"] + (["--burst"] if burst else [])
+            p = subprocess.Popen(args, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, start_new_session=True)
+            self.procs.append(p)
+            started.append(p)
+        return started
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.clear()
+
+
+@pytest.fixture(scope="session")
+def workers(ledger: str, redis_conn) -> Iterator[WorkerProcs]:
+    """Two long-running workers for the whole session (tests needing their own start them)."""
+    procs = WorkerProcs()
+    procs.start(2)
+    yield procs
+    procs.stop()
+
+
+@pytest.fixture
+def own_workers(ledger: str, redis_conn) -> Iterator[WorkerProcs]:
+    procs = WorkerProcs()
+    yield procs
+    procs.stop()

@@ -1,0 +1,93 @@
+"""The `dataloader` command line, run as a user would, against real services and workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .helpers import job_name, write_catalog, write_ndjson
+
+pytestmark = pytest.mark.usefixtures("ledger")
+
+
+def dataloader(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loader.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy())
+
+
+@pytest.fixture
+def job(tmp_path, target_schema):
+    name = job_name("cli")
+    write_ndjson(tmp_path / "d" / "a.ndjson", [{"id": i, "c": {"id": i}} for i in range(1200)] + [{"id": 5000}])
+    catalog = write_catalog(tmp_path, {name: {"source": "d/a.ndjson", "target_table": f"{target_schema}.t",
+                                              "source_id": "id", "required": ["c.id"]}})
+    return str(catalog), name
+
+
+def test_start_wait_prints_lineage_then_summary_and_exits_0_on_success(job, workers):
+    catalog, name = job
+    out = dataloader("--catalog", catalog, "start", name, "--batch-size", "500", "--wait")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"etl_job_id:  {name}" and lines[1].startswith("etl_run_id:  ")
+    assert "status:      ✔ success" in out.stdout
+    assert "inserted 1,200, updated 0, validated 1,200, rejected 1" in out.stdout
+    assert "required field 'c.id' is missing" in out.stdout
+
+
+def test_status_json_prints_the_contract_with_the_spec_field_names(job, workers):
+    catalog, name = job
+    started = json.loads(dataloader("--catalog", catalog, "start", name, "--json").stdout)
+    assert started["status"] == "queued" and started["batch_size"] == 1000
+    deadline = time.monotonic() + 60
+    while True:
+        contract = json.loads(dataloader("status", name, started["etl_run_id"], "--json").stdout)
+        if contract["status"] == "success" or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert contract["status"] == "success"
+    assert contract["metrics"]["rows_inserted"] == 1200
+    assert len(contract["batches"]) == 2
+
+
+def test_export_writes_the_three_files(job, workers, tmp_path):
+    catalog, name = job
+    run = json.loads(dataloader("--catalog", catalog, "start", name, "--json", "--wait").stdout)["etl_run_id"]
+    logs, metrics, rejects = tmp_path / "l.ndjson", tmp_path / "m.csv", tmp_path / "r.ndjson"
+    out = dataloader("export", name, run, "--logs", str(logs), "--metrics", str(metrics), "--rejects", str(rejects))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(logs.read_text().splitlines()[0])["event"] == "run_queued"
+    assert metrics.read_text().splitlines()[-1].startswith(f"run,{name},{run}")
+    assert json.loads(rejects.read_text())["line_no"] == 1201
+
+
+def test_retry_of_a_successful_run_is_refused_with_a_reason(job, workers):
+    catalog, name = job
+    run = json.loads(dataloader("--catalog", catalog, "start", name, "--json", "--wait").stdout)["etl_run_id"]
+    out = dataloader("retry", name, run)
+    assert out.returncode == 1
+    assert "is success: only a failed or partial_success run can be retried" in out.stderr
+
+
+def test_unknown_run_is_a_clear_error(job):
+    out = dataloader("status", job[1], "no-such-run")
+    assert out.returncode == 1 and out.stderr.strip() == f"error: no run 'no-such-run' for job '{job[1]}'"
+
+
+def test_start_wait_says_so_when_no_worker_listens(job, redis_conn):
+    catalog, name = job
+    env = os.environ.copy()
+    env["ETL_QUEUE"] = f"lonely-{name}"
+    proc = subprocess.Popen([sys.executable, "-m", "loader.cli", "--catalog", catalog, "start", name, "--wait"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+    finally:
+        proc.terminate()
+    _, err = proc.communicate(timeout=10)
+    assert "no worker is listening on queue" in err

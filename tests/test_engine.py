@@ -1,0 +1,372 @@
+"""The engine end to end: real PostgreSQL, Redis and `dataloader worker` processes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import loader
+from loader import loading, planning
+from loader.errors import ConfigError, RunConflict
+
+from .helpers import job_name, write_catalog, write_ndjson
+
+pytestmark = pytest.mark.usefixtures("ledger")
+
+
+def make_job(tmp_path: Path, target: str, records: list, **extra) -> tuple[Path, str, str]:
+    name = job_name()
+    table = f"{target}.items"
+    write_ndjson(tmp_path / "data" / f"{name}.ndjson", records)
+    catalog = write_catalog(tmp_path, {name: {"source": f"data/{name}.ndjson", "target_table": table,
+                                              "source_id": "id", **extra}})
+    return catalog, name, table
+
+
+def rows(pg: psycopg.Connection, table: str) -> dict[str, tuple]:
+    schema, name = table.split(".")
+    cur = pg.execute(sql.SQL("SELECT source_id, data, etl_job_id, etl_run_id FROM {}").format(
+        sql.Identifier(schema, name)))
+    return {r[0]: r[1:] for r in cur}
+
+
+def test_two_runs_count_inserts_then_updates_exactly(tmp_path, target_schema, pg, workers):
+    records = [{"id": f"r{i}", "n": i} for i in range(2500)]
+    catalog, job, table = make_job(tmp_path, target_schema, records)
+
+    first = loader.start_run(job, catalog=catalog, batch_size=1000)
+    c1 = loader.wait_for_run(job, first.etl_run_id, timeout=60)
+    assert c1["status"] == "success"
+    assert (c1["metrics"]["rows_inserted"], c1["metrics"]["rows_updated"]) == (2500, 0)
+    assert c1["metrics"]["batches_total"] == 3 and c1["metrics"]["batches_succeeded"] == 3
+
+    second = loader.start_run(job, catalog=catalog, batch_size=1000)
+    c2 = loader.wait_for_run(job, second.etl_run_id, timeout=60)
+    assert (c2["metrics"]["rows_inserted"], c2["metrics"]["rows_updated"]) == (0, 2500)
+    table_rows = rows(pg, table)
+    assert len(table_rows) == 2500
+    assert {r[1:] for r in table_rows.values()} == {(job, second.etl_run_id)}
+
+
+def test_contract_has_every_field_of_the_spec(tmp_path, target_schema, workers):
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": i} for i in range(150)])
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    c = loader.wait_for_run(job, ref.etl_run_id, timeout=60)
+    for key in ("etl_job_id", "etl_run_id", "batch_size", "status", "started_at", "completed_at", "loaded_at",
+                "metrics", "validation_summary", "batches", "logs_url", "metrics_download_url"):
+        assert key in c
+    for key in ("rows_inserted", "rows_updated", "rows_validated", "batches_total", "batches_succeeded",
+                "batches_failed", "retries", "throughput_rps", "batch_duration_ms_avg", "batch_duration_ms_p95"):
+        assert key in c["metrics"]
+    assert set(c["validation_summary"]) >= {"required_field_errors", "json_shape_errors", "examples"}
+    for key in ("index", "status", "attempts", "rows_attempted", "rows_inserted", "rows_updated",
+                "validation_failures", "duration_ms", "retries", "committed_at", "error_code", "error_message",
+                "logs_fragment"):
+        assert key in c["batches"][0]
+    assert c["batch_size"] == 100 and [b["rows_attempted"] for b in c["batches"]] == [100, 50]
+    assert c["batches"][0]["logs_fragment"][-1]["event"] == "batch_committed"
+
+
+def test_same_source_id_twice_in_a_batch_keeps_the_later_record(tmp_path, target_schema, pg, workers):
+    records = [{"id": "a", "v": 1}, {"id": "b", "v": 1}, {"id": "a", "v": 2}]
+    catalog, job, table = make_job(tmp_path, target_schema, records)
+    ref = loader.start_run(job, catalog=catalog)
+    c = loader.wait_for_run(job, ref.etl_run_id, timeout=60)
+    assert c["status"] == "success"
+    assert rows(pg, table)["a"][0]["v"] == 2
+    m = c["metrics"]
+    assert (m["rows_inserted"], m["rows_updated"], m["rows_validated"], m["rows_superseded"]) == (2, 0, 3, 1)
+
+
+def test_later_record_wins_across_batches_whatever_order_they_commit(tmp_path, target_schema, pg, ledger):
+    # Batch 0 has id "x" v=1; batch 1 has id "x" v=2. Load batch 1 first, then batch 0.
+    records = [{"id": "x", "v": 1}] + [{"id": f"f{i}"} for i in range(99)] + [{"id": "x", "v": 2}]
+    catalog, job, table = make_job(tmp_path, target_schema, records)
+    spec = loader.load_catalog(catalog).get(job)
+    from loader import runs as runs_mod
+
+    ref = runs_mod.create_run(spec, batch_size=100)
+    assert planning.plan_run(job, ref.etl_run_id) == [0, 1]
+    assert loading.load_batch(job, ref.etl_run_id, 1).status == "succeeded"
+    assert loading.load_batch(job, ref.etl_run_id, 0).status == "succeeded"
+    assert rows(pg, table)["x"][0]["v"] == 2
+    c = loader.run_contract(job, ref.etl_run_id)
+    assert c["status"] == "success"
+    assert c["metrics"]["rows_inserted"] == 100  # x (from batch 1) + 99 fillers; batch 0's x was superseded
+    assert c["batches"][0]["rows_inserted"] == 99
+
+
+def test_a_later_run_wins_over_an_earlier_one_still_loading(tmp_path, target_schema, pg, ledger):
+    catalog, job, table = make_job(tmp_path, target_schema, [{"id": "k", "v": "old"}])
+    spec = loader.load_catalog(catalog).get(job)
+    from loader import runs as runs_mod
+
+    early = runs_mod.create_run(spec)
+    write_ndjson(Path(spec.source), [{"id": "k", "v": "new"}])
+    late = runs_mod.create_run(spec, force=True)
+    planning.plan_run(job, late.etl_run_id)
+    loading.load_batch(job, late.etl_run_id, 0)
+    write_ndjson(Path(spec.source), [{"id": "k", "v": "old"}])
+    planning.plan_run(job, early.etl_run_id)
+    out = loading.load_batch(job, early.etl_run_id, 0)
+    assert out.status == "succeeded" and (out.rows_inserted, out.rows_updated) == (0, 0)
+    assert rows(pg, table)["k"] == ({"id": "k", "v": "new"}, job, late.etl_run_id)
+
+
+def test_each_validation_class_is_counted_and_exampled(tmp_path, target_schema, pg, workers):
+    schema_file = tmp_path / "s.json"
+    schema_file.write_text('{"type": "object", "properties": {"qty": {"type": "integer", "minimum": 0}}}')
+    records = [
+        {"id": "ok1", "customer": {"id": 1}, "qty": 1},
+        b"{not json",
+        b"[1, 2, 3]",
+        {"customer": {"id": 2}},  # no source_id
+        {"id": "nocust"},  # required path missing
+        {"id": "nullcust", "customer": {"id": None}},  # required path null
+        {"id": "neg", "customer": {"id": 3}, "qty": -5},  # schema
+        b'{"id": "nul", "customer": {"id": 4}, "note": "a\\u0000b"}',
+        b'{"id": "bad-utf8", "customer": {"id": 5}, "note": "\xff\xfe"}',
+        {"id": "ok2", "customer": {"id": 6}, "qty": 2},
+    ]
+    catalog, job, table = make_job(tmp_path, target_schema, records, required=["customer.id"],
+                                   schema=str(schema_file))
+    ref = loader.start_run(job, catalog=catalog)
+    c = loader.wait_for_run(job, ref.etl_run_id, timeout=60)
+    v, m = c["validation_summary"], c["metrics"]
+    assert c["status"] == "success"
+    assert (v["required_field_errors"], v["json_shape_errors"]) == (3, 5)
+    assert m["rows_validated"] == 2 and m["validation_failures"] == 8
+    assert c["batches"][0]["rows_attempted"] == 10
+    assert sorted(rows(pg, table)) == ["ok1", "ok2"]
+    by_line = {e["line_no"]: e for e in v["examples"]}
+    assert by_line[2]["path"] == "$" and "not valid JSON" in by_line[2]["message"]
+    assert "expected a JSON object" in by_line[3]["message"]
+    assert by_line[4]["path"] == "$.id"
+    assert by_line[5]["path"] == "$.customer.id" and "missing" in by_line[5]["message"]
+    assert by_line[6]["message"] == "required field 'customer.id' is null"
+    assert by_line[7]["path"] == "$.qty" and by_line[7]["sample_value"] == "-5"
+    assert by_line[8]["path"] == "$.note" and "\\u0000" in by_line[8]["message"]
+    assert "invalid UTF-8" in by_line[9]["message"]
+    rejects = list(loader.iter_rejects_ndjson(job, ref.etl_run_id))
+    assert len(rejects) == 8
+
+
+def test_a_batch_job_executed_twice_changes_nothing(tmp_path, target_schema, pg, ledger):
+    catalog, job, table = make_job(tmp_path, target_schema, [{"id": i} for i in range(300)])
+    spec = loader.load_catalog(catalog).get(job)
+    from loader import runs as runs_mod
+
+    ref = runs_mod.create_run(spec, batch_size=100)
+    planning.plan_run(job, ref.etl_run_id)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(loading.load_batch(job, ref.etl_run_id, 0)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status for r in results) == ["skipped", "succeeded"]
+    assert loading.load_batch(job, ref.etl_run_id, 0).status == "skipped"  # after the commit, too
+    for i in (1, 2):
+        loading.load_batch(job, ref.etl_run_id, i)
+    c = loader.run_contract(job, ref.etl_run_id)
+    assert c["status"] == "success"
+    assert c["metrics"]["rows_inserted"] == 300 and c["metrics"]["rows_updated"] == 0
+    assert len(rows(pg, table)) == 300
+
+
+def test_duplicate_rq_deliveries_of_batches_do_not_double_count(tmp_path, target_schema, workers):
+    from jobs.queues import enqueue_batches
+
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": i} for i in range(500)])
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    loader.wait_for_run(job, ref.etl_run_id, timeout=60)
+    enqueue_batches(job, ref.etl_run_id, range(5))
+    enqueue_batches(job, ref.etl_run_id, range(5))
+    time.sleep(2)
+    c = loader.run_contract(job, ref.etl_run_id)
+    assert c["metrics"]["rows_inserted"] == 500 and c["metrics"]["rows_updated"] == 0
+    assert all(b["attempts"] == 1 for b in c["batches"])
+
+
+def test_starting_a_second_run_of_a_busy_job_is_refused_unless_forced(tmp_path, target_schema, ledger):
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": 1}])
+    spec = loader.load_catalog(catalog).get(job)
+    from loader import runs as runs_mod
+
+    first = runs_mod.create_run(spec)
+    with pytest.raises(RunConflict, match="already has a run in progress"):
+        runs_mod.create_run(spec)
+    forced = runs_mod.create_run(spec, force=True)
+    assert forced.etl_run_id != first.etl_run_id
+
+
+def test_run_ids_must_be_uuids_or_slugs_and_unique_per_job(tmp_path, target_schema, ledger):
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": 1}])
+    spec = loader.load_catalog(catalog).get(job)
+    from loader import runs as runs_mod
+
+    with pytest.raises(ConfigError, match="UUID or a slug"):
+        runs_mod.create_run(spec, run_id="<img src=x onerror=alert(1)>")
+    with pytest.raises(ConfigError, match="UUID or a slug"):
+        runs_mod.create_run(spec, run_id="Has Spaces")
+    ref = runs_mod.create_run(spec, run_id="nightly-1")
+    runs_mod.mark_canceled(job, ref.etl_run_id)
+    with pytest.raises(RunConflict, match="already used"):
+        runs_mod.create_run(spec, run_id="nightly-1")
+    assert runs_mod.create_run(spec, run_id="3F2504E0-4F89-11D3-9A0C-0305E82C3301").etl_run_id == \
+        "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+
+
+@pytest.mark.parametrize("size", [99, 10001, 0, -5])
+def test_batch_size_outside_100_to_10000_is_a_clear_error(tmp_path, target_schema, ledger, size):
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": 1}])
+    with pytest.raises(ConfigError, match="batch size must be from 100 to 10000"):
+        loader.start_run(job, catalog=catalog, batch_size=size)
+
+
+def test_cancel_stops_pending_batches_and_keeps_committed_ones(tmp_path, target_schema, pg, own_workers):
+    catalog, job, table = make_job(tmp_path, target_schema, [{"id": i} for i in range(1000)])
+    spec = loader.load_catalog(catalog).get(job)
+    from loader import runs as runs_mod
+
+    ref = runs_mod.create_run(spec, batch_size=100)
+    planning.plan_run(job, ref.etl_run_id)
+    loading.load_batch(job, ref.etl_run_id, 0)
+    assert loader.cancel_run(job, ref.etl_run_id) == "canceled"
+    from jobs.queues import enqueue_batches
+
+    enqueue_batches(job, ref.etl_run_id, range(1, 10))
+    own_workers.start(1, burst=True)[0].wait(timeout=60)
+    c = loader.run_contract(job, ref.etl_run_id)
+    assert c["status"] == "canceled"
+    assert [b["status"] for b in c["batches"]] == ["succeeded"] + ["pending"] * 9
+    assert len(rows(pg, table)) == 100
+    with pytest.raises(RunConflict, match="only a queued, validating or loading run"):
+        loader.cancel_run(job, ref.etl_run_id)
+
+
+def test_transient_error_is_retried_and_recorded(tmp_path, target_schema, pg, workers):
+    """A backend terminated with pg_terminate_backend mid-batch: the batch retries and commits."""
+    catalog, job, table = make_job(tmp_path, target_schema, [{"id": i} for i in range(200)])
+    schema, name = table.split(".")
+    pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    pg.execute(sql.SQL("CREATE TABLE {} (source_id text PRIMARY KEY, data jsonb NOT NULL, etl_job_id text NOT NULL, "
+                       "etl_run_id text NOT NULL, loaded_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, "
+                       "etl_run_seq bigint NOT NULL DEFAULT 0, etl_source_pos bigint NOT NULL DEFAULT 0)").format(
+                           sql.Identifier(schema, name)))
+    with psycopg.connect(pg.info.dsn) as blocker:
+        blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(schema, name)))
+        ref = loader.start_run(job, catalog=catalog, batch_size=100)
+        victim = None
+        deadline = time.monotonic() + 30
+        while victim is None and time.monotonic() < deadline:
+            victim = pg.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'dataloader' "
+                                "AND wait_event_type = 'Lock' AND query LIKE %s LIMIT 1", ["%INSERT INTO%"]).fetchone()
+            time.sleep(0.05)
+        assert victim is not None, "no batch blocked on the table lock"
+        pg.execute("SELECT pg_terminate_backend(%s)", [victim[0]])
+        time.sleep(0.3)
+    c = loader.wait_for_run(job, ref.etl_run_id, timeout=60)
+    assert c["status"] == "success"
+    assert c["metrics"]["rows_inserted"] == 200 and c["metrics"]["retries"] >= 1
+    retried = [b for b in c["batches"] if b["retries"]]
+    assert retried
+    attempts = pg.execute(sql.SQL("SELECT status, error_code FROM {} WHERE etl_job_id = %s ORDER BY attempt").format(
+        sql.Identifier(os.environ["ETL_LEDGER_SCHEMA"], "attempts")), [job]).fetchall()
+    assert ("retrying", "57P01") in attempts
+
+
+def test_permanent_error_fails_only_its_batch_and_retry_completes_the_run(tmp_path, target_schema, pg, workers):
+    records = [{"id": f"r{i}"} for i in range(300)]
+    records[150] = {"id": "poison"}
+    catalog, job, table = make_job(tmp_path, target_schema, records)
+    schema, name = table.split(".")
+    pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    pg.execute(sql.SQL("CREATE TABLE {} (source_id text PRIMARY KEY, data jsonb NOT NULL, etl_job_id text NOT NULL, "
+                       "etl_run_id text NOT NULL, loaded_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)"
+                       ).format(sql.Identifier(schema, name)))
+    pg.execute(sql.SQL("""CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.source_id = 'poison' THEN RAISE EXCEPTION 'poison record' USING ERRCODE = '23514'; END IF;
+        RETURN NEW; END $$""").format(sql.Identifier(schema, "guard")))
+    pg.execute(sql.SQL("CREATE TRIGGER guard BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
+        sql.Identifier(schema, name), sql.Identifier(schema, "guard")))
+
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    c = loader.wait_for_run(job, ref.etl_run_id, timeout=60)
+    assert c["status"] == "partial_success"
+    assert [b["status"] for b in c["batches"]] == ["succeeded", "failed", "succeeded"]
+    failed = c["batches"][1]
+    assert failed["error_code"] == "23514" and "poison record" in failed["error_message"]
+    assert failed["attempts"] == 1  # not retried: a check violation is not transient
+    assert len(rows(pg, table)) == 200  # nothing of the failed batch remains
+
+    with pytest.raises(RunConflict):
+        loader.retry_run(job, ref.etl_run_id, [0])
+    pg.execute(sql.SQL("DROP TRIGGER guard ON {}").format(sql.Identifier(schema, name)))
+    assert loader.retry_run(job, ref.etl_run_id) == [1]
+    c = loader.wait_for_run(job, ref.etl_run_id, timeout=60)
+    assert c["status"] == "success"
+    assert c["metrics"]["rows_inserted"] == 300 and c["metrics"]["batches_failed"] == 0
+    assert c["batches"][1]["attempts"] == 2
+    assert len(rows(pg, table)) == 300
+
+
+def test_missing_source_fails_the_run_with_a_clear_message(tmp_path, target_schema, workers):
+    catalog = write_catalog(tmp_path, {"nosrc": {"source": "nowhere/*.ndjson", "target_table": f"{target_schema}.t",
+                                                 "source_id": "id"}})
+    ref = loader.start_run("nosrc", catalog=catalog, force=True)
+    c = loader.wait_for_run("nosrc", ref.etl_run_id, timeout=60)
+    assert c["status"] == "failed"
+    assert "matches no file" in c["error_message"]
+    with pytest.raises(RunConflict, match="start a new run"):
+        loader.retry_run("nosrc", ref.etl_run_id)
+
+
+def test_gzip_and_json_array_sources_load_like_ndjson(tmp_path, target_schema, pg, workers):
+    name = job_name()
+    write_ndjson(tmp_path / "g" / "a.ndjson.gz", [{"id": f"g{i}", "big": 10**30} for i in range(250)], gz=True)
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.json").write_text("[" + ",".join(f'{{"id": "j{i}", "p": 1.5e400}}' if i == 3 else
+                                                          f'{{"id": "j{i}", "price": 12.345678901234567891}}'
+                                                          for i in range(150)) + "]")
+    catalog = write_catalog(tmp_path, {
+        f"{name}-gz": {"source": "g/*.ndjson.gz", "target_table": f"{target_schema}.g", "source_id": "id"},
+        f"{name}-json": {"source": "j/a.json", "target_table": f"{target_schema}.j", "source_id": "id"},
+    })
+    for job, count in ((f"{name}-gz", 250), (f"{name}-json", 150)):
+        ref = loader.start_run(job, catalog=catalog, batch_size=100)
+        c = loader.wait_for_run(job, ref.etl_run_id, timeout=60)
+        assert c["status"] == "success", c
+        assert c["metrics"]["rows_inserted"] == count
+    big = pg.execute(sql.SQL("SELECT data->>'big' FROM {} WHERE source_id = 'g7'").format(
+        sql.Identifier(target_schema, "g"))).fetchone()
+    assert big == ("1000000000000000000000000000000",)
+    price = pg.execute(sql.SQL("SELECT data->>'price' FROM {} WHERE source_id = 'j1'").format(
+        sql.Identifier(target_schema, "j"))).fetchone()
+    assert price == ("12.345678901234567891",)
+
+
+def test_exports_stream_logs_metrics_and_rejects(tmp_path, target_schema, workers):
+    import csv
+    import io
+    import json
+
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": i} for i in range(250)] + [b"oops"])
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    loader.wait_for_run(job, ref.etl_run_id, timeout=60)
+    logs = [json.loads(line) for line in loader.iter_logs_ndjson(job, ref.etl_run_id)]
+    assert {"ts", "level", "event", "job", "run", "batch", "attempt", "details"} <= set(logs[0])
+    assert [e["event"] for e in logs].count("batch_committed") == 3
+    assert logs[-1]["event"] == "run_completed"
+    table = list(csv.DictReader(io.StringIO(b"".join(loader.iter_metrics_csv(job, ref.etl_run_id)).decode())))
+    assert [r["row_type"] for r in table] == ["batch"] * 3 + ["run"]
+    assert table[-1]["rows_inserted"] == "250" and table[-1]["status"] == "success"
+    rejects = [json.loads(x) for x in loader.iter_rejects_ndjson(job, ref.etl_run_id)]
+    assert rejects[0]["record"] == "oops" and rejects[0]["line_no"] == 251
