@@ -25,7 +25,7 @@ METRICS_COLUMNS = ("row_type", "etl_job_id", "etl_run_id", "batch_index", "statu
                    "batch_duration_ms_p95")
 
 
-def _stream(query: sql.Composable, params: list[Any]) -> Iterator[dict[str, Any]]:
+def _stream(query: sql.Composed, params: list[Any]) -> Iterator[dict[str, Any]]:
     with db.connection() as conn, conn.transaction():
         with conn.cursor(name="dataloader_export", row_factory=dict_row) as cur:
             cur.itersize = FETCH_ROWS

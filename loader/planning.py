@@ -116,7 +116,8 @@ def _fail_run(job: str, run: str, exc: LoaderError) -> None:
     try:
         with db.connection() as conn, conn.transaction():
             conn.execute(sql.SQL(
-                "UPDATE {} SET status = 'failed', error_code = %s, error_message = %s, completed_at = clock_timestamp(), "
+                "UPDATE {} SET status = 'failed', error_code = %s, error_message = %s, "
+                "completed_at = clock_timestamp(), "
                 "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s "
                 "AND status IN ('queued', 'validating')").format(
                     ledger_table("runs"), db.next_change()),

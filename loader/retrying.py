@@ -20,4 +20,4 @@ def backoff_delay(failed_attempts: int, *, rng: random.Random | None = None) -> 
     base = config.get_float("ETL_RETRY_BASE_SECONDS")
     cap = config.get_float("ETL_RETRY_MAX_SECONDS")
     delay = min(cap, base * 2 ** max(0, failed_attempts - 1))
-    return delay / 2 + (rng or random).uniform(0, delay / 2)
+    return float(delay / 2 + (rng or random).uniform(0, delay / 2))

@@ -80,7 +80,7 @@ def resolve_source(pattern: str) -> list[Path]:
 def _open(path: Path) -> IO[bytes]:
     try:
         if str(path).lower().endswith(".gz"):
-            return gzip.open(path, "rb")
+            return gzip.open(path, "rb")  # type: ignore[return-value]
         return open(path, "rb")  # noqa: SIM115 - the caller closes it
     except OSError as exc:
         raise SourceError(f"source file {path} cannot be read: {exc.strerror}", file=str(path)) from None

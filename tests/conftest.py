@@ -42,7 +42,8 @@ def ledger() -> Iterator[str]:
     yield os.environ["ETL_LEDGER_SCHEMA"]
     db.close_all()
     with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(os.environ["ETL_LEDGER_SCHEMA"])))
+        schema = sql.Identifier(os.environ["ETL_LEDGER_SCHEMA"])
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(schema))
 
 
 @pytest.fixture

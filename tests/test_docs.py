@@ -1,0 +1,29 @@
+"""The README documents every setting, every CLI command and every run and batch state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loader.cli import build_parser
+from loader.config import SETTINGS
+from loader.ledger import BatchStatus, RunStatus
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
+def test_every_setting_is_documented(setting):
+    assert f"| `{setting.name}` |" in README
+
+
+def test_every_cli_command_is_documented():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in sub.choices:
+        assert f"dataloader {name}" in README, name
+
+
+@pytest.mark.parametrize("state", [*RunStatus, *BatchStatus], ids=lambda s: s.value)
+def test_every_state_is_documented(state):
+    assert f"| `{state.value}" in README
