@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 from redis import Redis
@@ -13,6 +14,19 @@ from loader.errors import ServiceError
 #: Keep a finished job's RQ record briefly; the ledger is the record that matters.
 RESULT_TTL = 600
 FAILURE_TTL = 24 * 3600
+
+
+def _run_key(job: str, run: str) -> str:
+    return hashlib.sha1(f"{job}\x00{run}".encode()).hexdigest()[:20]
+
+
+def plan_job_id(job: str, run: str) -> str:
+    """The RQ job id of a run's planning: fixed, so the reconciler can tell whether it still exists."""
+    return f"dl-{_run_key(job, run)}-plan"
+
+
+def batch_job_id(job: str, run: str, batch: int) -> str:
+    return f"dl-{_run_key(job, run)}-b{batch}"
 
 
 def get_redis(url: str | None = None) -> Redis:
@@ -29,6 +43,7 @@ def enqueue_plan(job: str, run: str) -> str:
     try:
         rq_job = get_queue().enqueue(
             "jobs.tasks.plan_run_task", job, run, description=f"plan run {job}/{run}",
+            job_id=plan_job_id(job, run),
             result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL)
     except Exception as exc:  # redis.exceptions.* (connection refused, timeout): say it plainly
         raise ServiceError(f"cannot reach the queue (Redis): {exc}", run=run) from exc
@@ -44,7 +59,8 @@ def enqueue_batches(job: str, run: str, indexes: Iterable[int], trigger: str = "
         for index in indexes:
             chunk.append(Queue.prepare_data(
                 "jobs.tasks.load_batch_task", (job, run, index), {"trigger": trigger},
-                description=f"batch {index} of {job}/{run}", result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL))
+                description=f"batch {index} of {job}/{run}", result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL,
+                job_id=batch_job_id(job, run, index)))
             if len(chunk) == 500:
                 queue.enqueue_many(chunk)  # type: ignore[arg-type]
                 count += len(chunk)
@@ -58,6 +74,14 @@ def enqueue_batches(job: str, run: str, indexes: Iterable[int], trigger: str = "
 
 
 def workers_alive() -> int:
-    """How many RQ workers listen on the loader's queue (0: nobody will process the run)."""
-    queue = get_queue()
-    return len(Worker.all(queue=queue))
+    """How many workers listen on the loader's queue (0: nobody will process the run).
+
+    Read from the ledger's heartbeats, which survive a Redis flush, not from RQ's registry.
+    """
+    from loader.reconcile import live_workers
+
+    return live_workers()
+
+
+def rq_workers() -> int:
+    return len(Worker.all(queue=get_queue()))

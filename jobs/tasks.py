@@ -12,7 +12,8 @@ from .queues import enqueue_batches
 
 def plan_run_task(job: str, run: str) -> int:
     """Plan a run and queue its batches; returns how many were queued."""
-    indexes = planning.plan_run(job, run)
+    current = get_current_job()
+    indexes = planning.plan_run(job, run, worker=current.worker_name if current is not None else None)
     return enqueue_batches(job, run, indexes) if indexes else 0
 
 

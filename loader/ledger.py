@@ -92,6 +92,8 @@ runs = sa.Table(
     sa.Column("canceled_at", sa.DateTime(timezone=True)),
     sa.Column("error_code", sa.Text),
     sa.Column("error_message", sa.Text),
+    sa.Column("plan_worker", sa.Text),
+    sa.Column("queue", sa.Text, nullable=False),
     sa.Column("change_seq", sa.BigInteger, change_seq, nullable=False, server_default=change_seq.next_value()),
     sa.Index("runs_job_started_idx", "etl_job_id", sa.text("started_at DESC")),
     sa.Index("runs_active_idx", "etl_job_id", postgresql_where=sa.text(
@@ -130,6 +132,7 @@ batches = sa.Table(
     sa.Column("error_message", sa.Text),
     sa.Column("error_stack", sa.Text),
     sa.Column("worker", sa.Text),
+    sa.Column("queued_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("change_seq", sa.BigInteger, change_seq, nullable=False, server_default=change_seq.next_value()),
     _run_fk("batches"),
     sa.Index("batches_change_idx", "etl_job_id", "etl_run_id", "change_seq"),
@@ -196,6 +199,17 @@ events = sa.Table(
     _run_fk("events"),
     sa.Index("events_run_idx", "etl_job_id", "etl_run_id", "id"),
     sa.Index("events_batch_idx", "etl_job_id", "etl_run_id", "batch_index", "id"),
+)
+
+
+workers = sa.Table(
+    "workers", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("queue", sa.Text, nullable=False),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
 
 

@@ -23,7 +23,7 @@ BATCH_COLUMNS = ("etl_job_id", "etl_run_id", "batch_index", "status", "source_fi
                  "rows_attempted")
 
 
-def plan_run(job: str, run: str) -> list[int]:
+def plan_run(job: str, run: str, worker: str | None = None) -> list[int]:
     """Plan a queued run: create its target table and batches; return the batch indexes to enqueue.
 
     Transient database errors are retried; any other problem (no source file, a truncated gzip,
@@ -34,7 +34,7 @@ def plan_run(job: str, run: str) -> list[int]:
     while True:
         attempt += 1
         try:
-            return _plan_once(job, run)
+            return _plan_once(job, run, worker)
         except LoaderError as exc:
             if isinstance(exc, TransientDbError) and attempt < 6:
                 log_event(None, job, run, "plan_retrying", level="warning", error=str(exc))
@@ -52,14 +52,14 @@ def plan_run(job: str, run: str) -> list[int]:
             return []
 
 
-def _plan_once(job: str, run: str) -> list[int]:
+def _plan_once(job: str, run: str, worker: str | None) -> list[int]:
     runs = ledger_table("runs")
     with db.connection() as conn:
         row = conn.execute(sql.SQL(
-            "UPDATE {} SET status = %s, change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s "
-            "AND status IN ('queued', 'validating') RETURNING spec, batch_size").format(
+            "UPDATE {} SET status = %s, plan_worker = %s, change_seq = {} WHERE etl_job_id = %s "
+            "AND etl_run_id = %s AND status IN ('queued', 'validating') RETURNING spec, batch_size").format(
                 runs, db.next_change()),
-            [RunStatus.VALIDATING.value, job, run]).fetchone()
+            [RunStatus.VALIDATING.value, worker, job, run]).fetchone()
         if row is None:
             return []  # canceled, or planned already by an earlier delivery of this job
         spec = JobSpec.from_dict(row[0])

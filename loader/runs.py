@@ -77,8 +77,9 @@ def create_run(spec: JobSpec, *, run_id: str | None = None, batch_size: int | No
             with conn.transaction():
                 conn.execute(sql.SQL(
                     "INSERT INTO {} (etl_job_id, etl_run_id, status, batch_size, max_attempts, target_table, "
-                    "spec, forced) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s)").format(runs),
-                    [spec.name, run, size, max_attempts, spec.target, Jsonb(spec.to_dict()), force])
+                    "spec, forced, queue) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s)").format(runs),
+                    [spec.name, run, size, max_attempts, spec.target, Jsonb(spec.to_dict()), force,
+                     config.get("ETL_QUEUE")])
         except psycopg.errors.UniqueViolation:
             raise RunConflict(f"run id {run!r} is already used by job {spec.name!r}; choose another",
                               job=spec.name, run=run) from None
@@ -151,7 +152,8 @@ def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -
         if not failed:
             raise RunConflict(f"run {job}/{run} has no failed batch to retry", job=job, run=run)
         conn.execute(sql.SQL(
-            "UPDATE {} SET status = 'pending', error_code = NULL, error_message = NULL, error_stack = NULL, "
+            "UPDATE {} SET status = 'pending', queued_at = now(), error_code = NULL, error_message = NULL, "
+            "error_stack = NULL, "
             "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = ANY(%s)").format(
                 b_table, next_change()), [job, run, failed])
         conn.execute(sql.SQL(

@@ -1,0 +1,58 @@
+"""The RQ half of reconciling: re-queue what the ledger says should be queued but Redis lost."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from redis import Redis
+from rq.job import Job
+
+from loader.events import log_event
+from loader.reconcile import Reconciled, reconcile
+
+from .queues import batch_job_id, enqueue_batches, enqueue_plan, get_redis, plan_job_id
+
+#: RQ job states meaning "nobody will run this job again".
+GONE = {None, b"finished", b"failed", b"stopped", b"canceled"}
+
+
+def _missing(redis: Redis, ids: list[str]) -> set[str]:
+    pipe = redis.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hget(Job.key_for(job_id), "status")
+    return {job_id for job_id, status in zip(ids, pipe.execute(), strict=True) if status in GONE}
+
+
+def requeue(found: Reconciled, redis: Redis | None = None) -> dict[str, int]:
+    """Queue again the abandoned batches, and the pending batches and runs whose RQ job is gone."""
+    redis = redis or get_redis()
+    todo: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for job, run, batch in found.abandoned:
+        todo[(job, run)].add(batch)
+    if found.pending:
+        ids = {batch_job_id(j, r, b): (j, r, b) for j, r, b in found.pending}
+        for job_id in _missing(redis, list(ids)):
+            j, r, b = ids[job_id]
+            todo[(j, r)].add(b)
+    batches = 0
+    for (job, run), indexes in todo.items():
+        batches += enqueue_batches(job, run, sorted(indexes))
+        log_event(None, job, run, "batches_requeued", level="warning", batches=sorted(indexes)[:50],
+                  count=len(indexes))
+    plans = 0
+    if found.plannable:
+        ids2 = {plan_job_id(j, r): (j, r) for j, r in found.plannable}
+        for job_id in _missing(redis, list(ids2)):
+            job, run = ids2[job_id]
+            enqueue_plan(job, run)
+            log_event(None, job, run, "plan_requeued", level="warning")
+            plans += 1
+    return {"batches": batches, "plans": plans}
+
+
+def reconcile_once() -> dict[str, int] | None:
+    """One full pass (ledger, then queue); None when another worker is reconciling."""
+    found = reconcile()
+    if found is None:
+        return None
+    return requeue(found)

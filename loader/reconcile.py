@@ -1,0 +1,144 @@
+"""Keeping runs moving when workers die or the queue is lost: the ledger is the source of truth.
+
+Every worker process beats a row in the ``workers`` table. The reconciler (run by the workers
+themselves, one at a time) finds batches held by a worker whose heartbeat stopped, marks their
+attempt abandoned and puts them back to pending; the caller (jobs.reconciler) then re-queues them
+and any pending batch or queued run whose RQ job no longer exists.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import config, db
+from .db import ledger_table, next_change
+from .events import log_event
+from .loading import finish_run_if_done
+
+#: A worker that has not beaten for this long is presumed dead.
+STALE_AFTER_SECONDS = 15.0
+#: A pending batch or queued run is only "orphaned" once it has waited this long for its RQ job.
+ORPHAN_GRACE_SECONDS = 10.0
+#: Reconcilers take this advisory lock so only one runs at a time, whichever worker holds it.
+LOCK_KEY = "dataloader.reconcile"  # + the queue name
+
+
+@dataclass
+class Reconciled:
+    """What one reconcile pass found."""
+
+    abandoned: list[tuple[str, str, int]] = field(default_factory=list)
+    pending: list[tuple[str, str, int]] = field(default_factory=list)
+    plannable: list[tuple[str, str]] = field(default_factory=list)
+    finished: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def beat(conn: psycopg.Connection[Any], name: str) -> None:
+    """Record that worker ``name`` is alive (call every few seconds)."""
+    conn.execute(sql.SQL(
+        "INSERT INTO {} (name, queue, host, pid) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()").format(ledger_table("workers")),
+        [name, config.get("ETL_QUEUE"), socket.gethostname(), os.getpid()])
+
+
+def forget(conn: psycopg.Connection[Any], name: str) -> None:
+    conn.execute(sql.SQL("DELETE FROM {} WHERE name = %s").format(ledger_table("workers")), [name])
+
+
+def live_workers(conn: psycopg.Connection[Any] | None = None) -> int:
+    """Workers of this queue that beat within STALE_AFTER_SECONDS (from the ledger, not Redis)."""
+    query = sql.SQL("SELECT count(*) FROM {} WHERE queue = %s AND heartbeat_at > now() - make_interval(secs => %s)"
+                    ).format(ledger_table("workers"))
+    params = [config.get("ETL_QUEUE"), STALE_AFTER_SECONDS]
+    if conn is not None:
+        row = conn.execute(query, params).fetchone()
+    else:
+        with db.connection() as c:
+            row = c.execute(query, params).fetchone()
+    return int(row[0]) if row else 0
+
+
+ABANDON = sql.SQL("""
+    WITH stale AS (
+        SELECT b.etl_job_id, b.etl_run_id, b.batch_index, b.attempts, b.worker
+        FROM {batches} b JOIN {runs} r USING (etl_job_id, etl_run_id)
+        WHERE r.status = 'loading' AND r.queue = %(queue)s AND b.status IN ('running', 'retried')
+          AND NOT EXISTS (SELECT 1 FROM {workers} w WHERE w.name = b.worker
+                          AND w.heartbeat_at > now() - make_interval(secs => %(stale)s))
+          AND b.started_at < now() - make_interval(secs => %(stale)s)
+        FOR UPDATE OF b SKIP LOCKED
+    ), reset AS (
+        UPDATE {batches} b SET status = 'pending', queued_at = now(), change_seq = {next}
+        FROM stale s WHERE (b.etl_job_id, b.etl_run_id, b.batch_index) = (s.etl_job_id, s.etl_run_id, s.batch_index)
+        RETURNING b.etl_job_id, b.etl_run_id, b.batch_index, s.attempts, s.worker
+    ), gone AS (
+        UPDATE {attempts} a SET status = 'abandoned', ended_at = clock_timestamp(),
+            error_code = 'worker_lost', error_message = 'the worker stopped beating during this attempt'
+        FROM reset r WHERE (a.etl_job_id, a.etl_run_id, a.batch_index, a.attempt)
+                         = (r.etl_job_id, r.etl_run_id, r.batch_index, r.attempts) AND a.status = 'running'
+    )
+    SELECT etl_job_id, etl_run_id, batch_index, attempts, worker FROM reset""")
+
+PENDING = sql.SQL("""
+    SELECT b.etl_job_id, b.etl_run_id, b.batch_index
+    FROM {batches} b JOIN {runs} r USING (etl_job_id, etl_run_id)
+    WHERE r.status = 'loading' AND r.queue = %(queue)s AND b.status = 'pending'
+      AND b.queued_at < now() - make_interval(secs => %(grace)s)
+    ORDER BY b.etl_job_id, b.etl_run_id, b.batch_index""")
+
+PLANNABLE = sql.SQL("""
+    SELECT etl_job_id, etl_run_id FROM {runs} r
+    WHERE queue = %(queue)s AND (
+        (status = 'queued' AND started_at < now() - make_interval(secs => %(grace)s))
+        OR (status = 'validating' AND NOT EXISTS (
+              SELECT 1 FROM {workers} w WHERE w.name = r.plan_worker
+              AND w.heartbeat_at > now() - make_interval(secs => %(stale)s))))""")
+
+UNFINISHED = sql.SQL("""
+    SELECT r.etl_job_id, r.etl_run_id FROM {runs} r
+    WHERE r.queue = %(queue)s AND r.status IN ('loading', 'committing') AND NOT EXISTS (
+        SELECT 1 FROM {batches} b WHERE b.etl_job_id = r.etl_job_id AND b.etl_run_id = r.etl_run_id
+        AND b.status NOT IN ('succeeded', 'failed'))""")
+
+
+def reconcile(*, stale_after: float = STALE_AFTER_SECONDS, grace: float = ORPHAN_GRACE_SECONDS) -> Reconciled | None:
+    """One pass over the runs of this process's queue; None when another process is reconciling.
+
+    ``pending`` and ``plannable`` are candidates: the caller re-queues those whose RQ job is gone.
+    """
+    out = Reconciled()
+    queue = config.get("ETL_QUEUE")
+    tables = {"batches": ledger_table("batches"), "runs": ledger_table("runs"), "attempts": ledger_table("attempts"),
+              "workers": ledger_table("workers"), "next": next_change()}
+    with db.connection() as conn:
+        got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [f"{LOCK_KEY}.{queue}"]).fetchone()
+        if not got or not got[0]:
+            return None
+        try:
+            with conn.transaction():
+                for job, run, batch, attempt, worker in conn.execute(
+                        ABANDON.format(**tables), {"stale": stale_after, "queue": queue}).fetchall():
+                    out.abandoned.append((job, run, batch))
+                    log_event(conn, job, run, "batch_abandoned", level="warning", batch=batch, attempt=attempt,
+                              worker=worker, note="the worker stopped beating; the batch is queued again")
+            out.pending = [tuple(r) for r in conn.execute(PENDING.format(**tables), {"grace": grace, "queue": queue})]
+            out.plannable = [tuple(r) for r in conn.execute(
+                PLANNABLE.format(**tables), {"grace": grace, "stale": stale_after, "queue": queue})]
+            for job, run in conn.execute(UNFINISHED.format(**tables), {"queue": queue}).fetchall():
+                if conn.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
+                        tables["runs"]), [job, run]).fetchone() == ("committing",):
+                    # A finisher died between 'committing' and the final state: finish it again.
+                    conn.execute(sql.SQL("UPDATE {} SET status = 'loading' WHERE etl_job_id = %s AND etl_run_id = %s "
+                                         "AND status = 'committing'").format(tables["runs"]), [job, run])
+                status = finish_run_if_done(job, run)
+                if status:
+                    out.finished.append((job, run, status))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [f"{LOCK_KEY}.{queue}"])
+    return out
