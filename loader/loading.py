@@ -257,9 +257,10 @@ def _write_rejects(conn: psycopg.Connection[Any], job: str, run: str, batch: int
             first = problems[0]
             cut = raw[:REJECT_RECORD_MAX_BYTES]
             text = cut.decode("utf-8", errors="replace").replace("\x00", "\\u0000")
-            copy.write_row((job, run, batch, file, line_no, first.error_class.value, first.path,
-                            first.message.replace("\x00", ""), first.sample_value.replace("\x00", "\\u0000"),
-                            Jsonb([p.to_dict() for p in problems]), text, len(raw) > REJECT_RECORD_MAX_BYTES))
+            clean = [p.to_dict() for p in problems]
+            copy.write_row((job, run, batch, file, line_no, first.error_class.value, clean[0]["path"],
+                            clean[0]["message"], clean[0]["sample_value"], Jsonb(clean), text,
+                            len(raw) > REJECT_RECORD_MAX_BYTES))
 
 
 def _record_failure(job: str, run: str, batch: int, attempt: int | None, *, retry: bool, code: str,

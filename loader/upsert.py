@@ -58,12 +58,13 @@ def target_identifier(schema: str, table: str) -> sql.Identifier:
 def ensure_target(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
     """Create the staging table if missing; check an existing one can take our upserts.
 
-    Idempotent and safe when two runs start together (an advisory lock orders the CREATEs).
+    Idempotent and safe when runs start together (an advisory lock orders the CREATEs).
     A table made by hand without ``etl_run_seq``/``etl_source_pos`` gets them added.
     """
     target = target_identifier(schema, table)
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"dataloader.target.{schema}.{table}"])
+        # Per schema, not per table: CREATE SCHEMA IF NOT EXISTS itself races between two tables.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"dataloader.target.{schema}"])
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(CREATE_TARGET.format(target=target))
         cols = dict(conn.execute(

@@ -33,8 +33,13 @@ class RecordProblem:
     sample_value: str
 
     def to_dict(self) -> dict[str, str]:
-        return {"class": self.error_class.value, "path": self.path, "message": self.message,
-                "sample_value": self.sample_value}
+        """JSON-safe for jsonb: a NUL character (which jsonb refuses) is written as \\u0000."""
+        return {"class": self.error_class.value, "path": _nul(self.path), "message": _nul(self.message),
+                "sample_value": _nul(self.sample_value)}
+
+
+def _nul(text: str) -> str:
+    return text.replace("\x00", "\\u0000") if "\x00" in text else text
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,8 @@ def _parse(raw: bytes) -> tuple[Any, RecordProblem | None]:
 
 
 def _sample_raw(raw: bytes) -> str:
-    return truncate(raw[: SAMPLE_MAX_CHARS * 4].decode("utf-8", errors="replace"))
+    """The start of an unparseable line, as text people (and jsonb) can hold: NUL shown as \\u0000."""
+    return truncate(raw[: SAMPLE_MAX_CHARS * 4].decode("utf-8", errors="replace").replace("\x00", "\\u0000"))
 
 
 def _find_nul(node: Any, path: list[str | int]) -> list[str | int] | None:

@@ -71,17 +71,23 @@ def redis_conn():
 
 
 class WorkerProcs:
-    """Real `dataloader worker` processes, started and stopped by the tests."""
+    """Real `dataloader worker` processes, started and stopped by the tests.
 
-    def __init__(self) -> None:
+    Their JSON log lines go to a file (a pipe nobody reads would fill up and block them).
+    """
+
+    def __init__(self, log_dir: Path) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.log_dir = log_dir
 
     def start(self, n: int = 1, burst: bool = False) -> list[subprocess.Popen[bytes]]:
         started = []
         for _ in range(n):
             args = [sys.executable, "-m", "loader.cli", "worker"] + (["--burst"] if burst else [])
-            p = subprocess.Popen(args, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, start_new_session=True)
+            log = open(self.log_dir / f"worker-{len(self.procs)}.log", "ab")  # noqa: SIM115
+            p = subprocess.Popen(args, cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+            log.close()
             self.procs.append(p)
             started.append(p)
         return started
@@ -101,16 +107,16 @@ class WorkerProcs:
 
 
 @pytest.fixture(scope="session")
-def workers(ledger: str, redis_conn) -> Iterator[WorkerProcs]:
+def workers(ledger: str, redis_conn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcs]:
     """Two long-running workers for the whole session (tests needing their own start them)."""
-    procs = WorkerProcs()
+    procs = WorkerProcs(tmp_path_factory.mktemp("workers"))
     procs.start(2)
     yield procs
     procs.stop()
 
 
 @pytest.fixture
-def own_workers(ledger: str, redis_conn) -> Iterator[WorkerProcs]:
-    procs = WorkerProcs()
+def own_workers(ledger: str, redis_conn, tmp_path: Path) -> Iterator[WorkerProcs]:
+    procs = WorkerProcs(tmp_path)
     yield procs
     procs.stop()

@@ -17,9 +17,6 @@ from .helpers import job_name, write_catalog, write_ndjson
 
 pytestmark = [pytest.mark.usefixtures("ledger"), pytest.mark.slow]
 
-LEDGER = sql.Identifier
-
-
 @pytest.fixture
 def own_queue(monkeypatch, redis_conn):
     """A queue of this test's own, so only the workers this test starts (and kills) serve it."""
@@ -126,6 +123,7 @@ def test_backends_terminated_again_and_again_are_retried_and_recorded(
     check_table(pg, target_schema, job, ref.etl_run_id, 5000)
     schema = os.environ["ETL_LEDGER_SCHEMA"]
     retried = pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND status = 'retrying' "
-                                 "AND error_code = '57P01'").format(sql.Identifier(schema, "attempts")), [job]).fetchone()
+                                 "AND error_code = '57P01'").format(sql.Identifier(schema, "attempts")),
+                         [job]).fetchone()
     assert retried[0] >= 1
     assert c["metrics"]["retries"] >= retried[0]

@@ -1,0 +1,103 @@
+"""Hostile sources: each gives a clear error or a counted rejection, never a crash or a partial batch."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pytest
+from psycopg import sql
+
+import loader
+
+from .helpers import job_name, write_catalog, write_ndjson
+
+pytestmark = pytest.mark.usefixtures("ledger", "workers")
+
+
+def run_job(tmp_path, target_schema, source: str, **extra) -> dict:
+    name = job_name("hostile")
+    catalog = write_catalog(tmp_path, {name: {"source": source, "target_table": f"{target_schema}.t",
+                                              "source_id": "id", **extra}})
+    ref = loader.start_run(name, catalog=catalog)
+    return loader.wait_for_run(name, ref.etl_run_id, timeout=120)
+
+
+def test_an_empty_file_is_a_successful_run_with_nothing_to_load(tmp_path, target_schema):
+    (tmp_path / "empty.ndjson").write_bytes(b"")
+    c = run_job(tmp_path, target_schema, "empty.ndjson")
+    assert c["status"] == "success" and c["metrics"]["batches_total"] == 0
+
+
+def test_a_missing_file_fails_the_run_saying_which(tmp_path, target_schema):
+    c = run_job(tmp_path, target_schema, "nope.ndjson")
+    assert c["status"] == "failed" and c["error_message"].endswith("nope.ndjson not found")
+
+
+def test_a_directory_in_place_of_a_file_fails_the_run(tmp_path, target_schema):
+    (tmp_path / "dir.ndjson").mkdir()
+    c = run_job(tmp_path, target_schema, "dir.ndjson")
+    assert c["status"] == "failed" and "is not a file" in c["error_message"]
+
+
+def test_a_truncated_gzip_fails_the_run_before_loading_anything(tmp_path, target_schema, pg):
+    data = gzip.compress(b"\n".join(json.dumps({"id": i}).encode() for i in range(5000)))
+    (tmp_path / "cut.ndjson.gz").write_bytes(data[: len(data) // 2])
+    c = run_job(tmp_path, target_schema, "cut.ndjson.gz")
+    assert c["status"] == "failed" and "is not a complete gzip file" in c["error_message"]
+    if pg.execute("SELECT to_regclass(%s)", [f"{target_schema}.t"]).fetchone()[0]:  # planning may create it
+        count = pg.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(target_schema, "t"))).fetchone()
+        assert count == (0,)
+
+
+def test_a_json_file_that_is_not_an_array_fails_the_run_clearly(tmp_path, target_schema):
+    (tmp_path / "obj.json").write_text('{"id": 1}')
+    c = run_job(tmp_path, target_schema, "obj.json")
+    assert c["status"] == "failed" and "must hold a JSON array of records at the top level, found an object" in \
+        c["error_message"]
+
+
+def test_binary_garbage_lines_are_counted_as_shape_errors(tmp_path, target_schema):
+    garbage = bytes(range(256)).replace(b"\n", b"") * 4
+    write_ndjson(tmp_path / "g.ndjson", [{"id": 1}, garbage, {"id": 2}])
+    c = run_job(tmp_path, target_schema, "g.ndjson")
+    assert c["status"] == "success"
+    assert c["validation_summary"]["json_shape_errors"] == 1 and c["metrics"]["rows_inserted"] == 2
+
+
+def test_a_50mb_single_line_is_rejected_with_a_truncated_sample(tmp_path, target_schema):
+    write_ndjson(tmp_path / "huge.ndjson", [{"id": "ok"}, b'{"id": "huge", "blob": "' + b"x" * 50_000_000])
+    c = run_job(tmp_path, target_schema, "huge.ndjson")
+    assert c["status"] == "success" and c["validation_summary"]["json_shape_errors"] == 1
+    example = c["validation_summary"]["examples"][0]
+    assert len(example["sample_value"]) <= 200
+    rejects = [json.loads(x) for x in loader.iter_rejects_ndjson(c["etl_job_id"], c["etl_run_id"])]
+    assert rejects[0]["record_truncated"] is True and len(rejects[0]["record"]) == 64 * 1024
+
+
+def test_deep_nesting_and_duplicate_keys_and_huge_numbers(tmp_path, target_schema, pg):
+    deep = b'{"id": "deep", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    write_ndjson(tmp_path / "n.ndjson", [deep, b'{"id": "dup", "v": 1, "v": 2}', b'{"id": "num", "v": 1e400}',
+                                         b'{"id": "nan", "v": NaN}'])
+    c = run_job(tmp_path, target_schema, "n.ndjson")
+    assert c["status"] == "success"
+    by_line = {e["line_no"]: e for e in c["validation_summary"]["examples"]}
+    assert by_line[1]["message"] == "nested deeper than 1024 levels"
+    assert "not valid JSON" in by_line[4]["message"]
+    got = dict(pg.execute(sql.SQL("SELECT source_id, data->>'v' FROM {}").format(
+        sql.Identifier(target_schema, "t"))).fetchall())
+    assert got["dup"] == "2"
+    assert float(got["num"]) == float("inf") or got["num"].startswith("1")  # numeric keeps 1e400 exactly
+    assert set(got) == {"dup", "num"}
+
+
+def test_errors_and_exports_never_show_the_database_password(tmp_path, target_schema, monkeypatch):
+    from loader import db
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://etl:s3cr3t-pass@127.0.0.1:1/nope")
+    text = db.redact("connection to postgresql://etl:s3cr3t-pass@127.0.0.1:1/nope failed, password s3cr3t-pass")
+    assert "s3cr3t-pass" not in text
+    err = db.wrap_db_error(Exception("could not connect with s3cr3t-pass"))
+    assert "s3cr3t-pass" not in str(err)
+    assert os.environ["DATABASE_URL"].endswith("/nope")
