@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,20 +19,33 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Point every test (and every process they start) at real services, started here if unset."""
-    if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
-        from loader.services import ensure_services
+_held: contextlib.ExitStack | None = None
 
-        services = ensure_services()
-        os.environ.setdefault("DATABASE_URL", services.database_url)
-        os.environ.setdefault("REDIS_URL", services.redis_url)
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point every test (and every process they start) at real services, started here if unset.
+
+    `make test` sets DATABASE_URL / REDIS_URL first; a bare `pytest` starts embedded servers under
+    .data/test and stops them at the end of the session.
+    """
+    global _held
+    if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
+        from loader.services import held_services
+
+        _held = contextlib.ExitStack()
+        services = _held.enter_context(held_services(ROOT / ".data" / "test"))
+        os.environ.update(services.env())
     # One ledger schema and one queue for this session: tests never see another session's runs.
     tag = uuid.uuid4().hex[:8]
     os.environ["ETL_LEDGER_SCHEMA"] = f"etl_test_{tag}"
     os.environ["ETL_QUEUE"] = f"test-{tag}"
     os.environ.setdefault("ETL_RETRY_BASE_SECONDS", "0.2")
     os.environ.setdefault("ETL_RETRY_MAX_SECONDS", "2")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _held is not None:
+        _held.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,59 @@
+# A fresh clone needs only Python 3.11+: `make run` starts everything, `make test` runs the tests.
+# PostgreSQL and Redis come from DATABASE_URL / REDIS_URL, else embedded ones start under .data/.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Touched after each install: pyproject.toml newer than it means dependencies changed.
+STAMP := $(VENV)/.installed
+PORT ?= 8501
+WORKERS ?= 2
+HOST ?= 127.0.0.1
+PYTEST_ARGS ?=
+# Embedded services for tests live apart from the console's (.data), so tests never flush its queue.
+TEST_DATA_DIR ?= .data/test
+
+.PHONY: help install run test lint browser demo-data stop clean-data
+
+help:
+	@echo "make run       start PostgreSQL, Redis, workers and the console (PORT=$(PORT) WORKERS=$(WORKERS))"
+	@echo "make test      run the tests (PYTEST_ARGS='-k services -x' to pass options)"
+	@echo "make lint      ruff + mypy"
+	@echo "make browser   install Debian's chromium for the browser tests when missing"
+	@echo "make demo-data regenerate data/ (the demo catalog's sources)"
+	@echo "make stop      stop embedded services a crashed run left behind"
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11 or newer is needed; found: $$($(PYTHON) --version 2>&1). Try PYTHON=python3.12 make ..."; exit 1; }
+	$(PYTHON) -m venv $(VENV) || \
+		{ rm -rf $(VENV); echo "python3 -m venv failed: on Debian/Ubuntu, apt-get install python3-venv"; exit 1; }
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/dataloader up --port $(PORT) --workers $(WORKERS) --host $(HOST)
+
+test: $(STAMP)
+	$(PY) -m loader.services --data-dir $(TEST_DATA_DIR) run -- $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+browser:
+	sh scripts/ensure_chromium.sh
+
+demo-data: $(STAMP)
+	$(PY) scripts/gen_demo_data.py --out data
+
+stop: $(STAMP)
+	$(PY) -m loader.services stop
+	$(PY) -m loader.services --data-dir $(TEST_DATA_DIR) stop
+
+clean-data: stop
+	rm -rf .data data
