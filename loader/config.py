@@ -38,6 +38,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ETL_MAX_ATTEMPTS", "4", "attempts per batch for transient database errors, when the job sets none"),
     Setting("ETL_RETRY_BASE_SECONDS", "0.5", "first backoff delay between attempts (doubles, with jitter)"),
     Setting("ETL_RETRY_MAX_SECONDS", "10", "longest backoff delay between two attempts"),
+    Setting("ETL_DB_OUTAGE_SECONDS", "120",
+            "how long a batch waits for an unreachable database before giving it back to the reconciler"),
     Setting("ETL_JOB_TIMEOUT", "1800", "seconds an RQ job (planning or one batch) may run before it is killed"),
     Setting("ETL_CONSOLE_URL", "http://localhost:8501",
             "public base URL of the console; logs_url and metrics_download_url start with it"),

@@ -69,7 +69,8 @@ COMMIT_BATCH = sql.SQL("""
 END_ATTEMPT = sql.SQL("""
     UPDATE {attempts} SET status = %(status)s, ended_at = clock_timestamp(), duration_ms = %(ms)s,
         error_code = %(code)s, error_message = %(message)s, error_stack = %(stack)s
-    WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND batch_index = %(batch)s AND attempt = %(attempt)s""")
+    WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND batch_index = %(batch)s AND attempt = %(attempt)s
+      AND status = 'running'""")
 
 FAIL_BATCH = sql.SQL("""
     UPDATE {batches} SET status = %(status)s, duration_ms = %(ms)s, ended_at = clock_timestamp(),
@@ -111,9 +112,10 @@ def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, tri
 
         load_batch("orders", "2f1c...", 0)
     """
-    tries = 0
+    failures = 0  # consecutive failures, for the backoff
+    used = 0  # attempts that started and failed transiently: bounded by max_attempts
+    outage_since: float | None = None  # the database unreachable before an attempt could start
     while True:
-        tries += 1
         started = time.perf_counter()
         attempt: int | None = None
         max_attempts = config.get_int("ETL_MAX_ATTEMPTS", minimum=1)
@@ -131,11 +133,19 @@ def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, tri
                 finish_run_if_done(job, run)
             return outcome
         except Exception as exc:  # noqa: BLE001 - every failure is recorded in the ledger, then handled
+            failures += 1
             error = exc if isinstance(exc, LoaderError) else (
                 db.wrap_db_error(exc, batch=batch) if isinstance(exc, psycopg.Error) or db.is_transient(exc)
                 else None)
             transient = isinstance(error, TransientDbError)
-            retry = transient and tries < max_attempts
+            if transient and attempt is None:
+                # The attempt never started (the database is restarting, the pool cannot connect):
+                # wait for the database, up to ETL_DB_OUTAGE_SECONDS, without spending attempts.
+                outage_since = outage_since or time.monotonic()
+                retry = time.monotonic() - outage_since < config.get_float("ETL_DB_OUTAGE_SECONDS")
+            else:
+                used += 1
+                retry = transient and used < max_attempts
             code = _error_code(exc, error)
             message = db.redact(str(error) if error is not None else f"{type(exc).__name__}: {exc}")
             stack = db.redact(traceback.format_exc())
@@ -143,13 +153,14 @@ def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, tri
             recorded = _record_failure(job, run, batch, attempt, retry=retry, code=code, message=message,
                                        stack=stack, ms=ms)
             if retry:
-                time.sleep(backoff_delay(tries))
+                time.sleep(backoff_delay(failures))
                 continue
             if recorded:
                 finish_run_if_done(job, run)
-            if error is None and not recorded:
-                raise  # a bug, and the ledger cannot even record it: let RQ see it
-            return BatchOutcome("failed", attempts=tries, reason=message)
+                return BatchOutcome("failed", attempts=used, reason=message)
+            # The ledger cannot record the outcome: fail the RQ job; the reconciler re-queues the
+            # batch once the database is back (it is still pending, retried or running there).
+            raise
 
 
 def _error_code(exc: BaseException, error: LoaderError | None) -> str:
@@ -178,6 +189,7 @@ def _not_started(conn: psycopg.Connection[Any], job: str, run: str, batch: int) 
     run_status, batch_status = (row or (None, None))
     if batch_status == BatchStatus.SUCCEEDED.value:
         reason = "already committed (duplicate delivery): nothing done"
+        finish_run_if_done(job, run)  # in case the execution that committed it died before finishing
     elif run_status == RunStatus.CANCELED.value:
         reason = "run canceled: batch not started"
     else:

@@ -85,11 +85,13 @@ ABANDON = sql.SQL("""
     )
     SELECT etl_job_id, etl_run_id, batch_index, attempts, worker FROM reset""")
 
+#: Batches not yet ended; the caller re-queues those whose RQ job is gone (a flushed Redis, or an
+#: execution that gave up while the database was unreachable and could not record it).
 PENDING = sql.SQL("""
     SELECT b.etl_job_id, b.etl_run_id, b.batch_index
     FROM {batches} b JOIN {runs} r USING (etl_job_id, etl_run_id)
-    WHERE r.status = 'loading' AND r.queue = %(queue)s AND b.status = 'pending'
-      AND b.queued_at < now() - make_interval(secs => %(grace)s)
+    WHERE r.status = 'loading' AND r.queue = %(queue)s AND b.status IN ('pending', 'retried', 'running')
+      AND greatest(b.queued_at, b.started_at) < now() - make_interval(secs => %(grace)s)
     ORDER BY b.etl_job_id, b.etl_run_id, b.batch_index""")
 
 PLANNABLE = sql.SQL("""

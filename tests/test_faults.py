@@ -113,7 +113,7 @@ def test_backends_terminated_again_and_again_are_retried_and_recorded(
     deadline = time.monotonic() + 60
     while killed < 5 and time.monotonic() < deadline:
         got = pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'dataloader' "
-                         "AND state = 'active' AND query LIKE %s", ["%INSERT INTO%"]).fetchall()
+                         "AND state = 'active' AND query LIKE %s", ["%FROM pg_temp.etl_stage%"]).fetchall()
         killed += len(got)
         time.sleep(0.02)
     c = loader.wait_for_run(job, ref.etl_run_id, timeout=120)
@@ -127,3 +127,37 @@ def test_backends_terminated_again_and_again_are_retried_and_recorded(
                          [job]).fetchone()
     assert retried[0] >= 1
     assert c["metrics"]["retries"] >= retried[0]
+
+
+def test_postgresql_restarted_during_a_run_is_survived(tmp_path, target_schema, own_workers, own_queue, monkeypatch):
+    """The test's own embedded PostgreSQL is stopped and started again while batches load."""
+    from loader import db, initdb
+    from loader.services import ensure_services, stop_services
+
+    monkeypatch.delenv("DATABASE_URL")
+    data_dir = tmp_path / "pg"
+    url = ensure_services(data_dir).database_url
+    monkeypatch.setenv("DATABASE_URL", url)
+    try:
+        initdb()
+        catalog, job = setup_job(tmp_path, target_schema, 8000)
+        own_workers.start(2)
+        ref = loader.start_run(job, catalog=catalog, batch_size=100)
+        deadline = time.monotonic() + 60
+        while loader.run_contract(job, ref.etl_run_id, include_batches=False)["metrics"]["batches_succeeded"] < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stop_services(data_dir)
+        time.sleep(2)
+        monkeypatch.delenv("DATABASE_URL")  # else ensure_services() takes the URL and starts nothing
+        assert ensure_services(data_dir).database_url == url
+        monkeypatch.setenv("DATABASE_URL", url)
+        c = loader.wait_for_run(job, ref.etl_run_id, timeout=180)
+        assert c["status"] == "success", [b["error_message"] for b in c["batches"] if b["error_message"]][:3]
+        assert c["metrics"]["rows_inserted"] == 8000 and c["metrics"]["batches_succeeded"] == 80
+        with psycopg.connect(url, autocommit=True) as pg:
+            check_table(pg, target_schema, job, ref.etl_run_id, 8000)
+    finally:
+        own_workers.stop()
+        db.close_all()
+        stop_services(data_dir)
