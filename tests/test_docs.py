@@ -27,3 +27,19 @@ def test_every_cli_command_is_documented():
 @pytest.mark.parametrize("state", [*RunStatus, *BatchStatus], ids=lambda s: s.value)
 def test_every_state_is_documented(state):
     assert f"| `{state.value}" in README
+
+
+def test_every_test_named_in_the_guarantees_exists():
+    import re
+
+    section = README.split("## Guarantees", 1)[1]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    sources = "".join(p.read_text() for p in Path(__file__).parent.rglob("test_*.py"))
+    missing = [name for name in sorted(named) if f"def {name}(" not in sources]
+    assert named and not missing
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
+def test_every_setting_is_in_env_example(setting):
+    example = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
+    assert f"\n{setting.name}={setting.default}\n" in example

@@ -13,10 +13,11 @@ import loader
 
 from .helpers import job_name, write_catalog, write_ndjson
 
-pytestmark = pytest.mark.usefixtures("ledger", "workers")
+pytestmark = pytest.mark.usefixtures("ledger")
 
 
 def run_job(tmp_path, target_schema, source: str, **extra) -> dict:
+    """Run a one-job catalog to its end (needs workers: the session's, or the test's own)."""
     name = job_name("hostile")
     catalog = write_catalog(tmp_path, {name: {"source": source, "target_table": f"{target_schema}.t",
                                               "source_id": "id", **extra}})
@@ -24,24 +25,24 @@ def run_job(tmp_path, target_schema, source: str, **extra) -> dict:
     return loader.wait_for_run(name, ref.etl_run_id, timeout=120)
 
 
-def test_an_empty_file_is_a_successful_run_with_nothing_to_load(tmp_path, target_schema):
+def test_an_empty_file_is_a_successful_run_with_nothing_to_load(tmp_path, target_schema, workers):
     (tmp_path / "empty.ndjson").write_bytes(b"")
     c = run_job(tmp_path, target_schema, "empty.ndjson")
     assert c["status"] == "success" and c["metrics"]["batches_total"] == 0
 
 
-def test_a_missing_file_fails_the_run_saying_which(tmp_path, target_schema):
+def test_a_missing_file_fails_the_run_saying_which(tmp_path, target_schema, workers):
     c = run_job(tmp_path, target_schema, "nope.ndjson")
     assert c["status"] == "failed" and c["error_message"].endswith("nope.ndjson not found")
 
 
-def test_a_directory_in_place_of_a_file_fails_the_run(tmp_path, target_schema):
+def test_a_directory_in_place_of_a_file_fails_the_run(tmp_path, target_schema, workers):
     (tmp_path / "dir.ndjson").mkdir()
     c = run_job(tmp_path, target_schema, "dir.ndjson")
     assert c["status"] == "failed" and "is not a file" in c["error_message"]
 
 
-def test_a_truncated_gzip_fails_the_run_before_loading_anything(tmp_path, target_schema, pg):
+def test_a_truncated_gzip_fails_the_run_before_loading_anything(tmp_path, target_schema, pg, workers):
     data = gzip.compress(b"\n".join(json.dumps({"id": i}).encode() for i in range(5000)))
     (tmp_path / "cut.ndjson.gz").write_bytes(data[: len(data) // 2])
     c = run_job(tmp_path, target_schema, "cut.ndjson.gz")
@@ -51,14 +52,14 @@ def test_a_truncated_gzip_fails_the_run_before_loading_anything(tmp_path, target
         assert count == (0,)
 
 
-def test_a_json_file_that_is_not_an_array_fails_the_run_clearly(tmp_path, target_schema):
+def test_a_json_file_that_is_not_an_array_fails_the_run_clearly(tmp_path, target_schema, workers):
     (tmp_path / "obj.json").write_text('{"id": 1}')
     c = run_job(tmp_path, target_schema, "obj.json")
     assert c["status"] == "failed" and "must hold a JSON array of records at the top level, found an object" in \
         c["error_message"]
 
 
-def test_binary_garbage_lines_are_counted_as_shape_errors(tmp_path, target_schema):
+def test_binary_garbage_lines_are_counted_as_shape_errors(tmp_path, target_schema, workers):
     garbage = bytes(range(256)).replace(b"\n", b"") * 4
     write_ndjson(tmp_path / "g.ndjson", [{"id": 1}, garbage, {"id": 2}])
     c = run_job(tmp_path, target_schema, "g.ndjson")
@@ -66,7 +67,7 @@ def test_binary_garbage_lines_are_counted_as_shape_errors(tmp_path, target_schem
     assert c["validation_summary"]["json_shape_errors"] == 1 and c["metrics"]["rows_inserted"] == 2
 
 
-def test_a_50mb_single_line_is_rejected_with_a_truncated_sample(tmp_path, target_schema):
+def test_a_50mb_single_line_is_rejected_with_a_truncated_sample(tmp_path, target_schema, workers):
     write_ndjson(tmp_path / "huge.ndjson", [{"id": "ok"}, b'{"id": "huge", "blob": "' + b"x" * 50_000_000])
     c = run_job(tmp_path, target_schema, "huge.ndjson")
     assert c["status"] == "success" and c["validation_summary"]["json_shape_errors"] == 1
@@ -76,7 +77,7 @@ def test_a_50mb_single_line_is_rejected_with_a_truncated_sample(tmp_path, target
     assert rejects[0]["record_truncated"] is True and len(rejects[0]["record"]) == 64 * 1024
 
 
-def test_deep_nesting_and_duplicate_keys_and_huge_numbers(tmp_path, target_schema, pg):
+def test_deep_nesting_and_duplicate_keys_and_huge_numbers(tmp_path, target_schema, pg, workers):
     deep = b'{"id": "deep", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
     write_ndjson(tmp_path / "n.ndjson", [deep, b'{"id": "dup", "v": 1, "v": 2}', b'{"id": "num", "v": 1e400}',
                                          b'{"id": "nan", "v": NaN}'])
@@ -92,12 +93,34 @@ def test_deep_nesting_and_duplicate_keys_and_huge_numbers(tmp_path, target_schem
     assert set(got) == {"dup", "num"}
 
 
-def test_errors_and_exports_never_show_the_database_password(tmp_path, target_schema, monkeypatch):
+def test_errors_and_exports_never_show_the_database_password(tmp_path, target_schema, pg, own_workers,
+                                                           monkeypatch, redis_conn):
+    """A run with a password in DATABASE_URL (trust auth ignores it) and a failing batch."""
+    from urllib.parse import urlsplit, urlunsplit
+
     from loader import db
 
-    monkeypatch.setenv("DATABASE_URL", "postgresql://etl:s3cr3t-pass@127.0.0.1:1/nope")
-    text = db.redact("connection to postgresql://etl:s3cr3t-pass@127.0.0.1:1/nope failed, password s3cr3t-pass")
-    assert "s3cr3t-pass" not in text
-    err = db.wrap_db_error(Exception("could not connect with s3cr3t-pass"))
-    assert "s3cr3t-pass" not in str(err)
-    assert os.environ["DATABASE_URL"].endswith("/nope")
+    secret = "s3cr3t-Pa55"
+    parts = urlsplit(os.environ["DATABASE_URL"])
+    user = parts.username or "postgres"
+    host = parts.netloc.split("@")[-1]
+    monkeypatch.setenv("DATABASE_URL", urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}")))
+    monkeypatch.setenv("ETL_QUEUE", f"secret-{job_name()}")
+    db.close_all()
+    pg.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(target_schema)))
+    pg.execute(sql.SQL("CREATE TABLE {} (source_id text PRIMARY KEY, data jsonb NOT NULL, etl_job_id text NOT NULL, "
+                       "etl_run_id text NOT NULL, loaded_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, "
+                       "CHECK (source_id <> 'boom'))").format(sql.Identifier(target_schema, "t")))
+    write_ndjson(tmp_path / "s.ndjson", [{"id": "ok"}, {"id": "boom"}, b"{bad"])
+    own_workers.start(1)
+    c = run_job(tmp_path, target_schema, "s.ndjson")
+    assert c["status"] == "failed" and c["batches"][0]["error_code"] == "23514"
+    job, run = c["etl_job_id"], c["etl_run_id"]
+    everything = json.dumps(c) + "".join(
+        b"".join(it(job, run)).decode() for it in (loader.iter_logs_ndjson, loader.iter_metrics_csv,
+                                                   loader.iter_rejects_ndjson))
+    own_workers.stop()
+    everything += "".join(p.read_text(errors="replace") for p in tmp_path.glob("worker-*.log"))
+    assert "violates check constraint" in everything and secret not in everything
+    assert secret not in db.redact(f"could not connect to {os.environ['DATABASE_URL']} with {secret}")
+    db.close_all()
