@@ -311,8 +311,8 @@ FINISH = sql.SQL("""
     UPDATE {runs} SET status = 'committing', change_seq = {next}
     WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND status = 'loading'
       AND NOT EXISTS (SELECT 1 FROM {batches} WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s
-                      AND status NOT IN ('succeeded', 'failed'))
-    RETURNING 1""")
+                      AND status IN ('pending', 'running', 'retried'))
+    RETURNING 1""")  # IN, not NOT IN: three index probes instead of a scan of every batch of the run
 
 FINAL = sql.SQL("""
     WITH c AS (
