@@ -1,0 +1,32 @@
+"""Data Loader console: the entry point for `streamlit run Home.py` (pages, routes, settings).
+
+Streamlit finds ``app = st.App(...)`` below and serves the pages through it, with the console's
+own HTTP routes (deep links, the grid's JSON pages, the downloads); see ui/routes.py.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ui.settings import apply_secrets
+
+apply_secrets()
+
+if __name__ == "__main__":  # a script run (each page view)
+    st.set_page_config(page_title="Data Loader console", page_icon=":material/database_upload:", layout="wide")
+    nav = st.navigation([
+        st.Page("pages/runs.py", title="Recent runs", icon=":material/history:", url_path="runs", default=True),
+        st.Page("pages/data_loader.py", title="Data Loader", icon=":material/database_upload:",
+                url_path="data-loader"),
+    ], position="top")
+    nav.run()
+else:  # imported by the ASGI server, once, before any session
+    from streamlit.runtime.pages_manager import PagesManager
+
+    from ui.routes import routes
+
+    # The pages come from st.navigation above. Without this, the first session after a start runs
+    # in Streamlit's legacy pages/-directory mode and shows a spurious "Page not found" dialog.
+    PagesManager.uses_pages_directory = False
+
+    app = st.App("Home.py", routes=routes())

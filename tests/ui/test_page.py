@@ -1,0 +1,188 @@
+"""The Data Loader page's logic under Streamlit's AppTest: validation, disabled states, query params."""
+
+from __future__ import annotations
+
+import pytest
+
+import loader
+
+pytestmark = pytest.mark.usefixtures("ledger")
+
+
+def start_button(at):
+    return next(b for b in at.button if b.label == "Start Load")
+
+
+def plain(markdown: str) -> str:
+    """Markdown escaped by ui.format.md_text, back to the text people read."""
+    return markdown.replace("\\", "")
+
+
+def errors(at) -> str:
+    return " ".join(plain(e.value) for e in at.error)
+
+
+def test_start_load_is_disabled_until_a_job_is_chosen(page, demo):
+    at = page.run()
+    assert not at.exception
+    assert start_button(at).disabled
+    at.selectbox(key="cfg_job").select(demo.job).run()
+    assert not start_button(at).disabled
+
+
+def test_run_id_is_prefilled_with_a_uuid(page, demo):
+    import uuid
+
+    at = page.run()
+    uuid.UUID(at.text_input(key="cfg_run_id").value)
+
+
+def test_run_id_that_is_neither_uuid_nor_slug_shows_why_and_disables_start(page, demo):
+    at = page.run()
+    at.selectbox(key="cfg_job").select(demo.job).run()
+    at.text_input(key="cfg_run_id").input("Not A Slug!").run()
+    assert start_button(at).disabled
+    assert "Not a valid Run ID" in errors(at)
+    at.text_input(key="cfg_run_id").input("nightly-2026_11").run()
+    assert not start_button(at).disabled
+    assert "Run ID" not in errors(at)
+
+
+def test_batch_size_defaults_to_1000_with_env_helper(page):
+    at = page.run()
+    size = at.number_input(key="cfg_batch")
+    assert size.value == 1000
+    assert size.min == 100 and size.max == 10_000
+    assert size.help == "Env: ETL_BATCH_SIZE"
+
+
+def test_batch_size_default_comes_from_etl_batch_size(page, monkeypatch):
+    monkeypatch.setenv("ETL_BATCH_SIZE", "2500")
+    at = page.run()
+    assert at.number_input(key="cfg_batch").value == 2500
+
+
+def test_dedup_callout_is_shown(page):
+    at = page.run()
+    assert any("Deduplication uses source_id" in i.value for i in at.info)
+
+
+def test_empty_monitor_when_no_run_is_selected(page):
+    at = page.run()
+    assert any("No run selected" in i.value for i in at.info)
+
+
+def test_start_load_queues_a_run_and_puts_job_and_run_in_the_url(page, demo, idle_queue):
+    at = page.run()
+    at.selectbox(key="cfg_job").select(demo.job).run()
+    at.text_input(key="cfg_run_id").input("apptest-start").run()
+    at.number_input(key="cfg_batch").set_value(200).run()
+    start_button(at).click().run()
+    assert not at.exception
+    assert at.query_params["job"] == demo.job
+    assert at.query_params["run"] == "apptest-start"
+    runs = loader.list_runs(demo.job)
+    assert runs[0]["etl_run_id"] == "apptest-start" and runs[0]["batch_size"] == 200
+    assert any(t.value == "etl_run_id: apptest-start" for t in at.text)
+    loader.cancel_run(demo.job, "apptest-start")
+
+
+def test_start_while_a_run_is_in_progress_asks_for_confirmation(page, demo, idle_queue):
+    loader.start_run(demo.job, run_id="in-progress")
+    at = page.run()
+    at.selectbox(key="cfg_job").select(demo.job).run()
+    assert any("in-progress" in plain(w.value) for w in at.warning)
+    start_button(at).click().run()
+    assert not at.exception
+    assert len(loader.list_runs(demo.job)) == 1  # nothing started without confirmation
+    at.button(key="dlg-force-yes").click().run()
+    assert len(loader.list_runs(demo.job)) == 2
+    for r in loader.list_runs(demo.job):
+        loader.cancel_run(demo.job, r["etl_run_id"])
+
+
+def test_query_params_open_the_monitor_of_a_deep_linked_run(page, demo, idle_queue):
+    loader.start_run(demo.job, run_id="deep-link")
+    page.query_params["job"] = demo.job
+    page.query_params["run"] = "deep-link"
+    at = page.run()
+    assert not at.exception
+    assert any(t.value == f"etl_job_id: {demo.job}" for t in at.text)
+    assert any(t.value == "etl_run_id: deep-link" for t in at.text)
+    assert at.selectbox(key="cfg_job").value == demo.job
+    loader.cancel_run(demo.job, "deep-link")
+
+
+@pytest.mark.parametrize("params", [
+    {"job": "<script>alert(1)</script>", "run": "x"},
+    {"job": "nope", "run": "'; DROP TABLE runs; --"},
+    {"job": "nope", "run": "not-a-run"},
+    {"run": "only-a-run", "status": "bogus", "sort": "{not json", "filter": "[1,2"},
+    {"job": "nope", "run": "not-a-run", "sort": "5", "filter": "\"text\""},
+])
+def test_garbage_query_params_give_an_empty_state_not_a_traceback(page, params):
+    for k, v in params.items():
+        page.query_params[k] = v
+    at = page.run()
+    assert not at.exception
+    shown = " ".join(plain(i.value) for i in at.info)
+    assert "No run selected" in shown or "No run 'not-a-run'" in shown
+
+
+def test_user_text_is_escaped_in_markdown(page, demo):
+    from ui.format import md_text
+
+    assert md_text("[x](javascript:alert(1)) <b>") == r"\[x\]\(javascript\:alert\(1\)\) \<b\>"
+
+
+def test_cancel_asks_for_confirmation_then_cancels_the_run(page, demo, idle_queue):
+    loader.start_run(demo.job, run_id="to-cancel")
+    page.query_params["job"] = demo.job
+    page.query_params["run"] = "to-cancel"
+    at = page.run()
+    cancel = next(b for b in at.button if b.label == "Cancel run")
+    assert not cancel.disabled
+    cancel.click().run()
+    assert loader.list_runs(demo.job)[0]["status"] == "queued"  # not before the dialog says yes
+    at.button(key="dlg-cancel-yes").click().run()
+    assert not at.exception
+    assert loader.list_runs(demo.job)[0]["status"] == "canceled"
+
+
+def test_database_outage_shows_a_stale_badge_and_keeps_the_last_numbers(page, demo, idle_queue, monkeypatch):
+    loader.start_run(demo.job, run_id="outage")
+    page.query_params["job"] = demo.job
+    page.query_params["run"] = "outage"
+    at = page.run()
+    assert any(t.value == "etl_run_id: outage" for t in at.text)
+
+    def down(*args, **kwargs):
+        raise loader.TransientDbError("database error, will retry: connection refused")
+
+    monkeypatch.setattr(loader, "run_contract", down)
+    at.run()
+    assert not at.exception
+    assert any("connection refused" in plain(w.value) for w in at.warning)
+    assert any(t.value == "etl_run_id: outage" for t in at.text)  # the last data stays on screen
+    assert any("will retry" in plain(t.value) for t in at.toast)
+    monkeypatch.undo()
+    loader.cancel_run(demo.job, "outage")
+
+
+def test_toasts_say_transient_db_error_will_retry_and_run_completed(page, demo, idle_queue, monkeypatch):
+    import ui.monitor
+
+    loader.start_run(demo.job, run_id="toasts")
+    page.query_params["job"] = demo.job
+    page.query_params["run"] = "toasts"
+    at = page.run()
+    monkeypatch.setattr(ui.monitor, "_transient_failures", lambda job, run: 2)
+    at.run()
+    assert any("Transient DB error" in t.value and "will retry" in t.value for t in at.toast)
+    real = loader.run_contract
+    monkeypatch.setattr(loader, "run_contract", lambda *a, **k: {**real(*a, **k), "status": "success"})
+    at.run()
+    assert not at.exception
+    assert any("Run completed" in t.value for t in at.toast)
+    monkeypatch.undo()
+    loader.cancel_run(demo.job, "toasts")

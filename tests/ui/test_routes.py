@@ -1,0 +1,138 @@
+"""The console's HTTP routes (deep links, grid pages, downloads), called without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+from urllib.parse import urlencode
+
+import pytest
+from starlette.requests import Request
+
+import loader
+from loader.errors import ConfigError
+from loader.grid import parse_query
+from ui.routes import routes
+
+pytestmark = pytest.mark.usefixtures("ledger")
+
+
+def call(path: str, query: dict | None = None):
+    """Route ``path`` like Starlette would and call its endpoint; returns the response."""
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": urlencode(query or {}).encode(),
+             "headers": []}
+    for route in routes():
+        match, child = route.matches(scope)
+        if match.name == "FULL":
+            return route.endpoint(Request({**scope, **child}))
+    raise AssertionError(f"no route for {path}")
+
+
+def body(response) -> bytes:
+    if hasattr(response, "body_iterator"):
+        async def collect() -> bytes:
+            return b"".join([c if isinstance(c, bytes) else c.encode() async for c in response.body_iterator])
+        return asyncio.run(collect())
+    return response.body
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, ledger, workers):
+    """A finished run of 1050 records in batches of 100 (11 batches)."""
+    from psycopg import sql
+
+    from ..helpers import job_name, write_catalog, write_ndjson
+
+    folder = tmp_path_factory.mktemp("routes")
+    job = job_name("routes")
+    schema = f"stg_{job.split('-')[1]}"
+    write_ndjson(folder / "data.ndjson", [{"id": f"r{i}"} for i in range(1050)])
+    catalog = write_catalog(folder, {job: {"source": "data.ndjson", "target_table": f"{schema}.items",
+                                           "source_id": "id"}})
+    ref = loader.start_run(job, catalog=catalog, batch_size=100, run_id="routes-run")
+    loader.wait_for_run(job, ref.etl_run_id, timeout=60)
+    yield job, ref.etl_run_id
+    import os
+
+    import psycopg
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_deep_link_redirects_to_the_page_with_job_and_run_in_the_query():
+    r = call("/etl/data-loader/orders/2026-11-27")
+    assert r.status_code == 307 and r.headers["location"] == "/etl/data-loader?job=orders&run=2026-11-27"
+
+
+def test_deep_link_route_never_answers_streamlit_paths():
+    assert call("/etl/data-loader/_stcore/health").status_code == 404
+
+
+def test_root_redirects_to_the_console():
+    assert call("/").headers["location"] == "/etl/data-loader"
+
+
+def test_batches_page_is_sorted_and_filtered_in_sql(finished):
+    job, run = finished
+    sort = json.dumps([{"colId": "rows_attempted", "sort": "asc"}])
+    r = call(f"/etl/data-loader/api/runs/{job}/{run}/batches", {"start": 0, "end": 3, "sort": sort})
+    data = json.loads(body(r))
+    assert data["lastRow"] == 11
+    assert [row["index"] for row in data["rows"]] == [10, 0, 1]  # the 50-row batch first, then by index
+    flt = json.dumps({"index": {"filterType": "number", "type": "greaterThanOrEqual", "filter": 9}})
+    data = json.loads(body(call(f"/etl/data-loader/api/runs/{job}/{run}/batches", {"filter": flt})))
+    assert [row["index"] for row in data["rows"]] == [9, 10] and data["lastRow"] == 2
+    data = json.loads(body(call(f"/etl/data-loader/api/runs/{job}/{run}/batches", {"status": "failed"})))
+    assert data == {**data, "rows": [], "lastRow": 0}
+
+
+@pytest.mark.parametrize("query", [
+    {"sort": json.dumps([{"colId": "etl_job_id; DROP TABLE runs", "sort": "asc"}])},
+    {"filter": json.dumps({"error_message": {"filterType": "text", "type": "regex", "filter": ".*"}})},
+    {"filter": "{not json"},
+    {"sort": "5"},
+    {"filter": "[1]"},
+    {"start": "-1"},
+    {"start": 0, "end": 100000},
+    {"status": "exploded"},
+])
+def test_batches_page_refuses_bad_parameters_with_400(finished, query):
+    job, run = finished
+    r = call(f"/etl/data-loader/api/runs/{job}/{run}/batches", query)
+    assert r.status_code == 400 and "error" in json.loads(r.body)
+
+
+def test_unknown_run_is_404_and_bad_run_id_is_400(finished):
+    job, _ = finished
+    assert call(f"/etl/data-loader/api/runs/{job}/no-such-run/version").status_code == 404
+    assert call(f"/etl/data-loader/api/runs/{job}/Bad Run/version").status_code == 400
+
+
+def test_version_and_batch_detail(finished):
+    job, run = finished
+    assert json.loads(call(f"/etl/data-loader/api/runs/{job}/{run}/version").body)["version"] > 0
+    detail = json.loads(call(f"/etl/data-loader/api/runs/{job}/{run}/batches/3").body)
+    assert detail["index"] == 3 and detail["attempt_timeline"][0]["status"] == "succeeded"
+    assert call(f"/etl/data-loader/api/runs/{job}/{run}/batches/99").status_code == 404
+
+
+def test_downloads_stream_logs_and_metrics_as_attachments(finished):
+    job, run = finished
+    logs = call(f"/etl/data-loader/api/runs/{job}/{run}/logs.ndjson")
+    assert logs.headers["content-disposition"].startswith("attachment")
+    events = [json.loads(line) for line in body(logs).splitlines()]
+    assert sum(e["event"] == "batch_committed" for e in events) == 11
+    rows = list(csv.DictReader(io.StringIO(body(call(f"/etl/data-loader/api/runs/{job}/{run}/metrics.csv")).decode())))
+    assert len([r for r in rows if r["row_type"] == "batch"]) == 11
+    assert next(r for r in rows if r["row_type"] == "run")["rows_inserted"] == "1050"
+    assert call(f"/etl/data-loader/api/runs/{job}/nope/metrics.csv").status_code == 404
+
+
+def test_parse_query_accepts_only_whitelisted_columns():
+    assert parse_query(0, 10, [{"colId": "duration_ms", "sort": "desc"}]).sort == [("duration_ms", "desc")]
+    with pytest.raises(ConfigError):
+        parse_query(0, 10, [{"colId": "payload", "sort": "asc"}])
+    with pytest.raises(ConfigError):
+        parse_query(filters={"committed_at": {"type": "equals", "filter": 1}})

@@ -1,0 +1,158 @@
+"""The batches grid: AG Grid's infinite row model paging through the app's JSON routes.
+
+The rows never travel through Streamlit's script runs: the grid's datasource fetches pages of
+``/etl/data-loader/api/runs/<job>/<run>/batches`` (sorted and filtered in SQL) and polls
+``.../version`` every second, calling ``refreshInfiniteCache()`` when the run changed. Only the
+selection, sort and filter model come back to Python (to show the batch detail and keep them in
+the URL).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+from st_aggrid import AgGrid, JsCode
+
+from .routes import API_PATH
+
+#: Rows per page the grid asks for; blocks kept in the browser.
+BLOCK_ROWS = 100
+MAX_BLOCKS = 10
+POLL_MS = 1000
+
+COLUMNS: list[dict[str, Any]] = [
+    {"field": "index", "headerName": "Batch #", "filter": "agNumberColumnFilter", "width": 105, "pinned": "left"},
+    {"field": "attempts", "headerName": "Attempt(s)", "filter": "agNumberColumnFilter", "width": 115},
+    {"field": "rows_attempted", "headerName": "Rows attempted", "filter": "agNumberColumnFilter", "width": 140},
+    {"field": "rows_inserted", "headerName": "Inserted", "filter": "agNumberColumnFilter", "width": 110},
+    {"field": "rows_updated", "headerName": "Updated", "filter": "agNumberColumnFilter", "width": 110},
+    {"field": "validation_failures", "headerName": "Validation fails", "filter": "agNumberColumnFilter",
+     "width": 140},
+    {"field": "duration_ms", "headerName": "Duration", "filter": "agNumberColumnFilter", "width": 115,
+     "valueFormatter": JsCode("function(p){ if (p.value == null) return '—'; return p.value < 1000"
+                              " ? p.value.toFixed(1) + ' ms' : (p.value/1000).toFixed(2) + ' s'; }")},
+    {"field": "status", "headerName": "Status", "filter": "agTextColumnFilter", "width": 135,
+     "valueGetter": JsCode("function(p){ return p.data ? p.data.status_label : null; }"),
+     "cellRenderer": JsCode("""class StatusCell {
+        init(p) {
+          const icons = {pending: '◌', running: '⟳', retried: '↻', succeeded: '✓', failed: '✕'};
+          const s = p.data ? p.data.status : null;
+          this.e = document.createElement('span');
+          this.e.className = 'dl-status dl-' + (s || 'none');
+          this.e.textContent = s ? (icons[s] || '?') + ' ' + p.value : '';
+        }
+        getGui() { return this.e; }
+        refresh() { return false; }
+     }""")},
+    {"field": "committed_at", "headerName": "Committed at", "sortable": True, "filter": False, "width": 185,
+     "valueFormatter": JsCode("function(p){ if (!p.value) return '—'; const d = new Date(p.value);"
+                              " return d.toLocaleString(); }"),
+     "tooltipValueGetter": JsCode("function(p){ return p.value ? p.value + ' (UTC)' : null; }")},
+    {"field": "error_message", "headerName": "Error", "filter": "agTextColumnFilter", "flex": 1, "minWidth": 220,
+     "tooltipField": "error_message",
+     "valueGetter": JsCode("function(p){ if (!p.data || !p.data.error_message) return null; return"
+                           " (p.data.error_code ? '[' + p.data.error_code + '] ' : '') + p.data.error_message; }")},
+]
+
+CSS = {
+    ".dl-failed": {"color": "#b91c1c", "font-weight": "600"},
+    ".dl-succeeded": {"color": "#166534"},
+    ".dl-retried": {"color": "#9a3412"},
+    ".dl-running": {"color": "#1e40af"},
+    ".ag-cell-focus, .ag-header-cell:focus-visible, .ag-row-focus": {"outline": "2px solid #1d4ed8 !important"},
+}
+
+_ON_READY = """function(params) {
+  const api = params.api;
+  const base = %(base)s;
+  const statuses = %(statuses)s;
+  let seen = null;
+  let failed = false;  // a page could not be fetched (database down): refetch once the version answers
+  const datasource = {
+    getRows: function(p) {
+      const q = new URLSearchParams({start: p.startRow, end: p.endRow, sort: JSON.stringify(p.sortModel || []),
+                                     filter: JSON.stringify(p.filterModel || {}), status: statuses});
+      fetch(base + '/batches?' + q.toString(), {cache: 'no-store', credentials: 'same-origin'})
+        .then(r => r.ok ? r.json() : Promise.reject(r.status))
+        .then(d => { seen = d.version; p.successCallback(d.rows, d.lastRow);
+                     if (d.lastRow === 0) { api.showNoRowsOverlay(); } else { api.hideOverlay(); } })
+        .catch(() => { failed = true; p.failCallback(); });
+    }
+  };
+  api.setGridOption('datasource', datasource);
+  const timer = setInterval(function() {
+    if (api.isDestroyed && api.isDestroyed()) { clearInterval(timer); return; }
+    fetch(base + '/version', {cache: 'no-store', credentials: 'same-origin'})
+      .then(r => r.ok ? r.json() : Promise.reject(r.status))
+      .then(d => {
+        if (failed || (seen !== null && d.version !== seen)) {
+          failed = false; seen = d.version; api.refreshInfiniteCache();
+        }
+      })
+      .catch(() => {});
+  }, %(poll)d);
+}"""
+
+_RETURN = """function(r) {
+  const api = r.eventData.api;
+  const sel = api.getSelectedRows().map(x => x.index);
+  const sort = api.getColumnState().filter(c => c.sort).map(c => ({colId: c.colId, sort: c.sort}));
+  return {selected: sel, sort: sort, filter: api.getFilterModel()};
+}"""
+
+
+def api_base(job: str, run: str) -> str:
+    return f"{API_PATH}/{quote(job, safe='')}/{quote(run, safe='')}"
+
+
+def grid_options(job: str, run: str, statuses: list[str], sort: list[dict[str, str]] | None = None,
+                 filters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """AG Grid options for one run: infinite row model, stable row ids, single-row selection."""
+    initial: dict[str, Any] = {}
+    if sort:
+        initial["sort"] = {"sortModel": sort}
+    if filters:
+        initial["filter"] = {"filterModel": filters}
+    return {
+        "columnDefs": COLUMNS,
+        "defaultColDef": {"sortable": True, "resizable": True,
+                          "filterParams": {"maxNumConditions": 1, "buttons": ["reset", "apply"]}},
+        "rowModelType": "infinite",
+        "cacheBlockSize": BLOCK_ROWS,
+        "maxBlocksInCache": MAX_BLOCKS,
+        "infiniteInitialRowCount": 1,
+        "maxConcurrentDatasourceRequests": 2,
+        "getRowId": JsCode("function(p){ return String(p.data.index); }"),
+        "rowSelection": {"mode": "singleRow", "checkboxes": False, "enableClickSelection": True},
+        "tooltipShowDelay": 300,
+        "ensureDomOrder": True,
+        "overlayNoRowsTemplate": "<span>No batches match.</span>",
+        "overlayLoadingTemplate": "<span>Loading batches…</span>",
+        "initialState": initial,
+        "onGridReady": JsCode(_ON_READY % {"base": json.dumps(api_base(job, run)),
+                                           "statuses": json.dumps(",".join(statuses)), "poll": POLL_MS}),
+    }
+
+
+def batches_grid(job: str, run: str, statuses: list[str], sort: list[dict[str, str]] | None,
+                 filters: dict[str, Any] | None, key: str) -> dict[str, Any]:
+    """Render the grid; returns ``{"selected": [index], "sort": [...], "filter": {...}}`` (empty at first)."""
+    response = AgGrid(
+        None,
+        gridOptions=grid_options(job, run, statuses, sort, filters),
+        height=440,
+        allow_unsafe_jscode=True,
+        data_return_mode="CUSTOM",
+        custom_jscode_for_grid_return=JsCode(_RETURN),
+        update_on=["selectionChanged", "sortChanged", "filterChanged"],
+        key=key,
+        theme="streamlit",
+        custom_css=CSS,
+        show_toolbar=False,
+        show_search=False,
+        show_download_button=False,
+    )
+    raw = getattr(response, "raw_data", None)
+    return raw if isinstance(raw, dict) else {}

@@ -1,0 +1,389 @@
+"""The Run Monitor: header, metric cards, validation summary, actions, batches grid, batch detail, chart."""
+
+from __future__ import annotations
+
+import html
+import json
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import altair as alt
+import pandas as pd
+import sqlalchemy as sa
+import streamlit as st
+
+import loader
+from loader import LoaderError, grid
+
+from . import format as fmt
+from .errors import show_error, user_message
+from .grid import batches_grid
+from .routes import API_PATH
+
+#: Seconds between two refreshes of the header, cards and validation summary (the spec: 2 s or less).
+REFRESH_SECONDS = 2.0
+#: Seconds between two refreshes of the duration chart.
+CHART_SECONDS = 5.0
+BATCH_STATUSES = ("pending", "running", "retried", "succeeded", "failed")
+
+
+def _key(job: str, run: str, name: str) -> str:
+    return f"mon:{job}:{run}:{name}"
+
+
+def _zone() -> str | None:
+    try:
+        return st.context.timezone
+    except Exception:  # noqa: BLE001 - no browser context (AppTest)
+        return None
+
+
+def _path(url: str) -> str:
+    """The contract's URL without scheme and host, so the link works on whatever host serves the page."""
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def _load(job: str, run: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The contract (cached until the ledger version moves), or the last one with the outage message."""
+    cache_key = _key(job, run, "contract")
+    cached: dict[str, Any] | None = st.session_state.get(cache_key)
+    try:
+        if cached is not None and cached["status"] in fmt.FINAL:
+            if loader.ledger_version(job, run) == cached["version"]:
+                return cached, None
+        contract = loader.run_contract(job, run, include_batches=False)
+        contract["transient_failures"] = _transient_failures(job, run)
+    except loader.RunNotFound:
+        raise
+    except (LoaderError, sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        return cached, user_message(exc)
+    st.session_state[cache_key] = contract
+    return contract, None
+
+
+def _transient_failures(job: str, run: str) -> int:
+    from loader import db
+    from loader.ledger import attempts
+
+    a = attempts.c
+    with db.get_engine().connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).where(
+            a.etl_job_id == job, a.etl_run_id == run, a.status == "retrying")).scalar_one())
+
+
+def _toasts(job: str, run: str, c: dict[str, Any], stale: str | None) -> None:
+    """Run started / transient DB error (will retry) / run completed / run failed, each once."""
+    seen_key = _key(job, run, "seen")
+    seen = st.session_state.get(seen_key)
+    if stale and not st.session_state.get(_key(job, run, "stale_toast")):
+        st.toast("Database unreachable: transient DB error, will retry", icon=":material/cloud_off:")
+        st.session_state[_key(job, run, "stale_toast")] = True
+    if not stale:
+        st.session_state[_key(job, run, "stale_toast")] = False
+    if c is None:
+        return
+    now = {"status": c["status"], "transient": c.get("transient_failures", 0)}
+    st.session_state[seen_key] = now
+    if seen is None:
+        return
+    if now["transient"] > seen["transient"]:
+        n = now["transient"] - seen["transient"]
+        st.toast(f"Transient DB error in {n} batch attempt(s): will retry", icon=":material/replay:")
+    if now["status"] != seen["status"] and now["status"] in fmt.FINAL:
+        if now["status"] in ("success", "partial_success"):
+            message = (f"Run completed: {fmt.run_badge(now['status']).label}", ":material/check_circle:")
+        elif now["status"] == "failed":
+            message = ("Run failed", ":material/error:")
+        else:
+            message = ("Run canceled", ":material/block:")
+        # The whole page follows (the start button's warning, the runs list, the chart's refresh):
+        # the toast is shown by that full run.
+        st.session_state["dl_toast"] = message
+        st.rerun(scope="app")
+
+
+def _header(c: dict[str, Any], stale: str | None) -> None:
+    badge = fmt.run_badge(c["status"])
+    zone = _zone()
+    with st.container(horizontal=True, vertical_alignment="center", gap="small"):
+        st.badge(badge.label, icon=badge.icon, color=badge.color, help=f"Run status: {c['status']}")
+        if stale:
+            st.badge("Stale", icon=":material/cloud_off:", color="orange",
+                     help="The database cannot be reached; showing the last data. Retrying every 2 s.")
+        active = c["status"] in fmt.ACTIVE
+        live = "Live: refreshing every 2 s" if active and not stale else (
+            "Reconnecting…" if stale else "Run finished: no more updates")
+        st.caption((":material/sensors: " if active and not stale else ":material/pause_circle: ") + live)
+        st.caption(f"Last refreshed {fmt.local_time(datetime.now(UTC), zone)}",
+                   help=f"UTC {fmt.utc_iso(datetime.now(UTC))}")
+    if stale:
+        st.warning(fmt.md_text(stale), icon=":material/cloud_off:")
+    st.text(f"etl_job_id: {c['etl_job_id']}")
+    st.text(f"etl_run_id: {c['etl_run_id']}")
+    with st.container(horizontal=True, gap="medium"):
+        for label, field in (("Started", "started_at"), ("Loaded", "loaded_at"), ("Completed", "completed_at")):
+            st.caption(f"{label}: {fmt.local_time(c.get(field), zone)}",
+                       help=f"UTC: {c.get(field) or 'not yet'}")
+        st.caption(f"Batch size: {fmt.fmt_int(c['batch_size'])} · target: {fmt.md_text(c.get('target_table') or '—')}")
+    if c.get("error_message"):
+        st.error(fmt.md_text(f"{c.get('error_code') or 'error'}: {c['error_message']}"), icon=":material/error:")
+
+
+def _cards(c: dict[str, Any]) -> None:
+    m = c["metrics"]
+    cards = [
+        ("Rows inserted", fmt.fmt_int(m["rows_inserted"]), None),
+        ("Rows updated", fmt.fmt_int(m["rows_updated"]), None),
+        ("Rows validated", fmt.fmt_int(m["rows_validated"]), None),
+        ("Batches total", fmt.fmt_int(m["batches_total"]), None),
+        ("Batches succeeded", fmt.fmt_int(m["batches_succeeded"]), None),
+        ("Batches failed", fmt.fmt_int(m["batches_failed"]), None),
+        ("Retries attempted", fmt.fmt_int(m["retries"]), None),
+        ("Elapsed", fmt.fmt_ms(m.get("elapsed_ms")), "Time since the run started (until it completed)"),
+        ("Avg batch", fmt.fmt_ms(m["batch_duration_ms_avg"]), "Mean duration of committed batches"),
+        ("p95 batch", fmt.fmt_ms(m["batch_duration_ms_p95"]), "95th percentile of committed batch durations"),
+        ("Rows/s", fmt.fmt_int(round(m["throughput_rps"])) if m["throughput_rps"] is not None else "—",
+         "Throughput: rows committed per second of loading"),
+    ]
+    with st.container(horizontal=True, wrap=True, gap="small", key="dl-cards"):
+        for label, value, help_text in cards:
+            st.metric(label, value, help=help_text, border=True, width=165)
+
+
+def _live_region(c: dict[str, Any]) -> None:
+    """A polite ARIA live region: status and batch progress (changes a few times per run, not each tick)."""
+    m = c["metrics"]
+    done = m["batches_succeeded"] + m["batches_failed"]
+    text = (f"Run {fmt.run_badge(c['status']).label}. {done} of {m['batches_total']} batches done, "
+            f"{m['batches_failed']} failed. {m['rows_inserted']} rows inserted, {m['rows_updated']} updated.")
+    if c["status"] in fmt.ACTIVE:  # announce coarse progress only: every 10 % of the batches
+        total = max(m["batches_total"], 1)
+        step = int(done * 10 / total) * 10
+        text = f"Run {fmt.run_badge(c['status']).label}. About {step} percent of batches done."
+    st.html(f'<div class="dl-sr-only" role="status" aria-live="polite" aria-atomic="true">{html.escape(text)}</div>')
+
+
+def _validation(c: dict[str, Any], job: str, run: str) -> None:
+    v = c["validation_summary"]
+    total = v["required_field_errors"] + v["json_shape_errors"]
+    with st.expander("Validation summary", icon=":material/rule:", key=_key(job, run, "validation")):
+        if total == 0 and not v["examples"]:
+            st.success("No validation issues", icon=":material/check_circle:")
+            return
+        with st.container(horizontal=True, gap="small"):
+            st.metric("Required field errors", fmt.fmt_int(v["required_field_errors"]), border=True, width=200)
+            st.metric("JSON shape errors", fmt.fmt_int(v["json_shape_errors"]), border=True, width=200)
+        st.caption(f"First {len(v['examples'])} example(s)")
+        df = pd.DataFrame(v["examples"], columns=["path", "message", "sample_value", "error_class", "batch_index",
+                                                  "source_file", "line_no"])
+        st.dataframe(df, hide_index=True, width="stretch", column_config={
+            "path": "Path", "message": "Message", "sample_value": "Sample value", "error_class": "Class",
+            "batch_index": st.column_config.NumberColumn("Batch #"), "source_file": "File",
+            "line_no": st.column_config.NumberColumn("Line")})
+        st.link_button("Download rejected records (NDJSON)", f"{API_PATH}/{_q(job)}/{_q(run)}/rejects.ndjson",
+                       icon=":material/download:")
+
+
+def _q(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+def _close_dialog() -> None:
+    st.session_state["dl_dialog"] = None
+
+
+@st.dialog("Retry all failed batches?", on_dismiss=_close_dialog)
+def _confirm_retry(job: str, run: str, failed: int) -> None:
+    st.write(f"{failed} failed batch(es) of this run will be queued again. Committed batches are not touched.")
+    with st.container(horizontal=True):
+        if st.button("Retry failed batches", type="primary", key="dlg-retry-yes"):
+            try:
+                queued = loader.retry_run(job, run)
+            except LoaderError as exc:
+                show_error(exc, where="Retry")
+                return
+            _close_dialog()
+            st.session_state["dl_toast"] = (f"Retry queued for {len(queued)} batch(es)", ":material/replay:")
+            st.rerun()
+        if st.button("Keep as is", key="dlg-retry-no"):
+            _close_dialog()
+            st.rerun()
+
+
+@st.dialog("Cancel this run?", on_dismiss=_close_dialog)
+def _confirm_cancel(job: str, run: str) -> None:
+    st.write("Batches not started yet will never start; batches already committed stay committed.")
+    with st.container(horizontal=True):
+        if st.button("Cancel run", type="primary", key="dlg-cancel-yes"):
+            try:
+                loader.cancel_run(job, run)
+            except LoaderError as exc:
+                show_error(exc, where="Cancel")
+                return
+            _close_dialog()
+            st.rerun()
+        if st.button("Keep running", key="dlg-cancel-no"):
+            _close_dialog()
+            st.rerun()
+
+
+def _actions(c: dict[str, Any], job: str, run: str) -> None:
+    m = c["metrics"]
+    can_retry = c["status"] in ("failed", "partial_success") and m["batches_failed"] > 0
+    with st.container(horizontal=True, wrap=True, gap="small"):
+        if st.button("Retry failed batches", icon=":material/replay:", disabled=not can_retry,
+                     key=_key(job, run, "retry"),
+                     help="Queue every failed batch again (the run must be failed or partial_success)"):
+            st.session_state["dl_dialog"] = ("retry", job, run)
+        if st.button("Cancel run", icon=":material/block:", disabled=c["status"] not in fmt.ACTIVE,
+                     key=_key(job, run, "cancel")):
+            st.session_state["dl_dialog"] = ("cancel", job, run)
+        st.link_button("Download logs (NDJSON)", _path(c["logs_url"]), icon=":material/download:")
+        st.link_button("Download metrics (CSV)", _path(c["metrics_download_url"]), icon=":material/download:")
+    # A dialog stays open across reruns until it is answered or dismissed.
+    dialog = st.session_state.get("dl_dialog")
+    if dialog == ("retry", job, run) and can_retry:
+        _confirm_retry(job, run, m["batches_failed"])
+    elif dialog == ("cancel", job, run) and c["status"] in fmt.ACTIVE:
+        _confirm_cancel(job, run)
+
+
+def _live(job: str, run: str) -> None:
+    """Everything that follows the run: refreshed every REFRESH_SECONDS by the fragment."""
+    try:
+        c, stale = _load(job, run)
+    except loader.RunNotFound:
+        st.info(fmt.md_text(f"No run {run!r} for job {job!r}. Pick a run from the list or start one."),
+                icon=":material/search_off:")
+        return
+    _toasts(job, run, c, stale)
+    if c is None:
+        st.warning(fmt.md_text(stale or "No data yet"), icon=":material/cloud_off:")
+        st.badge("Stale", icon=":material/cloud_off:", color="orange")
+        return
+    _header(c, stale)
+    _live_region(c)
+    _cards(c)
+    _validation(c, job, run)
+    _actions(c, job, run)
+    st.session_state[_key(job, run, "status")] = c["status"]
+
+
+def _chart(job: str, run: str) -> None:
+    try:
+        series = grid.duration_series(job, run)
+        c = st.session_state.get(_key(job, run, "contract"))
+    except (LoaderError, sa.exc.OperationalError) as exc:
+        st.caption(fmt.md_text(f"Chart unavailable: {user_message(exc)}"))
+        return
+    if not series:
+        st.caption("No committed batches yet: the duration chart appears with the first one.")
+        return
+    df = pd.DataFrame(series)
+    p95 = (c or {}).get("metrics", {}).get("batch_duration_ms_p95") if c else None
+    base = alt.Chart(df).encode(x=alt.X("batch:Q", title="Batch #"))
+    dur = base.mark_line(point=len(df) <= 200, color="#1d4ed8").encode(
+        y=alt.Y("duration_ms:Q", title="Duration (ms)"),
+        tooltip=[alt.Tooltip("batch:Q", title="Batch #"), alt.Tooltip("duration_ms:Q", title="ms", format=".1f")])
+    layers = [dur]
+    if p95 is not None:
+        rule = alt.Chart(pd.DataFrame({"p95": [p95]})).mark_rule(color="#b91c1c", strokeDash=[6, 4]).encode(
+            y="p95:Q", tooltip=[alt.Tooltip("p95:Q", title="p95 (ms)", format=".1f")])
+        layers.append(rule)
+    rate = base.mark_area(color="#15803d", opacity=0.35, line=True).encode(
+        y=alt.Y("rows_per_s:Q", title="Rows/s"),
+        tooltip=[alt.Tooltip("batch:Q", title="Batch #"), alt.Tooltip("rows_per_s:Q", title="rows/s", format=",.0f")])
+    st.caption("Batch durations (line) with the p95 (dashed red); rows per second per batch below")
+    st.altair_chart(alt.layer(*layers).properties(height=180), width="stretch")
+    st.altair_chart(rate.properties(height=120), width="stretch")
+
+
+def _detail(job: str, run: str, index: int) -> None:
+    try:
+        d = grid.batch_detail(job, run, index)
+    except (LoaderError, sa.exc.OperationalError) as exc:
+        show_error(exc, where=f"Batch {index}")
+        return
+    if d is None:
+        st.info(f"Batch {index} is not part of this run.")
+        return
+    st.subheader(f"Batch #{index}", anchor=False)
+    with st.container(horizontal=True, gap="small", vertical_alignment="center"):
+        st.text(f"Status: {d['status_label']} · attempts {d['attempts']} · rows {d['rows_attempted']} "
+                f"(lines {d['first_line']}–{d['first_line'] + d['line_count'] - 1} of {d['source_file']})")
+        status = st.session_state.get(_key(job, run, "status"))
+        if d["status"] == "failed" and status in ("failed", "partial_success"):
+            if st.button("Retry this batch", icon=":material/replay:", key=_key(job, run, f"retry-{index}")):
+                try:
+                    loader.retry_run(job, run, [index])
+                    st.toast(f"Batch {index} queued again", icon=":material/replay:")
+                except LoaderError as exc:
+                    show_error(exc, where="Retry")
+    if d["error_message"]:
+        text = d["error_message"]
+        st.text(f"Error [{d.get('error_code') or 'error'}]: {text[:300]}{'…' if len(text) > 300 else ''}")
+        if len(text) > 300:
+            with st.expander("Full error message"):
+                st.text(text)
+    tabs = st.tabs(["Retry timeline", "Error stack", "Structured logs"])
+    with tabs[0]:
+        if d["attempt_timeline"]:
+            st.dataframe(pd.DataFrame(d["attempt_timeline"]).drop(columns=["error_stack"]), hide_index=True,
+                         width="stretch")
+        else:
+            st.caption("No attempt yet.")
+    with tabs[1]:
+        stacks = [(t["attempt"], t["error_stack"]) for t in d["attempt_timeline"] if t.get("error_stack")]
+        if d.get("error_stack") and not stacks:
+            stacks = [(d["attempts"], d["error_stack"])]
+        if not stacks:
+            st.caption("No error stack: this batch has not failed.")
+        for attempt, stack in stacks:
+            st.caption(f"Attempt {attempt}")
+            st.code(stack, language=None)
+    with tabs[2]:
+        if d["logs_fragment"]:
+            st.json(json.loads(json.dumps(d["logs_fragment"], default=str)), expanded=2)
+        else:
+            st.caption("No log events for this batch yet.")
+
+
+def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str, str]] | None,
+                   filters: dict[str, Any] | None) -> dict[str, Any]:
+    """The right panel for one run. Returns the grid's state (selection, sort, filter) for the URL."""
+    st.subheader("Run Monitor", anchor=False)
+    st.fragment(_live, run_every=REFRESH_SECONDS)(job, run)
+    c = st.session_state.get(_key(job, run, "contract"))
+    if c is None:
+        return {}
+    st.markdown("##### Batches")
+    if c["metrics"]["batches_total"] == 0 and c["status"] in ("queued", "validating"):
+        st.info("No batches yet: they appear once the source has been read and split.", icon=":material/hourglass_top:")
+    chosen = st.pills("Show batches", BATCH_STATUSES, selection_mode="multi", default=statuses or None,
+                      key=f"dl-status:{job}:{run}", help="Filter the table by batch status (kept in the URL)")
+    chosen_list = [s for s in BATCH_STATUSES if s in (chosen or [])]
+    grid_key = f"dl-grid:{job}:{run}:{','.join(chosen_list)}"
+    if grid_key not in st.session_state.get("dl_grid_init", {}):
+        st.session_state.setdefault("dl_grid_init", {})[grid_key] = (sort, filters)
+    init_sort, init_filters = st.session_state["dl_grid_init"][grid_key]
+    with st.container(key="dl-grid-wrap"):
+        state = batches_grid(job, run, chosen_list, init_sort, init_filters, key=grid_key)
+    selected = state.get("selected") or []
+    if selected:
+        _detail(job, run, int(selected[0]))
+    else:
+        st.caption("Select a row to see its structured logs, error stack and retry timeline.")
+    st.markdown("##### Batch durations")
+    # The chart follows a running run; a finished one is drawn once (a retry restarts it via a full rerun).
+    st.fragment(_chart, run_every=CHART_SECONDS if c["status"] in fmt.ACTIVE else None)(job, run)
+    # Until the grid reports a change, the URL keeps the sort and filter it was opened with.
+    return {"status": chosen_list, "sort": state.get("sort", init_sort), "filter": state.get("filter", init_filters)}
+
+
+def empty_monitor() -> None:
+    st.subheader("Run Monitor", anchor=False)
+    st.info("No run selected. Start a load on the left, or pick one of the recent runs.", icon=":material/info:")
