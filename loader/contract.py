@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from . import config, db
 from .errors import RunNotFound
-from .ledger import batches, events, rejects, runs
+from .ledger import attempts, batches, events, rejects, runs
 
 EXAMPLES_LIMIT = 10
 LOG_FRAGMENT_EVENTS = 5
@@ -190,6 +190,9 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
     with engine.connect() as conn:
         run_row = get_run_row(conn, job, run)
         m = conn.execute(_metrics_query(job, run)).one()
+        a = attempts.c
+        transient = conn.execute(sa.select(sa.func.count()).where(
+            _key(attempts, job, run), a.status == "retrying")).scalar_one()
         now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
         examples = validation_examples(conn, job, run)
         batch_list: list[dict[str, Any]] = []
@@ -198,6 +201,7 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
             rows = conn.execute(batch_rows_query(job, run).order_by(batches.c.batch_index))
             batch_list = [batch_dict(r, fragments.get(r.batch_index)) for r in rows]
     metrics = build_metrics(run_row, m, now)
+    metrics["transient_errors"] = int(transient)
     return {
         "etl_job_id": run_row.etl_job_id,
         "etl_run_id": run_row.etl_run_id,

@@ -54,23 +54,12 @@ def _load(job: str, run: str) -> tuple[dict[str, Any] | None, str | None]:
             if loader.ledger_version(job, run) == cached["version"]:
                 return cached, None
         contract = loader.run_contract(job, run, include_batches=False)
-        contract["transient_failures"] = _transient_failures(job, run)
     except loader.RunNotFound:
         raise
     except (LoaderError, sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
         return cached, user_message(exc)
     st.session_state[cache_key] = contract
     return contract, None
-
-
-def _transient_failures(job: str, run: str) -> int:
-    from loader import db
-    from loader.ledger import attempts
-
-    a = attempts.c
-    with db.get_engine().connect() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).where(
-            a.etl_job_id == job, a.etl_run_id == run, a.status == "retrying")).scalar_one())
 
 
 def _toasts(job: str, run: str, c: dict[str, Any], stale: str | None) -> None:
@@ -84,7 +73,7 @@ def _toasts(job: str, run: str, c: dict[str, Any], stale: str | None) -> None:
         st.session_state[_key(job, run, "stale_toast")] = False
     if c is None:
         return
-    now = {"status": c["status"], "transient": c.get("transient_failures", 0)}
+    now = {"status": c["status"], "transient": c["metrics"].get("transient_errors", 0)}
     st.session_state[seen_key] = now
     if seen is None:
         return
