@@ -117,22 +117,32 @@ def default_batch_size() -> int:
         raise ConfigError(f"ETL_BATCH_SIZE: {exc}", setting="ETL_BATCH_SIZE") from None
 
 
+def _embedded(kind: str) -> str:
+    """The URL of an embedded server that `dataloader up` / `make run` is running, else ''."""
+    from .services import running_services
+
+    found = running_services()
+    if found is None:
+        return ""
+    return found.database_url if kind == "db" else found.redis_url
+
+
 def database_url() -> str:
-    url = get("DATABASE_URL")
+    url = get("DATABASE_URL") or _embedded("db")
     if not url:
         raise ConfigError(
-            "DATABASE_URL is not set: point it at PostgreSQL (postgresql://user@host:5432/db), "
-            "or use `dataloader up`, which starts an embedded server"
+            "DATABASE_URL is not set and no `dataloader up` is running here: point it at PostgreSQL "
+            "(postgresql://user@host:5432/db), or run `make run` / `dataloader up` first"
         )
     return url
 
 
 def redis_url() -> str:
-    url = get("REDIS_URL")
+    url = get("REDIS_URL") or _embedded("redis")
     if not url:
         raise ConfigError(
-            "REDIS_URL is not set: point it at Redis (redis://127.0.0.1:6379/0), "
-            "or use `dataloader up`, which starts an embedded server"
+            "REDIS_URL is not set and no `dataloader up` is running here: point it at Redis "
+            "(redis://127.0.0.1:6379/0), or run `make run` / `dataloader up` first"
         )
     return url
 

@@ -102,6 +102,23 @@ def ensure_services(data_dir: Path | None = None) -> Services:
         return _ensure_locked(root, db_url, redis_url)
 
 
+def running_services(data_dir: Path | None = None) -> Services | None:
+    """The embedded servers already running under ``data_dir`` (a `dataloader up` elsewhere), or None.
+
+    Starts nothing: this is how a second terminal's `dataloader start` finds the servers that
+    `make run` started, without anyone exporting their URLs.
+    """
+    root = _resolve(data_dir)
+    running = _read_postmaster(root / "postgres")
+    if running is None:
+        return None
+    db_url = _pg_url(running.socket_dir, running.port)
+    sock = _redis_socket(root / "redis") if (root / "redis").is_dir() else None
+    if sock is None or not _pg_answers(db_url) or not _redis_answers(sock):
+        return None
+    return Services(db_url, f"unix://{sock}?db=0", (POSTGRESQL, REDIS), (), root)
+
+
 def stop_services(data_dir: Path | None = None) -> None:
     """Stop the embedded PostgreSQL and Redis of ``data_dir``, whoever started them.
 
