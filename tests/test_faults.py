@@ -105,13 +105,16 @@ def test_redis_flushed_during_a_run_is_recovered_from_the_ledger(
 
 def test_backends_terminated_again_and_again_are_retried_and_recorded(
         tmp_path, target_schema, pg, own_workers, own_queue):
-    catalog, job = setup_job(tmp_path, target_schema, 5000)
+    catalog, job = setup_job(tmp_path, target_schema, 10000)
     make_table(pg, target_schema, "t")
     own_workers.start(2)
     ref = loader.start_run(job, catalog=catalog, batch_size=100)
     killed = 0
     deadline = time.monotonic() + 60
-    while killed < 5 and time.monotonic() < deadline:
+    schema = os.environ["ETL_LEDGER_SCHEMA"]
+    running = sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s").format(sql.Identifier(schema, "runs"))
+    while killed < 5 and time.monotonic() < deadline and pg.execute(running, [job]).fetchone()[0] in (
+            "queued", "validating", "loading"):
         got = pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'dataloader' "
                          "AND state = 'active' AND query LIKE %s", ["%FROM pg_temp.etl_stage%"]).fetchall()
         killed += len(got)
@@ -119,8 +122,8 @@ def test_backends_terminated_again_and_again_are_retried_and_recorded(
     c = loader.wait_for_run(job, ref.etl_run_id, timeout=120)
     assert killed >= 1
     assert c["status"] == "success"
-    assert c["metrics"]["rows_inserted"] == 5000
-    check_table(pg, target_schema, job, ref.etl_run_id, 5000)
+    assert c["metrics"]["rows_inserted"] == 10000
+    check_table(pg, target_schema, job, ref.etl_run_id, 10000)
     schema = os.environ["ETL_LEDGER_SCHEMA"]
     retried = pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND status = 'retrying' "
                                  "AND error_code = '57P01'").format(sql.Identifier(schema, "attempts")),
