@@ -129,6 +129,9 @@ def reconcile(*, stale_after: float = STALE_AFTER_SECONDS, grace: float = ORPHAN
                     out.abandoned.append((job, run, batch))
                     log_event(conn, job, run, "batch_abandoned", level="warning", batch=batch, attempt=attempt,
                               worker=worker, note="the worker stopped beating; the batch is queued again")
+            # Workers that stopped beating a day ago are history (their attempts keep the name).
+            conn.execute(sql.SQL("DELETE FROM {} WHERE heartbeat_at < now() - interval '1 day'").format(
+                tables["workers"]))
             out.pending = [tuple(r) for r in conn.execute(PENDING.format(**tables), {"grace": grace, "queue": queue})]
             out.plannable = [tuple(r) for r in conn.execute(
                 PLANNABLE.format(**tables), {"grace": grace, "stale": stale_after, "queue": queue})]

@@ -170,16 +170,20 @@ def test_database_outage_shows_a_stale_badge_and_keeps_the_last_numbers(page, de
 
 
 def test_toasts_say_transient_db_error_will_retry_and_run_completed(page, demo, idle_queue, monkeypatch):
-    import ui.monitor
-
     loader.start_run(demo.job, run_id="toasts")
     page.query_params["job"] = demo.job
     page.query_params["run"] = "toasts"
     at = page.run()
-    monkeypatch.setattr(ui.monitor, "_transient_failures", lambda job, run: 2)
+    real = loader.run_contract
+
+    def with_transient_errors(*a, **k):
+        c = real(*a, **k)
+        c["metrics"]["transient_errors"] = 2
+        return c
+
+    monkeypatch.setattr(loader, "run_contract", with_transient_errors)
     at.run()
     assert any("Transient DB error" in t.value and "will retry" in t.value for t in at.toast)
-    real = loader.run_contract
     monkeypatch.setattr(loader, "run_contract", lambda *a, **k: {**real(*a, **k), "status": "success"})
     at.run()
     assert not at.exception
