@@ -91,3 +91,20 @@ def test_start_wait_says_so_when_no_worker_listens(job, redis_conn):
         proc.terminate()
     _, err = proc.communicate(timeout=10)
     assert "no worker is listening on queue" in err
+
+
+def test_worker_concurrency_runs_a_pool_that_drains_the_queue_in_burst_mode(job, monkeypatch, redis_conn):
+    catalog, name = job
+    monkeypatch.setenv("ETL_QUEUE", f"pool-{name}")
+    run = json.loads(dataloader("--catalog", catalog, "start", name, "--batch-size", "100", "--json").stdout)
+    out = dataloader("worker", "--burst", "--concurrency", "2", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    status = json.loads(dataloader("status", name, run["etl_run_id"], "--json").stdout)
+    assert status["status"] == "success" and status["metrics"]["batches_succeeded"] == 13
+
+
+def test_retry_of_named_batches_only_accepts_failed_ones(job, workers):
+    catalog, name = job
+    run = json.loads(dataloader("--catalog", catalog, "start", name, "--json", "--wait").stdout)["etl_run_id"]
+    out = dataloader("retry", name, run, "--batch", "0", "--batch", "1")
+    assert out.returncode == 1 and "only a failed or partial_success run can be retried" in out.stderr
