@@ -40,13 +40,14 @@ def requeue(found: Reconciled, redis: Redis | None = None) -> dict[str, int]:
         log_event(None, job, run, "batches_requeued", level="warning", batches=sorted(indexes)[:50],
                   count=len(indexes))
     plans = 0
-    if found.plannable:
-        ids2 = {plan_job_id(j, r): (j, r) for j, r in found.plannable}
-        for job_id in _missing(redis, list(ids2)):
-            job, run = ids2[job_id]
-            enqueue_plan(job, run)
-            log_event(None, job, run, "plan_requeued", level="warning")
-            plans += 1
+    lost = [(j, r) for j, r, planner_lost in found.plannable if planner_lost]
+    waiting = {plan_job_id(j, r): (j, r) for j, r, planner_lost in found.plannable if not planner_lost}
+    for job_id in _missing(redis, list(waiting)) if waiting else ():
+        lost.append(waiting[job_id])
+    for job, run in lost:
+        enqueue_plan(job, run)
+        log_event(None, job, run, "plan_requeued", level="warning")
+        plans += 1
     return {"batches": batches, "plans": plans}
 
 

@@ -35,20 +35,15 @@ def plan_run(job: str, run: str, worker: str | None = None) -> list[int]:
         attempt += 1
         try:
             return _plan_once(job, run, worker)
-        except LoaderError as exc:
-            if isinstance(exc, TransientDbError) and attempt < 6:
-                log_event(None, job, run, "plan_retrying", level="warning", error=str(exc))
+        except (LoaderError, psycopg.Error) as exc:
+            error = exc if isinstance(exc, LoaderError) else db.wrap_db_error(exc)
+            if isinstance(error, TransientDbError) and attempt < 6:
+                log_event(None, job, run, "plan_retrying", level="warning", error=str(error))
                 time.sleep(backoff_delay(attempt))
                 continue
-            _fail_run(job, run, exc)
-            return []
-        except psycopg.Error as exc:
-            wrapped = db.wrap_db_error(exc)
-            if isinstance(wrapped, TransientDbError) and attempt < 6:
-                log_event(None, job, run, "plan_retrying", level="warning", error=str(wrapped))
-                time.sleep(backoff_delay(attempt))
-                continue
-            _fail_run(job, run, wrapped)
+            # When even this cannot be written (the database is away), the RQ job fails and the
+            # reconciler queues the planning again once the database is back.
+            _fail_run(job, run, error)
             return []
 
 
@@ -69,8 +64,13 @@ def _plan_once(job: str, run: str, worker: str | None) -> list[int]:
         ensure_target(conn, spec.target_schema, spec.target_table)
 
         with conn.transaction():
-            conn.execute(sql.SQL("SELECT 1 FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR UPDATE").format(
-                runs), [job, run])
+            locked = conn.execute(sql.SQL(
+                "SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR UPDATE").format(runs),
+                [job, run]).fetchone()
+            if locked is None or locked[0] != RunStatus.VALIDATING.value:
+                # Another delivery of this planning job got here first and committed (the run is
+                # loading, or canceled): its batches may be loading already; never replan them.
+                return []
             for name in ("batch_payloads", "batches"):  # an interrupted earlier planning
                 conn.execute(sql.SQL("DELETE FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
                     ledger_table(name)), [job, run])

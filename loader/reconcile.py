@@ -35,7 +35,7 @@ class Reconciled:
 
     abandoned: list[tuple[str, str, int]] = field(default_factory=list)
     pending: list[tuple[str, str, int]] = field(default_factory=list)
-    plannable: list[tuple[str, str]] = field(default_factory=list)
+    plannable: list[tuple[str, str, bool]] = field(default_factory=list)
     finished: list[tuple[str, str, str]] = field(default_factory=list)
 
 
@@ -94,13 +94,15 @@ PENDING = sql.SQL("""
       AND greatest(b.queued_at, b.started_at) < now() - make_interval(secs => %(grace)s)
     ORDER BY b.etl_job_id, b.etl_run_id, b.batch_index""")
 
+#: Runs waiting to be planned: (job, run, planner_lost). A lost planner (its worker stopped beating)
+#: means "plan again now"; otherwise the caller plans again only if the RQ job is gone.
 PLANNABLE = sql.SQL("""
-    SELECT etl_job_id, etl_run_id FROM {runs} r
-    WHERE queue = %(queue)s AND (
-        (status = 'queued' AND started_at < now() - make_interval(secs => %(grace)s))
-        OR (status = 'validating' AND NOT EXISTS (
-              SELECT 1 FROM {workers} w WHERE w.name = r.plan_worker
-              AND w.heartbeat_at > now() - make_interval(secs => %(stale)s))))""")
+    SELECT etl_job_id, etl_run_id, status = 'validating' AND NOT EXISTS (
+               SELECT 1 FROM {workers} w WHERE w.name = r.plan_worker
+               AND w.heartbeat_at > now() - make_interval(secs => %(stale)s)) AS planner_lost
+    FROM {runs} r
+    WHERE queue = %(queue)s AND status IN ('queued', 'validating')
+      AND started_at < now() - make_interval(secs => %(grace)s)""")
 
 UNFINISHED = sql.SQL("""
     SELECT r.etl_job_id, r.etl_run_id FROM {runs} r

@@ -370,3 +370,26 @@ def test_exports_stream_logs_metrics_and_rejects(tmp_path, target_schema, worker
     assert table[-1]["rows_inserted"] == "250" and table[-1]["status"] == "success"
     rejects = [json.loads(x) for x in loader.iter_rejects_ndjson(job, ref.etl_run_id)]
     assert rejects[0]["record"] == "oops" and rejects[0]["line_no"] == 251
+
+
+def test_planning_delivered_twice_plans_once_and_never_replans_a_loading_run(tmp_path, target_schema, ledger):
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": i} for i in range(250)])
+    spec = loader.load_catalog(catalog).get(job)
+    from loader import runs as runs_mod
+
+    ref = runs_mod.create_run(spec, batch_size=100)
+    results: list[list[int]] = []
+    threads = [threading.Thread(target=lambda: results.append(planning.plan_run(job, ref.etl_run_id)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [[], [0, 1, 2]]
+    assert loading.load_batch(job, ref.etl_run_id, 0).status == "succeeded"
+    assert planning.plan_run(job, ref.etl_run_id) == []  # a late redelivery
+    c = loader.run_contract(job, ref.etl_run_id)
+    assert [b["status"] for b in c["batches"]] == ["succeeded", "pending", "pending"]
+    for i in (1, 2):
+        loading.load_batch(job, ref.etl_run_id, i)
+    assert loader.run_contract(job, ref.etl_run_id)["metrics"]["rows_inserted"] == 250
