@@ -57,3 +57,6 @@ stop: $(STAMP)
 
 clean-data: stop
 	rm -rf .data data
+
+bench: $(STAMP)
+	$(PY) bench/engine.py
