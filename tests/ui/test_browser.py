@@ -69,7 +69,7 @@ def test_a_run_started_from_the_ui_finishes_with_correct_counts(console, demo, b
     # The grid pages its rows from the app's JSON routes (infinite row model).
     grid = page.frame_locator("iframe[title='st_aggrid.AgGrid.agGrid']")
     grid.locator(".ag-row[row-index='10'] [col-id='index']").wait_for(timeout=20_000)
-    assert grid.locator(".ag-row[row-index='10'] [col-id='rows_attempted']").inner_text() == "50"
+    expect(grid.locator(".ag-row[row-index='10'] [col-id='rows_attempted']")).to_have_text("50", timeout=15_000)
 
     # Downloads are real URLs served by the app, streamed from the ledger.
     logs_href = page.get_by_role("link", name="Download logs (NDJSON)").get_attribute("href")
@@ -229,14 +229,14 @@ def test_grid_sort_and_filters_live_in_the_url_and_survive_a_reload(console, dem
     grid = page.frame_locator("iframe[title='st_aggrid.AgGrid.agGrid']")
     first = grid.locator(".ag-center-cols-container .ag-row[row-index='0'] [col-id='rows_attempted']")
     first.wait_for(timeout=30_000)
-    assert first.inner_text() == "100"
+    expect(first).to_have_text("100", timeout=15_000)  # a block arrives after the grid's load debounce
     grid.get_by_role("columnheader", name="Rows attempted").locator(".ag-header-cell-label").click()
     page.wait_for_url(re.compile(r"sort=.*rows_attempted"), timeout=10_000)
     page.wait_for_function("() => true")
     page.reload()
     first = grid.locator(".ag-center-cols-container .ag-row[row-index='0'] [col-id='rows_attempted']")
     first.wait_for(timeout=30_000)
-    assert first.inner_text() == "50"  # ascending: the short last batch first, as the URL says
+    expect(first).to_have_text("50", timeout=15_000)  # ascending: the short last batch first, as the URL says
     assert "sort=" in page.url
 
 
