@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,8 +22,14 @@ from .errors import show_error, user_message
 from .grid import batches_grid
 from .routes import API_PATH
 
-#: Seconds between two refreshes of the header, cards and validation summary (the spec: 2 s or less).
-REFRESH_SECONDS = 2.0
+#: Seconds between two refreshes of the header, cards and validation summary. The spec asks for 2 s or
+#: less and a change on screen within 2 s: a 2 s timer alone waits up to 2 s, so 1.5 s leaves room for
+#: the query and the render (BENCHMARKS.md, "Console").
+REFRESH_SECONDS = 1.5
+#: An active run whose ledger version did not move is re-read in full at least this often anyway: two
+#: workers can commit change numbers out of order (one takes its number, the other takes and commits a
+#: higher one first), so an unchanged maximum may, rarely, hide a commit until the next change.
+FULL_RELOAD_SECONDS = 10.0
 #: Seconds between two refreshes of the duration chart.
 CHART_SECONDS = 5.0
 BATCH_STATUSES = ("pending", "running", "retried", "succeeded", "failed")
@@ -46,20 +53,35 @@ def _path(url: str) -> str:
 
 
 def _load(job: str, run: str) -> tuple[dict[str, Any] | None, str | None]:
-    """The contract (cached until the ledger version moves), or the last one with the outage message."""
+    """The contract (cached while the ledger version stays put), or the last one with the outage message.
+
+    Most ticks change nothing: one index lookup (``ledger_version``, about 1 ms at 100k batches) tells,
+    instead of the metrics aggregate over every batch of the run (about 70 ms at 100k batches).
+    """
     cache_key = _key(job, run, "contract")
     cached: dict[str, Any] | None = st.session_state.get(cache_key)
+    now = time.monotonic()
     try:
-        if cached is not None and cached["status"] in fmt.FINAL:
-            if loader.ledger_version(job, run) == cached["version"]:
+        if cached is not None and loader.ledger_version(job, run) == cached["version"]:
+            fresh_enough = now - cached["_fetched"] < FULL_RELOAD_SECONDS
+            if cached["status"] in fmt.FINAL or fresh_enough:
                 return cached, None
         contract = loader.run_contract(job, run, include_batches=False)
     except loader.RunNotFound:
         raise
     except (LoaderError, sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
         return cached, user_message(exc)
+    contract["_fetched"] = now
     st.session_state[cache_key] = contract
     return contract, None
+
+
+def _elapsed_ms(c: dict[str, Any]) -> float | None:
+    """The run's elapsed time, moving on between two reads of the ledger while the run is active."""
+    elapsed = c["metrics"].get("elapsed_ms")
+    if elapsed is None or c["status"] in fmt.FINAL or "_fetched" not in c:
+        return elapsed
+    return float(elapsed) + (time.monotonic() - c["_fetched"]) * 1000
 
 
 def _toasts(job: str, run: str, c: dict[str, Any], stale: str | None) -> None:
@@ -80,6 +102,10 @@ def _toasts(job: str, run: str, c: dict[str, Any], stale: str | None) -> None:
     if now["transient"] > seen["transient"]:
         n = now["transient"] - seen["transient"]
         st.toast(f"Transient DB error in {n} batch attempt(s): will retry", icon=":material/replay:")
+    if seen["status"] in fmt.FINAL and now["status"] not in fmt.FINAL:
+        # Retried from elsewhere (the CLI, another tab): the actions row, the start button's warning,
+        # the runs list and the chart's timer follow the run again, in one full run.
+        st.rerun(scope="app")
     if now["status"] != seen["status"] and now["status"] in fmt.FINAL:
         if now["status"] in ("success", "partial_success"):
             message = (f"Run completed: {fmt.run_badge(now['status']).label}", ":material/check_circle:")
@@ -100,9 +126,10 @@ def _header(c: dict[str, Any], stale: str | None) -> None:
         st.badge(badge.label, icon=badge.icon, color=badge.color, help=f"Run status: {c['status']}")
         if stale:
             st.badge("Stale", icon=":material/cloud_off:", color="orange",
-                     help="The database cannot be reached; showing the last data. Retrying every 2 s.")
+                     help="The database cannot be reached; showing the last data. "
+                          f"Retrying every {REFRESH_SECONDS:g} s.")
         active = c["status"] in fmt.ACTIVE
-        live = "Live: refreshing every 2 s" if active and not stale else (
+        live = f"Live: refreshing every {REFRESH_SECONDS:g} s" if active and not stale else (
             "Reconnecting…" if stale else "Run finished: no more updates")
         st.caption((":material/sensors: " if active and not stale else ":material/pause_circle: ") + live)
         st.caption(f"Last refreshed {fmt.local_time(datetime.now(UTC), zone)}",
@@ -130,7 +157,7 @@ def _cards(c: dict[str, Any]) -> None:
         ("Batches succeeded", fmt.fmt_int(m["batches_succeeded"]), None),
         ("Batches failed", fmt.fmt_int(m["batches_failed"]), None),
         ("Retries attempted", fmt.fmt_int(m["retries"]), None),
-        ("Elapsed", fmt.fmt_ms(m.get("elapsed_ms")), "Time since the run started (until it completed)"),
+        ("Elapsed", fmt.fmt_ms(_elapsed_ms(c)), "Time since the run started (until it completed)"),
         ("Avg batch", fmt.fmt_ms(m["batch_duration_ms_avg"]), "Mean duration of committed batches"),
         ("p95 batch", fmt.fmt_ms(m["batch_duration_ms_p95"]), "95th percentile of committed batch durations"),
         ("Rows/s", fmt.fmt_int(round(m["throughput_rps"])) if m["throughput_rps"] is not None else "—",
@@ -157,7 +184,12 @@ def _live_region(c: dict[str, Any]) -> None:
 def _validation(c: dict[str, Any], job: str, run: str) -> None:
     v = c["validation_summary"]
     total = v["required_field_errors"] + v["json_shape_errors"]
-    with st.expander("Validation summary", icon=":material/rule:", key=_key(job, run, "validation")):
+    # Lazy: its contents are computed and sent only while it is open (not on every tick of the timer).
+    # The label stays fixed: the expander's identity includes it, and a new label would close it.
+    with st.expander("Validation summary", icon=":material/rule:", key=_key(job, run, "validation"),
+                     on_change="rerun") as box:
+        if not box.open:
+            return
         if total == 0 and not v["examples"]:
             st.success("No validation issues", icon=":material/check_circle:")
             return
@@ -258,21 +290,28 @@ def _live(job: str, run: str) -> None:
     _live_region(c)
     _cards(c)
     _validation(c, job, run)
-    _actions(c, job, run)
     st.session_state[_key(job, run, "status")] = c["status"]
 
 
 def _chart(job: str, run: str) -> None:
-    try:
-        series = grid.duration_series(job, run)
-        c = st.session_state.get(_key(job, run, "contract"))
-    except (LoaderError, sa.exc.OperationalError) as exc:
-        st.caption(fmt.md_text(f"Chart unavailable: {user_message(exc)}"))
-        return
+    c = st.session_state.get(_key(job, run, "contract"))
+    version = c["version"] if c else None
+    cache_key = _key(job, run, "series")
+    cached = st.session_state.get(cache_key)
+    if cached is not None and version is not None and cached[0] == version:
+        series = cached[1]  # nothing changed since the last draw: skip the window query over every batch
+    else:
+        try:
+            series = grid.duration_series(job, run)
+        except (LoaderError, sa.exc.OperationalError) as exc:
+            st.caption(fmt.md_text(f"Chart unavailable: {user_message(exc)}"))
+            return
+        st.session_state[cache_key] = (version, series)
     if not series:
         st.caption("No committed batches yet: the duration chart appears with the first one.")
         return
-    df = pd.DataFrame(series)
+    # Only what the chart draws travels to the browser (each redraw re-sends the data).
+    df = pd.DataFrame(series, columns=["batch", "duration_ms", "rows_per_s"])
     p95 = (c or {}).get("metrics", {}).get("batch_duration_ms_p95") if c else None
     base = alt.Chart(df).encode(x=alt.X("batch:Q", title="Batch #"))
     dur = base.mark_line(point=len(df) <= 200, color="#1d4ed8").encode(
@@ -349,6 +388,9 @@ def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str,
     c = st.session_state.get(_key(job, run, "contract"))
     if c is None:
         return {}
+    # Outside the timer: the buttons' states only change when the run turns final or active again,
+    # and _toasts reruns the whole page then.
+    _actions(c, job, run)
     st.markdown("##### Batches")
     if c["metrics"]["batches_total"] == 0 and c["status"] in ("queued", "validating"):
         st.info("No batches yet: they appear once the source has been read and split.", icon=":material/hourglass_top:")

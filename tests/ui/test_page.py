@@ -160,6 +160,7 @@ def test_database_outage_shows_a_stale_badge_and_keeps_the_last_numbers(page, de
         raise loader.TransientDbError("database error, will retry: connection refused")
 
     monkeypatch.setattr(loader, "run_contract", down)
+    monkeypatch.setattr(loader, "ledger_version", down)
     at.run()
     assert not at.exception
     assert any("connection refused" in plain(w.value) for w in at.warning)
@@ -182,6 +183,7 @@ def test_toasts_say_transient_db_error_will_retry_and_run_completed(page, demo, 
         return c
 
     monkeypatch.setattr(loader, "run_contract", with_transient_errors)
+    monkeypatch.setattr(loader, "ledger_version", lambda *a, **k: -1)  # "the ledger moved": read it again
     at.run()
     assert any("Transient DB error" in t.value and "will retry" in t.value for t in at.toast)
     monkeypatch.setattr(loader, "run_contract", lambda *a, **k: {**real(*a, **k), "status": "success"})
@@ -190,3 +192,37 @@ def test_toasts_say_transient_db_error_will_retry_and_run_completed(page, demo, 
     assert any("Run completed" in t.value for t in at.toast)
     monkeypatch.undo()
     loader.cancel_run(demo.job, "toasts")
+
+
+def test_a_refresh_with_an_unchanged_ledger_reuses_the_contract_and_a_change_reloads_it(page, demo, idle_queue,
+                                                                                         monkeypatch):
+    loader.start_run(demo.job, run_id="cached")
+    page.query_params["job"] = demo.job
+    page.query_params["run"] = "cached"
+    at = page.run()
+    real = loader.run_contract
+    calls: list[str] = []
+
+    def counted(*a, **k):
+        calls.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(loader, "run_contract", counted)
+    at.run()
+    at.run()
+    assert calls == []  # nothing moved in the ledger: no aggregate over the run's batches
+    loader.cancel_run(demo.job, "cached")
+    at.run()
+    assert calls == ["cached"]
+    assert any("Canceled" in m.value for m in at.markdown)  # the status badge
+
+
+def test_the_collapsed_validation_summary_draws_nothing_inside(page, demo, idle_queue):
+    loader.start_run(demo.job, run_id="lazy")
+    page.query_params["job"] = demo.job
+    page.query_params["run"] = "lazy"
+    at = page.run()
+    assert [e.label for e in at.expander] == ["Validation summary"]
+    assert not at.expander[0].children  # its metrics, examples and download are sent only once opened
+    assert not any(m.label == "Required field errors" for m in at.metric)
+    loader.cancel_run(demo.job, "lazy")
