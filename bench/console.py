@@ -33,15 +33,12 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,10 +58,8 @@ from psycopg import sql  # noqa: E402
 import loader  # noqa: E402
 from loader import db  # noqa: E402
 from loader import grid as lgrid  # noqa: E402
+from tests.ui.app_server import CHROMIUM, StreamlitServer, launch_chromium  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 JOB = "bench-console"
 REFRESH_S = 2.0
 GRID_FRAME = "iframe[title='st_aggrid.AgGrid.agGrid']"
@@ -108,46 +103,10 @@ def pct(xs: list[float], p: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class App:
-    """``python -m streamlit run <script>`` on a free port."""
-
-    def __init__(self, script: str, cwd: Path, base: str = "/etl") -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "ETL_CONSOLE_URL": self.url}
-        self.log = open(Path(tempfile.gettempdir()) / f"bench-console-{self.port}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(self.port),
-             "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-            cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{script} exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                with urllib.request.urlopen(f"{self.url}{base}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"{script} did not answer; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+def start_app(script: str, cwd: Path, base: str = "/etl") -> StreamlitServer:
+    """``python -m streamlit run <script>`` on a free port, logging to the temp folder."""
+    return StreamlitServer(script, cwd, log_dir=Path(tempfile.gettempdir()), log_name="bench-console", base=base,
+                           timeout=90)
 
 
 class Wire:
@@ -388,7 +347,7 @@ def scroll(page: Any, wire: Wire, total: int, steps: int = 150, pause: int = 40)
 def baseline_bytes(browser: Any, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "baseline.py").write_text(BASELINE_APP)
-        app = App("baseline.py", Path(tmp), base="")
+        app = start_app("baseline.py", Path(tmp), base="")
         try:
             ctx = browser.new_context(viewport={"width": 1440, "height": 1100})
             page = ctx.new_page()
@@ -532,6 +491,14 @@ def append_section(text: str) -> Path:
     return path
 
 
+def publish(text: str, *, append: bool) -> None:
+    """Append the section to BENCHMARKS.md (saying where it went), or print it."""
+    if append:
+        print(f"wrote {append_section(text)}", file=sys.stderr)
+    else:
+        print(text)
+
+
 def loadavg() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -554,11 +521,7 @@ def main() -> None:
         res = json.loads(Path(args.report_only).read_text())
         if args.notes:
             res["notes"] = [Path(args.notes).read_text().rstrip()]
-        text = markdown(res)
-        if args.no_append:
-            print(text)
-        else:
-            print(f"wrote {append_section(text)}", file=sys.stderr)
+        publish(markdown(res), append=not args.no_append)
         return
     sizes = [int(x) for x in args.batches.split(",")]
     import importlib.metadata as md
@@ -587,10 +550,10 @@ def main() -> None:
     for size in sizes:
         print(f"seeding {size} batches", file=sys.stderr)
         seed_ledger.seed(JOB, f"b{size}", size)
-    app = App("Home.py", ROOT)
+    app = start_app("Home.py", ROOT)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            browser = launch_chromium(p)
             try:
                 print("baseline", file=sys.stderr)
                 res["baseline"] = [baseline_bytes(browser, args.window) for _ in range(args.repeat)]
@@ -633,11 +596,7 @@ def main() -> None:
     res["minutes"] = (time.monotonic() - t_start) / 60
     res["load_end"] = loadavg()
     OUT_JSON.write_text(json.dumps(res, indent=1, default=str))
-    text = markdown(res)
-    if args.no_append:
-        print(text)
-    else:
-        print(f"wrote {append_section(text)}", file=sys.stderr)
+    publish(markdown(res), append=not args.no_append)
 
 
 if __name__ == "__main__":

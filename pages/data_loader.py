@@ -6,7 +6,6 @@ import json
 import uuid
 from typing import Any
 
-import pandas as pd
 import streamlit as st
 
 import loader
@@ -17,6 +16,7 @@ from ui import format as fmt
 from ui.errors import show_error
 from ui.layout import inject_css
 from ui.monitor import BATCH_STATUSES, empty_monitor, render_monitor
+from ui.runs_table import recent_runs, runs_frame
 from ui.validation import RunConfig, check_config, default_batch_size, valid_job_param, valid_run_param
 
 DEDUP_NOTE = "Deduplication uses source_id; ON CONFLICT upsert updates data and updated_at"
@@ -192,20 +192,11 @@ def _runs_list(job: str | None) -> None:
     if not job:
         st.caption("Choose a job to see its recent runs.")
         return
-    try:
-        runs = loader.list_runs(job, limit=20)
-    except LoaderError as exc:
-        show_error(exc)
-        return
+    runs = recent_runs(job, limit=20, empty="No runs yet for this job.")
     if not runs:
-        st.info("No runs yet for this job.", icon=":material/history:")
         return
-    zone = st.context.timezone
-    df = pd.DataFrame([{
-        "Status": f"{fmt.run_badge(r['status']).label}", "Run ID": r["etl_run_id"],
-        "Started": fmt.local_time(r["started_at"], zone), "Batches": r["batches_total"],
-        "Failed": r["batches_failed"], "Inserted": r["rows_inserted"], "Updated": r["rows_updated"],
-        "Validation fails": r["validation_failures"]} for r in runs])
+    df = runs_frame(runs, ["Status", "Run ID", "Started", "Batches", "Failed", "Inserted", "Updated",
+                           "Validation fails"])
     key = f"dl-runs:{job}"
     event = st.dataframe(df, hide_index=True, width="stretch", height=min(38 + 35 * len(runs), 300),
                          on_select="rerun", selection_mode="single-row", key=key)

@@ -1,12 +1,16 @@
-"""Small builders for tests: source files and catalogs on disk."""
+"""Small builders for tests: source files and catalogs on disk, target tables in the database, free ports."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
+
+import psycopg
+from psycopg import sql
 
 
 def write_ndjson(path: Path, records: list[Any], *, gz: bool = False) -> Path:
@@ -44,3 +48,42 @@ def write_catalog(folder: Path, jobs: dict[str, dict[str, Any]]) -> Path:
 
 def job_name(prefix: str = "job") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at the moment (on 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def create_target_table(pg: psycopg.Connection[Any], table: str) -> None:
+    """Create the target table ``schema.name`` by hand, as the loader would, before a run loads into it."""
+    schema, name = table.split(".")
+    pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    pg.execute(sql.SQL("CREATE TABLE {} (source_id text PRIMARY KEY, data jsonb NOT NULL, etl_job_id text NOT NULL, "
+                       "etl_run_id text NOT NULL, loaded_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, "
+                       "etl_run_seq bigint NOT NULL DEFAULT 0, etl_source_pos bigint NOT NULL DEFAULT 0)").format(
+                           sql.Identifier(schema, name)))
+
+
+def create_poisoned_target_table(pg: psycopg.Connection[Any], table: str, source_id: str) -> None:
+    """A target table whose trigger refuses ``source_id``: that record's batch fails for good.
+
+    The trigger raises 'poison record' with SQLSTATE 23514 (check_violation, not transient, so
+    not retried); ``remove_poison(pg, table)`` lets a retry succeed.
+    """
+    create_target_table(pg, table)
+    schema, name = table.split(".")
+    guard = sql.Identifier(schema, f"{name}_poison")
+    pg.execute(sql.SQL("""CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.source_id = {} THEN RAISE EXCEPTION 'poison record' USING ERRCODE = '23514'; END IF;
+        RETURN NEW; END $$""").format(guard, sql.Literal(source_id)))
+    pg.execute(sql.SQL("CREATE TRIGGER poison BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
+        sql.Identifier(schema, name), guard))
+
+
+def remove_poison(pg: psycopg.Connection[Any], table: str) -> None:
+    """Drop the trigger of ``create_poisoned_target_table``: every record loads again."""
+    schema, name = table.split(".")
+    pg.execute(sql.SQL("DROP TRIGGER poison ON {}").format(sql.Identifier(schema, name)))

@@ -15,7 +15,14 @@ import loader
 from loader import loading, planning
 from loader.errors import ConfigError, RunConflict
 
-from .helpers import job_name, write_catalog, write_ndjson
+from .helpers import (
+    create_poisoned_target_table,
+    create_target_table,
+    job_name,
+    remove_poison,
+    write_catalog,
+    write_ndjson,
+)
 
 pytestmark = pytest.mark.usefixtures("ledger")
 
@@ -256,11 +263,7 @@ def test_transient_error_is_retried_and_recorded(tmp_path, target_schema, pg, wo
     """A backend terminated with pg_terminate_backend mid-batch: the batch retries and commits."""
     catalog, job, table = make_job(tmp_path, target_schema, [{"id": i} for i in range(200)])
     schema, name = table.split(".")
-    pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-    pg.execute(sql.SQL("CREATE TABLE {} (source_id text PRIMARY KEY, data jsonb NOT NULL, etl_job_id text NOT NULL, "
-                       "etl_run_id text NOT NULL, loaded_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, "
-                       "etl_run_seq bigint NOT NULL DEFAULT 0, etl_source_pos bigint NOT NULL DEFAULT 0)").format(
-                           sql.Identifier(schema, name)))
+    create_target_table(pg, table)
     with psycopg.connect(pg.info.dsn) as blocker:
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(schema, name)))
         ref = loader.start_run(job, catalog=catalog, batch_size=100)
@@ -287,16 +290,7 @@ def test_permanent_error_fails_only_its_batch_and_retry_completes_the_run(tmp_pa
     records = [{"id": f"r{i}"} for i in range(300)]
     records[150] = {"id": "poison"}
     catalog, job, table = make_job(tmp_path, target_schema, records)
-    schema, name = table.split(".")
-    pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-    pg.execute(sql.SQL("CREATE TABLE {} (source_id text PRIMARY KEY, data jsonb NOT NULL, etl_job_id text NOT NULL, "
-                       "etl_run_id text NOT NULL, loaded_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)"
-                       ).format(sql.Identifier(schema, name)))
-    pg.execute(sql.SQL("""CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN IF NEW.source_id = 'poison' THEN RAISE EXCEPTION 'poison record' USING ERRCODE = '23514'; END IF;
-        RETURN NEW; END $$""").format(sql.Identifier(schema, "guard")))
-    pg.execute(sql.SQL("CREATE TRIGGER guard BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
-        sql.Identifier(schema, name), sql.Identifier(schema, "guard")))
+    create_poisoned_target_table(pg, table, "poison")
 
     ref = loader.start_run(job, catalog=catalog, batch_size=100)
     c = loader.wait_for_run(job, ref.etl_run_id, timeout=60)
@@ -309,7 +303,7 @@ def test_permanent_error_fails_only_its_batch_and_retry_completes_the_run(tmp_pa
 
     with pytest.raises(RunConflict):
         loader.retry_run(job, ref.etl_run_id, [0])
-    pg.execute(sql.SQL("DROP TRIGGER guard ON {}").format(sql.Identifier(schema, name)))
+    remove_poison(pg, table)
     assert loader.retry_run(job, ref.etl_run_id) == [1]
     c = loader.wait_for_run(job, ref.etl_run_id, timeout=60)
     assert c["status"] == "success"

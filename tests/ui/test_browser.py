@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from ..helpers import create_poisoned_target_table, remove_poison
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.usefixtures("ledger")]
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -111,29 +113,11 @@ def test_deep_link_opens_the_run_monitor(console, demo, browser):
     assert metric(page, "Batches total").inner_text() == "3"
 
 
-def make_batch_fail(pg, table: str, source_id: str) -> None:
-    """A staging table whose trigger refuses one record: its batch fails for good (SQLSTATE 23514)."""
-    from psycopg import sql
-
-    schema, name = table.split(".")
-    pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-    pg.execute(sql.SQL("CREATE TABLE {} (source_id text PRIMARY KEY, data jsonb NOT NULL, etl_job_id text NOT NULL, "
-                       "etl_run_id text NOT NULL, loaded_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)"
-                       ).format(sql.Identifier(schema, name)))
-    pg.execute(sql.SQL("""CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN IF NEW.source_id = {} THEN RAISE EXCEPTION 'poison record' USING ERRCODE = '23514'; END IF;
-        RETURN NEW; END $$""").format(sql.Identifier(schema, "guard"), sql.Literal(source_id)))
-    pg.execute(sql.SQL("CREATE TRIGGER guard BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
-        sql.Identifier(schema, name), sql.Identifier(schema, "guard")))
-
-
 def test_a_failed_batch_shows_its_error_and_retry_from_the_ui_completes_the_run(console, demo, browser, pg,
                                                                                   target_schema):
-    from psycopg import sql
-
     import loader
 
-    make_batch_fail(pg, f"{target_schema}.items", "r250")
+    create_poisoned_target_table(pg, f"{target_schema}.items", "r250")
     ref = loader.start_run(demo.job, run_id="with-failure", batch_size=100)
     assert loader.wait_for_run(demo.job, ref.etl_run_id, timeout=60)["status"] == "partial_success"
 
@@ -158,7 +142,7 @@ def test_a_failed_batch_shows_its_error_and_retry_from_the_ui_completes_the_run(
     page.wait_for_timeout(500)
     page.screenshot(path=str(DOCS / "console-failed-batch.png"))
 
-    pg.execute(sql.SQL("DROP TRIGGER guard ON {}").format(sql.Identifier(target_schema, "items")))
+    remove_poison(pg, f"{target_schema}.items")
     page.get_by_role("button", name="Retry failed batches").click()
     dialog = page.get_by_role("dialog")
     dialog.get_by_role("button", name="Retry failed batches").click()
@@ -182,8 +166,9 @@ def test_the_page_and_the_grid_have_no_wcag_a_or_aa_violations(console, demo, br
     page.locator(".stMarkdownBadge", has_text="Success").first.wait_for(timeout=30_000)
     page.get_by_text("Validation summary").click()
     page.get_by_text("Required field errors").wait_for()
-    grid = page.frame(url=re.compile(r"st_aggrid"))
     page.frame_locator("iframe[title='st_aggrid.AgGrid.agGrid']").locator(".ag-row").first.wait_for()
+    grid = page.frame(url=re.compile(r"st_aggrid"))
+    assert grid is not None
     options = {"runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa"]}, "resultTypes": ["violations"]}
     axe = Axe()
     for target in (page, grid):

@@ -1,0 +1,57 @@
+"""The recent-runs table of the Recent runs and Data Loader pages: fetched, explained when empty, framed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import pandas as pd
+import streamlit as st
+
+import loader
+from loader import LoaderError
+
+from . import format as fmt
+from .errors import show_error
+from .routes import PAGE_PATH
+
+
+def recent_runs(job: str | None, *, limit: int, empty: str) -> list[dict[str, Any]]:
+    """``loader.list_runs(job, limit)``, newest first; [] after saying why (the error, or ``empty``).
+
+    Example::
+
+        runs = recent_runs(None, limit=100, empty="No runs yet.")
+        if runs:
+            st.dataframe(runs_frame(runs, ["Job", "Run ID", "Status"]))
+    """
+    try:
+        runs = loader.list_runs(job, limit=limit)
+    except LoaderError as exc:
+        show_error(exc)
+        return []
+    if not runs:
+        st.info(empty, icon=":material/history:")
+    return runs
+
+
+def runs_frame(runs: Sequence[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
+    """One row per run with ``columns`` in that order, times in the viewer's time zone.
+
+    Columns: Open (the run's monitor path), Job, Run ID, Status, Started, Batches, Failed,
+    Inserted, Updated, Validation fails.
+    """
+    zone = st.context.timezone
+    return pd.DataFrame([_row(r, zone) for r in runs], columns=list(columns))
+
+
+def _row(run: dict[str, Any], zone: str | None) -> dict[str, Any]:
+    job, run_id = run["etl_job_id"], run["etl_run_id"]
+    return {
+        "Open": f"{PAGE_PATH}/{quote(job, safe='')}/{quote(run_id, safe='')}",
+        "Job": job, "Run ID": run_id, "Status": fmt.run_badge(run["status"]).label,
+        "Started": fmt.local_time(run["started_at"], zone), "Batches": run["batches_total"],
+        "Failed": run["batches_failed"], "Inserted": run["rows_inserted"], "Updated": run["rows_updated"],
+        "Validation fails": run["validation_failures"],
+    }
