@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from redis import Redis
+from redis import Redis, RedisError
 from rq import Queue, Worker
+from rq.job import Job
 
 from loader import config
 from loader.errors import ServiceError
@@ -71,6 +72,45 @@ def enqueue_batches(job: str, run: str, indexes: Iterable[int], trigger: str = "
     except Exception as exc:
         raise ServiceError(f"cannot reach the queue (Redis): {exc}", run=run) from exc
     return count
+
+
+#: Job ids per pipelined round trip when a canceled run's jobs leave the queue.
+REMOVE_CHUNK = 500
+
+
+def remove_run_jobs(job: str, run: str, indexes: Iterable[int], *, queue: str | None = None,
+                    plan: bool = False) -> int:
+    """Take a canceled run's jobs that no worker has started off the queue; returns how many left it.
+
+    ``indexes`` are the batches to take off (the ones still pending in the ledger) and ``plan`` adds
+    the run's planning job. A job a worker already took is left alone: it finds the run canceled and
+    ends at once. ``queue`` is the run's queue (default ETL_QUEUE). Raises ServiceError when Redis
+    cannot be reached.
+
+    Example::
+
+        remove_run_jobs("orders", run_id, range(10_000), queue="dataloader")
+    """
+    redis = get_redis()
+    key = Queue(queue or config.get("ETL_QUEUE"), connection=redis).key
+    ids = ([plan_job_id(job, run)] if plan else []) + [batch_job_id(job, run, i) for i in indexes]
+    removed = 0
+    try:
+        for start in range(0, len(ids), REMOVE_CHUNK):
+            chunk = ids[start:start + REMOVE_CHUNK]
+            pipe = redis.pipeline(transaction=False)
+            for job_id in chunk:  # queued in index order, so each is found near the head of the list
+                pipe.lrem(key, 1, job_id)
+            gone = [job_id for job_id, n in zip(chunk, pipe.execute(), strict=True) if n]
+            if gone:
+                pipe = redis.pipeline(transaction=False)
+                for job_id in gone:
+                    pipe.delete(Job.key_for(job_id))
+                pipe.execute()
+            removed += len(gone)
+    except RedisError as exc:
+        raise ServiceError(f"cannot reach the queue (Redis): {exc}", run=run) from exc
+    return removed
 
 
 def workers_alive() -> int:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import signal
 import threading
+import time
+from types import FrameType
 from typing import Any
 
 import psycopg
+from redis import Redis, RedisError
 from rq import SimpleWorker
+from rq.exceptions import StopRequested
 from rq.worker_pool import WorkerPool
 
 from loader import config, db
@@ -23,6 +30,12 @@ logger = logging.getLogger("dataloader")
 HEARTBEAT_SECONDS = 3.0
 #: Seconds between two reconcile passes (each worker tries; one at a time runs).
 RECONCILE_SECONDS = 5.0
+#: First and longest wait (seconds, doubling) before a worker loop that ended on an error (Redis
+#: unreachable or restarted) is replaced by a new one.
+RESTART_MIN_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+#: A worker loop that lasted this long (seconds) before ending starts the backoff over.
+RESTART_RESET_SECONDS = 60.0
 
 
 class LedgerWorker(SimpleWorker):
@@ -33,6 +46,13 @@ class LedgerWorker(SimpleWorker):
     The heartbeat lives in PostgreSQL (not only in Redis): a worker killed mid-batch is noticed
     within seconds, and a Redis flush does not make live workers look dead.
     """
+
+    #: Set when SIGTERM / SIGINT asked this worker to stop (RQ's own flag misses an idle worker's stop).
+    stop_asked = False
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_asked = True
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         stop = threading.Event()
@@ -82,10 +102,72 @@ def run_worker(*, burst: bool = False, concurrency: int = 1) -> int:
     logging.getLogger("rq.worker").setLevel(logging.WARNING)
     redis = get_redis()
     if concurrency <= 1:
-        worker = LedgerWorker([get_queue(redis)], connection=redis)
-        worker.work(burst=burst, with_scheduler=False, logging_level="WARNING")
-        return 0
+        return _work_until_stopped(redis, burst)
     pool = WorkerPool([config.get("ETL_QUEUE")], connection=redis, num_workers=concurrency,
                       worker_class=LedgerWorker)
     pool.start(burst=burst, logging_level="WARNING")
     return 0
+
+
+def _log(event: str, **fields: object) -> None:
+    logger.warning(json.dumps({"event": event, **fields}, default=str))
+
+
+def _work_until_stopped(redis: Redis, burst: bool) -> int:
+    """Run LedgerWorkers one after another until SIGTERM / SIGINT (or, with ``burst``, an empty queue).
+
+    RQ's work loop retries a lost Redis only while it waits for a job; a Redis error anywhere else
+    (recording a job's end, the heartbeat after it) ends the loop, and its teardown raises. The ledger
+    is the source of truth, so nothing is lost with the loop: after a backoff, once Redis answers, a
+    new worker takes over (and the reconciler queues again what a restarted Redis forgot).
+    """
+    asked = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        asked.set()
+
+    delay = RESTART_MIN_SECONDS
+    while True:
+        worker: LedgerWorker | None = None
+        began = time.monotonic()
+        error: BaseException | None = None
+        try:
+            worker = LedgerWorker([get_queue(redis)], connection=redis)  # already talks to Redis
+            worker.work(burst=burst, with_scheduler=False, logging_level="WARNING")
+        except RedisError as exc:  # Redis away at the start, or in the teardown (registering the death)
+            error = exc
+        except StopRequested:  # SIGTERM / SIGINT while the loop was ending
+            return 0
+        finally:
+            # Until the next worker installs RQ's handlers, a stop request only ends the wait below.
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            if worker is not None and worker.pubsub_thread is not None:  # left running if the teardown failed
+                worker.pubsub_thread.stop()
+        if asked.is_set() or (worker is not None and worker.stop_asked):
+            return 0
+        if burst and error is None and _queue_empty(redis):
+            return 0
+        if time.monotonic() - began > RESTART_RESET_SECONDS:
+            delay = RESTART_MIN_SECONDS
+        if worker is None:
+            _log("redis_unreachable", error=str(error)[:300], retry_in_s=delay)
+        else:
+            _log("worker_loop_ended", worker=worker.name, error=str(error or "see the RQ error above")[:300],
+                 note=f"a new worker starts once Redis answers; next try in {delay:.0f} s")
+        while not asked.wait(delay):
+            delay = min(delay * 2, RESTART_MAX_SECONDS)
+            try:
+                redis.ping()
+                break
+            except RedisError as exc:
+                _log("redis_unreachable", error=str(exc)[:300], retry_in_s=delay)
+        if asked.is_set():
+            return 0
+        _log("worker_restarting", previous=worker.name if worker is not None else None)
+
+
+def _queue_empty(redis: Redis) -> bool:
+    with contextlib.suppress(RedisError):
+        return get_queue(redis).count == 0
+    return False

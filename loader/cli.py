@@ -15,6 +15,7 @@ from . import api, config
 from .contract import list_runs, run_contract
 from .errors import LoaderError
 from .exports import iter_logs_ndjson, iter_metrics_csv, iter_rejects_ndjson
+from .runs import QUEUE_DRAINS_ITSELF, cancel
 
 STATUS_ICONS = {"queued": "…", "validating": "🔎", "loading": "⏳", "committing": "⏳", "success": "✔",
                 "partial_success": "⚠", "failed": "✖", "canceled": "⊘"}
@@ -165,8 +166,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    api.cancel_run(args.job, args.run)
+    done = cancel(args.job, args.run)
     print(f"run {args.job}/{args.run} canceled: batches not yet started will not start")
+    if done.queue_error:
+        print(f"warning: {done.queue_error}; {QUEUE_DRAINS_ITSELF}", file=sys.stderr)
+    else:
+        print(f"{done.dequeued:,} waiting job(s) taken off the queue")
     return 0
 
 

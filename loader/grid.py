@@ -15,6 +15,10 @@ from .ledger import attempts, batches, events
 
 #: Largest page the grid may ask for in one request.
 MAX_PAGE_ROWS = 500
+#: Largest row number a page may end at (far beyond any run; keeps OFFSET within bigint).
+MAX_ROW = 10**12
+#: Largest absolute value a number filter may hold: PostgreSQL's integer (NaN and infinities fail too).
+MAX_NUMBER = 2**31 - 1
 #: Longest error message sent in a grid row; the full text is in the batch detail.
 GRID_ERROR_CHARS = 240
 #: Log events shown in a batch's detail.
@@ -86,13 +90,15 @@ def parse_query(start: Any = 0, end: Any = 100, sort: Any = None, filters: Any =
         first, last = int(start), int(end)
     except (TypeError, ValueError):
         raise ConfigError(f"start and end must be whole numbers, found {start!r} and {end!r}") from None
-    if first < 0 or last <= first or last - first > MAX_PAGE_ROWS:
-        raise ConfigError(f"rows {first}..{last}: need 0 <= start < end and at most {MAX_PAGE_ROWS} rows")
+    if first < 0 or last <= first or last - first > MAX_PAGE_ROWS or last > MAX_ROW:
+        raise ConfigError(f"rows {first}..{last}: need 0 <= start < end <= {MAX_ROW} and at most "
+                          f"{MAX_PAGE_ROWS} rows")
     order: list[tuple[str, str]] = []
     if sort is not None and not isinstance(sort, list):
         raise ConfigError("the sort model must be a list of {colId, sort}")
     for item in sort or []:
-        if not isinstance(item, dict) or item.get("colId") not in COLUMNS or item.get("sort") not in ("asc", "desc"):
+        if not isinstance(item, dict) or not isinstance(item.get("colId"), str) or item["colId"] not in COLUMNS \
+                or item.get("sort") not in ("asc", "desc"):
             raise ConfigError(f"cannot sort by {item!r}: sortable columns are {', '.join(COLUMNS)}")
         order.append((item["colId"], item["sort"]))
     model: dict[str, Any] = {}
@@ -112,6 +118,11 @@ def parse_query(start: Any = 0, end: Any = 100, sort: Any = None, filters: Any =
     return GridQuery(first, last, order, model, wanted)
 
 
+def _number(value: Any) -> bool:
+    """A JSON number the ledger's columns (PostgreSQL integer, double) can be compared with."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) <= MAX_NUMBER
+
+
 def _condition(col: str, spec: Any) -> sa.ColumnElement[bool]:
     if col not in COLUMNS or col == "committed_at":
         raise ConfigError(f"cannot filter on {col!r}: filterable columns are "
@@ -119,28 +130,32 @@ def _condition(col: str, spec: Any) -> sa.ColumnElement[bool]:
     if not isinstance(spec, dict):
         raise ConfigError(f"filter on {col!r} must be an object")
     if "conditions" in spec:  # AG Grid's combined filter: {operator: AND|OR, conditions: [...]}
-        parts = [_condition(col, c) for c in spec.get("conditions") or []][:2]
+        if not isinstance(spec["conditions"], list):
+            raise ConfigError(f"filter on {col!r}: conditions must be a list")
+        parts = [_condition(col, c) for c in spec["conditions"][:2]]
         if not parts:
             raise ConfigError(f"filter on {col!r} has no conditions")
         return sa.and_(*parts) if spec.get("operator", "AND") == "AND" else sa.or_(*parts)
     column = COLUMNS[col]
     op = spec.get("type")
+    if not isinstance(op, str):
+        raise ConfigError(f"filter on {col!r}: type must be a text, found {op!r}"[:300])
     if op == "blank":
         return column.is_(None)
     if op == "notBlank":
         return column.is_not(None)
     value = spec.get("filter")
     if col in TEXT_COLUMNS:
-        if op not in _TEXT_OPS or not isinstance(value, str) or len(value) > 200:
+        if op not in _TEXT_OPS or not isinstance(value, str) or len(value) > 200 or "\x00" in value:
             raise ConfigError(f"text filter on {col!r}: type must be one of {', '.join(_TEXT_OPS)} "
-                              "with a text of at most 200 characters")
+                              "with a text of at most 200 characters (and no NUL)")
         return _TEXT_OPS[op](column, value)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ConfigError(f"number filter on {col!r} needs a number, found {value!r}")
+    if not _number(value):
+        raise ConfigError(f"number filter on {col!r} needs a number within ±{MAX_NUMBER}, found {value!r}"[:300])
     if op == "inRange":
         upper = spec.get("filterTo")
-        if not isinstance(upper, int | float) or isinstance(upper, bool):
-            raise ConfigError(f"range filter on {col!r} needs filterTo, found {upper!r}")
+        if not _number(upper):
+            raise ConfigError(f"range filter on {col!r} needs filterTo within ±{MAX_NUMBER}, found {upper!r}"[:300])
         return sa.and_(column >= value, column <= upper)
     if op not in _NUMBER_OPS:
         raise ConfigError(f"number filter on {col!r}: type must be one of inRange, {', '.join(_NUMBER_OPS)}")

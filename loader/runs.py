@@ -13,7 +13,7 @@ from psycopg.types.json import Jsonb
 from . import config, db
 from .catalog import JobSpec
 from .db import ledger_table, next_change
-from .errors import ConfigError, RunConflict, RunNotFound
+from .errors import ConfigError, RunConflict, RunNotFound, ServiceError
 from .events import log_event
 from .ledger import ACTIVE_RUN_STATES, RunStatus
 
@@ -106,20 +106,71 @@ def run_status(job: str, run: str) -> str:
     return str(row[0])
 
 
-def mark_canceled(job: str, run: str) -> str:
-    """Cancel an active run: batches not yet started never start; committed ones stay."""
+@dataclass(frozen=True)
+class Cancellation:
+    """What canceling a run did. The ledger says the run is canceled, whatever the queue said.
+
+    ``dequeued`` jobs of the run left the queue; ``queue_error`` says why the queue (Redis) could
+    not be reached, in which case its jobs of the run stay queued and each ends at once, loading
+    nothing, when a worker takes it: the queue drains itself.
+    """
+
+    status: str
+    dequeued: int
+    queue_error: str | None = None
+
+
+QUEUE_DRAINS_ITSELF = ("its batch jobs stay queued and each ends at once, loading nothing, when a worker takes "
+                       "it: the queue drains itself")
+
+
+def cancel(job: str, run: str) -> Cancellation:
+    """Cancel an active run: batches not yet started never start; committed ones stay.
+
+    The ledger is canceled first (that is what every worker checks before it loads a batch); then
+    the run's jobs still waiting in the queue are removed, so a canceled 10k-batch run does not
+    leave 10k jobs behind. Redis being unreachable does not undo or fail the cancel.
+
+    Example::
+
+        >>> cancel("orders", "nightly-1").status  # doctest: +SKIP
+        'canceled'
+    """
+    from jobs.queues import remove_run_jobs
+
+    runs, batches = ledger_table("runs"), ledger_table("batches")
     with db.connection() as conn, conn.transaction():
         row = conn.execute(sql.SQL(
-            "UPDATE {} SET status = 'canceled', canceled_at = clock_timestamp(), completed_at = clock_timestamp(), "
-            "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s AND status = ANY(%s) RETURNING 1").format(
-                ledger_table("runs"), next_change()),
-            [job, run, [s.value for s in ACTIVE_RUN_STATES]]).fetchone()
+            "SELECT status, queue FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR UPDATE").format(runs),
+            [job, run]).fetchone()
         if row is None:
-            status = run_status(job, run)
+            raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
+        status, queue = row
+        if status not in {s.value for s in ACTIVE_RUN_STATES}:
             raise RunConflict(f"run {job}/{run} is {status}: only a queued, validating or loading run can be "
                               "canceled", job=job, run=run, status=status)
-        log_event(conn, job, run, "run_canceled", level="warning")
-    return RunStatus.CANCELED.value
+        conn.execute(sql.SQL(
+            "UPDATE {} SET status = 'canceled', canceled_at = clock_timestamp(), completed_at = clock_timestamp(), "
+            "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s").format(runs, next_change()), [job, run])
+        pending = [r[0] for r in conn.execute(sql.SQL(
+            "SELECT batch_index FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND status = 'pending' "
+            "ORDER BY batch_index").format(batches), [job, run])]
+        log_event(conn, job, run, "run_canceled", level="warning", pending_batches=len(pending))
+    try:
+        dequeued = remove_run_jobs(job, run, pending, queue=queue, plan=status == RunStatus.QUEUED.value)
+    except ServiceError as exc:
+        with db.connection() as conn:
+            log_event(conn, job, run, "queue_not_cleared", level="warning", error=str(exc),
+                      note=f"the run is canceled; {QUEUE_DRAINS_ITSELF}")
+        return Cancellation(RunStatus.CANCELED.value, 0, str(exc))
+    with db.connection() as conn:
+        log_event(conn, job, run, "queue_cleared", jobs_removed=dequeued)
+    return Cancellation(RunStatus.CANCELED.value, dequeued)
+
+
+def mark_canceled(job: str, run: str) -> str:
+    """Cancel an active run (see ``cancel``); returns 'canceled'."""
+    return cancel(job, run).status
 
 
 def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -> list[int]:

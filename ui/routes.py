@@ -82,7 +82,7 @@ def _json_param(request: Request, name: str) -> Any:
         raise BadRequest(f"{name} is too long")
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise BadRequest(f"{name} must be JSON") from None
 
 
@@ -102,7 +102,8 @@ def batch_detail(request: Request) -> Response:
     from loader import grid
 
     job, run = _ids(request)
-    detail = grid.batch_detail(job, run, int(request.path_params["index"]))
+    index = int(request.path_params["index"])
+    detail = grid.batch_detail(job, run, index) if 0 <= index <= grid.MAX_NUMBER else None
     if detail is None:
         return _error(404, f"no batch {request.path_params['index']} in run {run!r}")
     return JSONResponse(detail, headers=NO_STORE)
@@ -138,14 +139,20 @@ def rejects_ndjson(request: Request) -> Response:
 def deep_link(request: Request) -> Response:
     """/etl/data-loader/<job>/<run> -> the page with ?job=&run= (ids are checked by the page).
 
-    Streamlit's frontend probes ``<page path>/_stcore/health`` to find the server's base path:
-    those (and any path of Streamlit's own) must stay 404 here, never redirect.
+    Any other path below the page goes there too (``<job>`` alone, or a run id holding a '/' or
+    ``%2F``: ``run`` is then the rest of the path), so that the page says what is wrong with the
+    link; Streamlit itself would serve a blank page for it. Streamlit's frontend probes
+    ``<page path>/_stcore/health`` to find the server's base path: those (any path with a segment
+    starting with '_', Streamlit's own) must stay 404 here, never redirect; so do unknown API paths.
     """
-    job = request.path_params["job"]
-    if job.startswith("_"):
+    rest = request.path_params["rest"].strip("/")
+    parts = rest.split("/")
+    if any(p.startswith("_") for p in parts):
         return Response("Not Found", status_code=404, media_type="text/plain")
-    query = urlencode({"job": job, "run": request.path_params["run"]})
-    return RedirectResponse(f"{PAGE_PATH}?{query}", status_code=307)
+    if request.url.path.startswith(API_PATH + "/"):
+        return _error(404, "no such API path")
+    query = {"job": parts[0], "run": "/".join(parts[1:])} if len(parts) > 1 else {"job": parts[0]} if rest else {}
+    return RedirectResponse(f"{PAGE_PATH}?{urlencode(query)}" if query else PAGE_PATH, status_code=307)
 
 
 def root(request: Request) -> Response:
@@ -162,6 +169,6 @@ def routes() -> list[BaseRoute]:
         Route(run + "/logs.ndjson", _guard(logs_ndjson), methods=["GET"]),
         Route(run + "/metrics.csv", _guard(metrics_csv), methods=["GET"]),
         Route(run + "/rejects.ndjson", _guard(rejects_ndjson), methods=["GET"]),
-        Route(PAGE_PATH + "/{job}/{run}", deep_link, methods=["GET"]),
+        Route(PAGE_PATH + "/{rest:path}", deep_link, methods=["GET"]),
         Route("/", root, methods=["GET"]),
     ]

@@ -68,6 +68,19 @@ def test_deep_link_redirects_to_the_page_with_job_and_run_in_the_query():
 
 def test_deep_link_route_never_answers_streamlit_paths():
     assert call("/etl/data-loader/_stcore/health").status_code == 404
+    assert call("/etl/data-loader/orders/x/_stcore/health").status_code == 404
+    assert call("/etl/data-loader/api/runs/orders").status_code == 404
+
+
+@pytest.mark.parametrize("path, query", [
+    ("/etl/data-loader/orders", "job=orders"),
+    ("/etl/data-loader/orders/a/b", "job=orders&run=a%2Fb"),
+    ("/etl/data-loader/orders/<script>x</script>", "job=orders&run=%3Cscript%3Ex%3C%2Fscript%3E"),
+])
+def test_other_paths_below_the_page_go_to_the_page_which_says_what_is_wrong(path, query):
+    """Streamlit would serve a blank page for them."""
+    r = call(path)
+    assert r.status_code == 307 and r.headers["location"] == f"/etl/data-loader?{query}"
 
 
 def test_root_redirects_to_the_console():
@@ -97,6 +110,13 @@ def test_batches_page_is_sorted_and_filtered_in_sql(finished):
     {"start": "-1"},
     {"start": 0, "end": 100000},
     {"status": "exploded"},
+    {"sort": "[" * 1500 + "]" * 1500},
+    {"sort": json.dumps([{"colId": ["index"], "sort": "asc"}])},
+    {"filter": json.dumps({"index": {"conditions": 5}})},
+    {"filter": json.dumps({"index": {"type": ["equals"], "filter": 1}})},
+    {"filter": json.dumps({"index": {"type": "equals", "filter": 10**30}})},
+    {"filter": json.dumps({"error_message": {"type": "contains", "filter": "a\u0000b"}})},
+    {"start": 10**20, "end": 10**20 + 10},
 ])
 def test_batches_page_refuses_bad_parameters_with_400(finished, query):
     job, run = finished
@@ -116,6 +136,7 @@ def test_version_and_batch_detail(finished):
     detail = json.loads(call(f"/etl/data-loader/api/runs/{job}/{run}/batches/3").body)
     assert detail["index"] == 3 and detail["attempt_timeline"][0]["status"] == "succeeded"
     assert call(f"/etl/data-loader/api/runs/{job}/{run}/batches/99").status_code == 404
+    assert call(f"/etl/data-loader/api/runs/{job}/{run}/batches/99999999999999999999").status_code == 404
 
 
 def test_downloads_stream_logs_and_metrics_as_attachments(finished):
