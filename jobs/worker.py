@@ -79,9 +79,9 @@ class LedgerWorker(SimpleWorker):
                     last_reconcile = time.monotonic()
                     done = reconcile_once()
                     if done and (done["batches"] or done["plans"]):
-                        logger.warning('{"event": "reconciled", "requeued": %s}', done)
+                        _log("reconciled", requeued=done)
             except Exception as exc:  # noqa: BLE001 - the database or Redis is away; try again next beat
-                logger.warning('{"event": "heartbeat_failed", "error": "%s"}', db.redact(str(exc))[:200])
+                _log("heartbeat_failed", error=db.redact(str(exc))[:200])
                 if conn is not None:
                     conn.close()
                 conn = None
