@@ -129,6 +129,8 @@ def grid_options(job: str, run: str, statuses: list[str], sort: list[dict[str, s
         "blockLoadDebounceMillis": 200,
         "debounceVerticalScrollbar": True,
         "animateRows": False,
+        # Fewer off-screen rows drawn per scroll step (default 10): worst slow-scroll task 60 ms vs 97 ms.
+        "rowBuffer": 2,
         "getRowId": JsCode("function(p){ return String(p.data.index); }"),
         "rowSelection": {"mode": "singleRow", "checkboxes": False, "enableClickSelection": True},
         "tooltipShowDelay": 300,
