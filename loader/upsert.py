@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import struct
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from .errors import TargetTableError
 
@@ -45,7 +49,25 @@ UPSERT = sql.SQL("""
 
 CREATE_STAGE = sql.SQL(
     "CREATE TEMP TABLE IF NOT EXISTS etl_stage (pos bigint, source_id text, data jsonb) ON COMMIT DELETE ROWS")
-COPY_STAGE = sql.SQL("COPY pg_temp.etl_stage (pos, source_id, data) FROM STDIN")
+COPY_STAGE = sql.SQL("COPY pg_temp.etl_stage (pos, source_id, data) FROM STDIN (FORMAT BINARY)")
+
+#: COPY's binary format: every field is length-prefixed, so the JSON text goes as it is (no escaping
+#: to do on either side: 0.6 instead of 2.7 us per row here, and the server skips the text parsing).
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # then no flags, no header extension
+_COPY_TRAILER = b"\xff\xff"
+_row_head = struct.Struct("!hiqi").pack  # 3 fields; pos (bigint: 8 bytes); source_id's length
+_jsonb_head = struct.Struct("!ib").pack  # data's length; jsonb's binary format version (1), then the text
+
+#: Accepted rows go to PostgreSQL in chunks of about this many bytes of JSON while the next records
+#: are still being validated: the server parses chunk k into jsonb while the worker checks chunk
+#: k+1, so one worker keeps two cores busy. Small enough that the last chunk (whose parsing nobody
+#: overlaps) is short, large enough that a write costs little next to the records it carries.
+STAGE_CHUNK_BYTES = 64 * 1024
+
+#: Connections whose session already has the temp stage (a committed CREATE). A psycopg connection
+#: is one server session for its whole life (it never reconnects): a pool that replaces a broken
+#: connection hands out a new object, which is not in this set and gets the table again.
+_staged: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
 
 REQUIRED_COLUMNS = {"source_id": "text", "data": "jsonb", "etl_job_id": "text", "etl_run_id": "text",
                     "loaded_at": "timestamp with time zone", "updated_at": "timestamp with time zone"}
@@ -90,17 +112,79 @@ def ensure_target(conn: psycopg.Connection[Any], schema: str, table: str) -> Non
                 "which the upsert needs", table=f"{schema}.{table}")
 
 
-def _escape(value: bytes) -> bytes:
-    """Escape one value for COPY's text format (the JSON text itself is kept byte for byte)."""
-    if b"\\" in value:
-        value = value.replace(b"\\", b"\\\\")
-    if b"\t" in value:
-        value = value.replace(b"\t", b"\\t")
-    if b"\r" in value:
-        value = value.replace(b"\r", b"\\r")
-    if b"\n" in value:
-        value = value.replace(b"\n", b"\\n")
-    return value
+def ensure_stage(conn: psycopg.Connection[Any]) -> None:
+    """Create this session's temp stage, once per connection (not once per batch: a round trip saved).
+
+    Call it outside a transaction: the CREATE then commits at once and the connection is
+    remembered. Inside a transaction it still runs, but is not remembered, since a rollback
+    would take the table with it.
+    """
+    if conn in _staged:
+        return
+    conn.execute(CREATE_STAGE)
+    if conn.info.transaction_status == TransactionStatus.IDLE:
+        _staged.add(conn)
+
+
+class StageWriter:
+    """Rows on their way into the temp stage: ``add`` them one by one, they are sent in chunks."""
+
+    def __init__(self, copy: psycopg.Copy) -> None:
+        self._copy = copy
+        self._parts: list[bytes] = [_COPY_SIGNATURE]
+        self._pending = 0
+        #: Rows added so far.
+        self.rows = 0
+
+    def add(self, pos: int, source_id: str, text: bytes) -> None:
+        """Queue one row ``(pos, source_id, json_text)``; send the chunk once it is big enough."""
+        sid = source_id.encode("utf-8")
+        self._parts += (_row_head(3, 8, pos, len(sid)), sid, _jsonb_head(len(text) + 1, 1), text)
+        self.rows += 1
+        self._pending += len(text)
+        if self._pending >= STAGE_CHUNK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            self._copy.write(b"".join(self._parts))
+            self._parts.clear()
+            self._pending = 0
+
+    def close(self) -> None:
+        """Send what is left and the end of the COPY data."""
+        self._parts.append(_COPY_TRAILER)
+        self.flush()
+
+
+@contextmanager
+def staging(conn: psycopg.Connection[Any]) -> Iterator[StageWriter]:
+    """A COPY into the temp stage, streamed: rows ``add``-ed in the block reach PostgreSQL in chunks.
+
+    Must run inside the caller's transaction (the stage is emptied at commit). If the block
+    raises, the COPY is aborted and the exception goes on.
+
+    Example::
+
+        with conn.transaction():
+            with staging(conn) as stage:
+                stage.add(1, "ord-1", b'{"source_id": "ord-1"}')
+            inserted, updated = upsert_stage(conn, "staging", "orders", job="orders", run=run, run_seq=1)
+    """
+    ensure_stage(conn)
+    with conn.cursor().copy(COPY_STAGE) as copy:
+        writer = StageWriter(copy)
+        yield writer
+        writer.close()
+
+
+def upsert_stage(conn: psycopg.Connection[Any], schema: str, table: str, *, job: str, run: str,
+                 run_seq: int) -> tuple[int, int]:
+    """Upsert the temp stage's rows into the target table; (inserted, updated)."""
+    row = conn.execute(UPSERT.format(target=target_identifier(schema, table)),
+                       {"job": job, "run": run, "seq": run_seq}).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def upsert_batch(conn: psycopg.Connection[Any], schema: str, table: str,
@@ -109,13 +193,7 @@ def upsert_batch(conn: psycopg.Connection[Any], schema: str, table: str,
 
     Must run inside the caller's transaction: the batch's rows and its ledger row commit together.
     """
-    conn.execute(CREATE_STAGE)
-    buf = b"".join(
-        b"%d\t%s\t%s\n" % (pos, _escape(sid.encode("utf-8")), _escape(text)) for pos, sid, text in rows
-    )
-    with conn.cursor().copy(COPY_STAGE) as copy:
-        copy.write(buf)
-    row = conn.execute(UPSERT.format(target=target_identifier(schema, table)),
-                       {"job": job, "run": run, "seq": run_seq}).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
+    with staging(conn) as stage:
+        for pos, sid, text in rows:
+            stage.add(pos, sid, text)
+    return upsert_stage(conn, schema, table, job=job, run=run, run_seq=run_seq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -387,3 +388,131 @@ def test_planning_delivered_twice_plans_once_and_never_replans_a_loading_run(tmp
     for i in (1, 2):
         loading.load_batch(job, ref.etl_run_id, i)
     assert loader.run_contract(job, ref.etl_run_id)["metrics"]["rows_inserted"] == 250
+
+
+def planned_run(tmp_path, target_schema, records: list, batch_size: int = 100, **extra) -> tuple[str, str, str, Path]:
+    """A run of a new job, planned but not loaded: (job, run, table, source file)."""
+    catalog, job, table = make_job(tmp_path, target_schema, records, **extra)
+    spec = loader.load_catalog(catalog).get(job)
+    from loader import runs as runs_mod
+
+    ref = runs_mod.create_run(spec, batch_size=batch_size)
+    planning.plan_run(job, ref.etl_run_id)
+    return job, ref.etl_run_id, table, Path(spec.source)
+
+
+def test_a_batch_streamed_in_many_copy_chunks_loads_each_valid_record_once(tmp_path, target_schema, pg, ledger):
+    from loader.upsert import STAGE_CHUNK_BYTES
+
+    pad = "x" * 500
+    records: list = [{"id": f"r{i}", "pad": pad, "v": i} for i in range(1000)]
+    for i in range(0, 1000, 97):
+        records[i] = {"pad": pad}  # no source_id: rejected
+    records[998] = {"id": "r5", "pad": pad, "v": "last"}  # same id as line 6, later: wins
+    assert len(pad) * 1000 > 4 * STAGE_CHUNK_BYTES  # the batch goes to PostgreSQL in several chunks
+    job, run, table, _ = planned_run(tmp_path, target_schema, records, batch_size=1000)
+    out = loading.load_batch(job, run, 0)
+    assert out.status == "succeeded"
+    c = loader.run_contract(job, run)
+    m = c["metrics"]
+    rejected = len(range(0, 1000, 97))
+    assert m["validation_failures"] == rejected and m["rows_validated"] == 1000 - rejected
+    assert (m["rows_inserted"], m["rows_updated"], m["rows_superseded"]) == (1000 - rejected - 1, 0, 1)
+    loaded = rows(pg, table)
+    assert len(loaded) == 1000 - rejected - 1
+    assert loaded["r5"][0]["v"] == "last" and loaded["r997"][0]["v"] == 997
+    rejects = [json.loads(x) for x in loader.iter_rejects_ndjson(job, run)]
+    assert sorted(r["line_no"] for r in rejects) == [i + 1 for i in range(0, 1000, 97)]
+
+
+def test_a_source_changed_after_planning_fails_its_batch_at_once_and_loads_nothing(
+        tmp_path, target_schema, pg, ledger):
+    job, run, table, source = planned_run(tmp_path, target_schema, [{"id": i} for i in range(200)])
+    with open(source, "ab") as f:
+        f.write(b'{"id": "late"}\n')
+    out = loading.load_batch(job, run, 0)
+    assert out.status == "failed" and out.attempts == 1  # a source error is not retried as transient
+    b = loader.run_contract(job, run)["batches"][0]
+    assert b["status"] == "failed" and "changed after the run was planned" in b["error_message"]
+    assert not rows(pg, table)
+
+
+def test_the_temp_stage_is_made_once_per_connection_and_again_after_a_reconnect(
+        tmp_path, target_schema, pg, ledger, monkeypatch):
+    """CREATE TEMP TABLE runs once per session, not per batch; a new session (the pool replacing a
+    terminated backend) gets its own stage."""
+    from loader import db
+
+    job, run, table, _ = planned_run(tmp_path, target_schema, [{"id": i} for i in range(300)])
+    monkeypatch.setenv("ETL_DB_POOL_SIZE", "1")  # one pooled connection: every batch uses it
+    db.close_all()
+    try:
+        notices: list[str] = []
+        with db.connection() as conn:
+            conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+            first_pid = conn.info.backend_pid
+        assert loading.load_batch(job, run, 0).status == "succeeded"
+        assert loading.load_batch(job, run, 1).status == "succeeded"
+        assert not [n for n in notices if "already exists" in n]  # no CREATE ... IF NOT EXISTS again
+        pg.execute("SELECT pg_terminate_backend(%s)", [first_pid])
+        out = loading.load_batch(job, run, 2)
+        assert out.status == "succeeded", out.reason
+        with db.connection() as conn:
+            assert conn.info.backend_pid != first_pid
+    finally:
+        db.close_all()
+    c = loader.run_contract(job, run)
+    assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 300
+    assert len(rows(pg, table)) == 300
+
+
+def test_a_temp_stage_made_in_a_rolled_back_transaction_is_made_again(pg):
+    from loader import upsert
+
+    with psycopg.connect(pg.info.dsn, autocommit=True) as conn:
+        with pytest.raises(ZeroDivisionError), conn.transaction():
+            upsert.ensure_stage(conn)
+            raise ZeroDivisionError  # the CREATE is rolled back with the rest
+        with conn.transaction():
+            with upsert.staging(conn) as stage:
+                stage.add(1, "a", b'{"id": "a"}')
+            assert conn.execute("SELECT count(*) FROM pg_temp.etl_stage").fetchone() == (1,)
+        upsert.ensure_stage(conn)  # outside a transaction: committed, and remembered
+        with conn.transaction():
+            with upsert.staging(conn) as stage:
+                stage.add(2, "b", b'{"id": "b"}')
+            assert conn.execute("SELECT count(*) FROM pg_temp.etl_stage").fetchone() == (1,)
+
+
+def test_wait_for_run_reports_progress_up_to_the_final_state(tmp_path, target_schema, workers):
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": i} for i in range(500)])
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    seen: list[tuple[int, str]] = []
+    c = loader.wait_for_run(job, ref.etl_run_id, timeout=60,
+                            on_progress=lambda p: seen.append((p["version"], p["status"])))
+    assert c["status"] == "success" and len(c["batches"]) == 5
+    assert seen and seen[-1][1] == "success"
+    versions = [v for v, _ in seen]
+    assert versions == sorted(set(versions))  # each contract handed over is a newer one
+    with pytest.raises(loader.RunNotFound):
+        loader.wait_for_run(job, "no-such-run", timeout=5)
+
+
+def test_escapes_whitespace_and_non_ascii_load_byte_for_byte(tmp_path, target_schema, pg, ledger):
+    """The stage is fed in COPY's binary format: backslashes, tabs, carriage returns and multi-byte
+    characters in source ids and values reach jsonb unchanged."""
+    records = [
+        b'{"id": "t\\tab\\\\back", "s": "q\\"uote\\" \\\\ \\n \\r \\t \\u00e9",'
+        b' "u": "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"}',
+        b'{"id":\t"tabbed",\r"v": 1}',
+        '{"id": "ключ-€", "v": "значение"}'.encode(),
+        b'{"id": 12345678901234567890, "n": 1e-7}',
+    ]
+    job, run, table, _ = planned_run(tmp_path, target_schema, records)
+    out = loading.load_batch(job, run, 0)
+    assert (out.status, out.rows_inserted, out.validation_failures) == ("succeeded", 4, 0)
+    loaded = rows(pg, table)
+    assert set(loaded) == {"t\tab\\back", "tabbed", "ключ-€", "12345678901234567890"}
+    assert loaded["t\tab\\back"][0] == {"id": "t\tab\\back", "s": 'q"uote" \\ \n \r \t é', "u": "é€😀"}
+    assert loaded["tabbed"][0] == {"id": "tabbed", "v": 1}
+    assert loaded["ключ-€"][0]["v"] == "значение"
