@@ -196,33 +196,28 @@ class ScriptRuns:
         self.cdp.on("Network.webSocketFrameReceived", self._received)
         self.cdp.send("Network.enable")
 
-    @staticmethod
-    def _payload(event: dict[str, Any]) -> bytes | None:
+    def _parse(self, event: dict[str, Any], msg: Any) -> bytes | None:
+        """The binary frame's bytes parsed into ``msg``; None for a text frame or one that is not ``msg``."""
         frame = event["response"]
-        return base64.b64decode(frame["payloadData"]) if frame.get("opcode") == 2 else None
-
-    def _sent(self, event: dict[str, Any]) -> None:
-        raw = self._payload(event)
-        if raw is None:
-            return
-        msg = BackMsg_pb2.BackMsg()
+        if frame.get("opcode") != 2:
+            return None
+        raw = base64.b64decode(frame["payloadData"])
         try:
             msg.ParseFromString(raw)
-        except Exception:  # noqa: BLE001 - not a BackMsg: count it, keep going
+        except Exception:  # noqa: BLE001 - not that message: count it, keep going
             self.errors += 1
-            return
-        if msg.WhichOneof("type") == "rerun_script":
+            return None
+        return raw
+
+    def _sent(self, event: dict[str, Any]) -> None:
+        msg = BackMsg_pb2.BackMsg()
+        if self._parse(event, msg) is not None and msg.WhichOneof("type") == "rerun_script":
             self.requests.setdefault(msg.rerun_script.fragment_id, []).append(event["timestamp"])
 
     def _received(self, event: dict[str, Any]) -> None:
-        raw = self._payload(event)
-        if raw is None:
-            return
         msg = ForwardMsg_pb2.ForwardMsg()
-        try:
-            msg.ParseFromString(raw)
-        except Exception:  # noqa: BLE001
-            self.errors += 1
+        raw = self._parse(event, msg)
+        if raw is None:
             return
         kind, ts = msg.WhichOneof("type"), event["timestamp"]
         if kind == "auto_rerun":

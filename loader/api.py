@@ -52,7 +52,7 @@ def start_run(job: str, *, run_id: str | None = None, batch_size: int | None = N
 
 def cancel_run(job: str, run: str) -> str:
     """Cancel a queued, validating or loading run; returns 'canceled'."""
-    return runs.mark_canceled(job, run)
+    return runs.cancel(job, run).status
 
 
 def retry_run(job: str, run: str, batches: list[int] | None = None) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,26 @@ def parse_query(start: Any = 0, end: Any = 100, sort: Any = None, filters: Any =
             raise ConfigError(f"unknown batch status {bad[0]!r}: expected one of {', '.join(STATUSES)}")
         wanted = tuple(items)
     return GridQuery(first, last, order, model, wanted)
+
+
+#: Longest sort or filter JSON accepted from a URL.
+MAX_JSON_CHARS = 4000
+
+
+def parse_json_param(name: str, raw: str | None) -> Any:
+    """A sort/filter model from a URL's query string: None when absent, ConfigError when unusable.
+
+    Capped in length, and a text nested deeper than the JSON parser goes (RecursionError) is
+    refused like any other bad JSON, so neither the page nor the API shows a traceback for it.
+    """
+    if not raw:
+        return None
+    if len(raw) > MAX_JSON_CHARS:
+        raise ConfigError(f"{name} is too long (at most {MAX_JSON_CHARS} characters)")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ConfigError(f"{name} must be JSON") from None
 
 
 def _number(value: Any) -> bool:

@@ -168,11 +168,6 @@ def cancel(job: str, run: str) -> Cancellation:
     return Cancellation(RunStatus.CANCELED.value, dequeued)
 
 
-def mark_canceled(job: str, run: str) -> str:
-    """Cancel an active run (see ``cancel``); returns 'canceled'."""
-    return cancel(job, run).status
-
-
 def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -> list[int]:
     """Put failed batches (all, or those named) back to pending and the run back to loading."""
     b_table = ledger_table("batches")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -186,14 +186,3 @@ def upsert_stage(conn: psycopg.Connection[Any], schema: str, table: str, *, job:
     assert row is not None
     return int(row[0]), int(row[1])
 
-
-def upsert_batch(conn: psycopg.Connection[Any], schema: str, table: str,
-                 rows: Iterable[tuple[int, str, bytes]], *, job: str, run: str, run_seq: int) -> tuple[int, int]:
-    """COPY ``(pos, source_id, json_text)`` rows into the temp stage, upsert them; (inserted, updated).
-
-    Must run inside the caller's transaction: the batch's rows and its ledger row commit together.
-    """
-    with staging(conn) as stage:
-        for pos, sid, text in rows:
-            stage.add(pos, sid, text)
-    return upsert_stage(conn, schema, table, job=job, run=run, run_seq=run_seq)

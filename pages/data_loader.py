@@ -11,7 +11,7 @@ import streamlit as st
 import loader
 from loader import LoaderError, RunConflict, config
 from loader.errors import ConfigError
-from loader.grid import parse_query
+from loader.grid import parse_json_param, parse_query
 from ui import format as fmt
 from ui.errors import show_error
 from ui.layout import inject_css
@@ -23,27 +23,17 @@ DEDUP_NOTE = "Deduplication uses source_id; ON CONFLICT upsert updates data and 
 ss = st.session_state
 
 
-def _json_from_url(name: str) -> Any:
-    """A JSON query parameter, or None when absent, longer than 4000 characters or not JSON."""
-    raw = st.query_params.get(name) or ""
-    if not raw or len(raw) > 4000:
-        return None
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-        return None
-
-
 def _grid_state_from_url() -> tuple[list[str], list[dict[str, str]] | None, dict[str, Any] | None]:
     """Batch status filter, grid sort and grid filter from the URL; anything invalid is dropped."""
     wanted = set((st.query_params.get("status") or "").split(","))
     statuses = [s for s in BATCH_STATUSES if s in wanted]
-    sort, filters = _json_from_url("sort"), _json_from_url("filter")
     try:
+        sort = parse_json_param("sort", st.query_params.get("sort"))
         parse_query(sort=sort)
     except ConfigError:
         sort = None
     try:
+        filters = parse_json_param("filter", st.query_params.get("filter"))
         parse_query(filters=filters)
     except ConfigError:
         filters = None

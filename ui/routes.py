@@ -8,7 +8,6 @@ SQL by the engine, and errors come back as JSON with a 4xx/5xx status.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlencode
@@ -75,15 +74,9 @@ def _ids(request: Request) -> tuple[str, str]:
 
 
 def _json_param(request: Request, name: str) -> Any:
-    raw = request.query_params.get(name)
-    if not raw:
-        return None
-    if len(raw) > 4000:
-        raise BadRequest(f"{name} is too long")
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-        raise BadRequest(f"{name} must be JSON") from None
+    from loader.grid import parse_json_param
+
+    return parse_json_param(name, request.query_params.get(name))
 
 
 def batches_page(request: Request) -> Response:
