@@ -133,7 +133,7 @@ def _ndjson_chunks(path: Path, batch_size: int, keep_payload: bool
             offset += len(line)
             if keep_payload:
                 buf.append(line)
-            if line.strip() and line.strip() != BOM:
+            if _record(line):
                 records += 1
             if records == batch_size:
                 payload = zlib.compress(b"".join(buf), 1) if keep_payload else None
@@ -197,9 +197,19 @@ def read_batch(batch: PlannedBatch) -> Iterator[tuple[int, bytes]]:
             raise SourceError(f"source file {path} cannot be read: {exc.strerror}", file=str(path)) from None
     line_no = batch.line_start
     for line in data.split(b"\n"):
-        raw = line.strip()
-        if line_no == 1 and raw.startswith(BOM):
-            raw = raw[len(BOM):].strip()
-        if raw:
+        if raw := _record(line):
             yield line_no, raw
         line_no += 1
+
+
+def _record(line: bytes) -> bytes:
+    """The record a line holds (empty for a blank one), without surrounding whitespace or a leading BOM.
+
+    A byte-order mark is never part of a JSON text. Besides the file's first line it starts every file
+    that was appended to another (``cat a.ndjson b.ndjson``): the planner and the reader both drop it
+    wherever a line starts with one, so they agree on which lines are records.
+    """
+    raw = line.strip()
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):].strip()
+    return raw

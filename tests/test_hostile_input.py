@@ -67,6 +67,21 @@ def test_binary_garbage_lines_are_counted_as_shape_errors(tmp_path, target_schem
     assert c["validation_summary"]["json_shape_errors"] == 1 and c["metrics"]["rows_inserted"] == 2
 
 
+def test_byte_order_marks_of_concatenated_files_are_not_records(tmp_path, target_schema, pg, workers):
+    # `cat a.ndjson b.ndjson` with a BOM-first b, a BOM-only line, blank lines: 4 records, none rejected.
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "cat.ndjson").write_bytes(bom + b'{"id": 1}\n{"id": 2}\n' + bom + b'{"id": 3}\n' + bom + b"\n\n"
+                                          + b'  ' + bom + b' {"id": 4}\n')
+    c = run_job(tmp_path, target_schema, "cat.ndjson", batch_size=100)
+    assert c["status"] == "success"
+    m = c["metrics"]
+    assert (m["rows_inserted"], m["rows_validated"], m["rows_attempted"], m["validation_failures"]) == (4, 4, 4, 0)
+    assert c["validation_summary"]["json_shape_errors"] == 0
+    ids = pg.execute(sql.SQL("SELECT array_agg(source_id ORDER BY source_id) FROM {}").format(
+        sql.Identifier(target_schema, "t"))).fetchone()[0]
+    assert ids == ["1", "2", "3", "4"]
+
+
 def test_a_50mb_single_line_is_rejected_with_a_truncated_sample(tmp_path, target_schema, workers):
     write_ndjson(tmp_path / "huge.ndjson", [{"id": "ok"}, b'{"id": "huge", "blob": "' + b"x" * 50_000_000])
     c = run_job(tmp_path, target_schema, "huge.ndjson")
