@@ -516,3 +516,26 @@ def test_escapes_whitespace_and_non_ascii_load_byte_for_byte(tmp_path, target_sc
     assert loaded["t\tab\\back"][0] == {"id": "t\tab\\back", "s": 'q"uote" \\ \n \r \t é', "u": "é€😀"}
     assert loaded["tabbed"][0] == {"id": "tabbed", "v": 1}
     assert loaded["ключ-€"][0]["v"] == "значение"
+
+
+def test_change_signature_sees_a_commit_that_lands_after_a_higher_change_number(tmp_path, target_schema, ledger):
+    # Two workers: one takes change number N and commits late, after another took N+1 and committed.
+    # The newest number (ledger_version) stays N+1; the console's cached view must still notice.
+    job, run, _, _ = planned_run(tmp_path, target_schema, [{"id": f"r{i}"} for i in range(300)])
+    from loader import db
+
+    update = sql.SQL("UPDATE {} SET rows_validated = rows_validated + 1, change_seq = {} "
+                     "WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = %s").format(
+        db.ledger_table("batches"), db.next_change())
+    assert loader.change_signature(job, run) == loader.change_signature(job, run)  # nothing moved: equal
+    with db.connection() as slow, db.connection() as fast:
+        with slow.transaction():
+            slow.execute(update, [job, run, 0])  # takes N, not committed yet
+            with fast.transaction():
+                fast.execute(update, [job, run, 1])  # takes N+1 and commits first
+            version, signature = loader.ledger_version(job, run), loader.change_signature(job, run)
+        # N is committed now
+    assert loader.ledger_version(job, run) == version  # the maximum alone misses it
+    assert loader.change_signature(job, run) != signature
+    with pytest.raises(loader.RunNotFound):
+        loader.change_signature(job, "no-such-run")

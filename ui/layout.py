@@ -1,4 +1,5 @@
-"""Page-wide CSS: two columns from 1024 px, stacked below; visible focus; a screen-reader-only class."""
+"""Page-wide CSS: two columns from 1024 px, stacked below; visible focus; the metric cards; a screen-reader-only
+class."""
 
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ CSS = """
 a:focus-visible, button:focus-visible, input:focus-visible, [role="option"]:focus-visible,
 [tabindex]:focus-visible, summary:focus-visible {
   outline: 3px solid #1d4ed8 !important; outline-offset: 2px !important; }
-.st-key-dl-cards [data-testid="stMetricValue"] { font-size: 1.35rem; }
+/* The Run Monitor's times and metric cards (ui/monitor.py _cards: one HTML block per refresh). */
+.dl-times { font-size: 0.875rem; opacity: 0.85; margin-bottom: 0.5rem; }
+.dl-cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 0.5rem;
+  margin: 0 !important; padding: 0 !important; }
+.dl-card { border: 1px solid rgba(128, 128, 128, 0.35); border-radius: 0.5rem; padding: 0.5rem 0.75rem; }
+.dl-card[title] .dl-l { text-decoration: underline dotted; text-underline-offset: 3px; cursor: help; }
+.dl-l { font-size: 0.875rem; margin: 0; }
+.dl-v { font-size: 1.35rem; margin: 0; font-variant-numeric: tabular-nums; }
 .dl-sr-only { position: absolute !important; width: 1px; height: 1px; padding: 0; margin: -1px;
   overflow: hidden; clip: rect(0, 0, 0, 0); white-space: nowrap; border: 0; }
 </style>

@@ -23,7 +23,8 @@ START_ENABLED = ("() => { const b = [...document.querySelectorAll('button')].fin
 
 
 def metric(page, label: str):
-    return page.locator('[data-testid="stMetric"]', has_text=label).locator('[data-testid="stMetricValue"]').first
+    """The value of the Run Monitor's metric card ``label`` (a ``<dt>``/``<dd>`` pair in the cards' ``<dl>``)."""
+    return page.locator(f'.dl-cards .dl-card:has(dt:text-is("{label}")) dd').first
 
 
 def start_from_the_ui(page, console, demo, batch_size: int = 100, screenshot: str | None = None) -> str:
@@ -58,9 +59,7 @@ def test_a_run_started_from_the_ui_finishes_with_correct_counts(console, demo, b
     page.locator(".stMarkdownBadge", has_text="Success").first.wait_for(timeout=60_000)
     # The ARIA live region says the same, for screen readers.
     page.locator(".dl-sr-only[role=status][aria-live=polite]", has_text="Run Success.").wait_for(state="attached")
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-testid=stMetric]')].some(m => m.innerText.includes('Rows inserted')"
-        f" && m.innerText.includes('{demo.rows - demo.invalid:,}'))", timeout=10_000)
+    expect(metric(page, "Rows inserted")).to_have_text(f"{demo.rows - demo.invalid:,}", timeout=10_000)
     assert metric(page, "Rows inserted").inner_text() == f"{demo.rows - demo.invalid:,}"
     assert metric(page, "Rows updated").inner_text() == "0"
     assert metric(page, "Batches total").inner_text() == "11"
@@ -147,9 +146,7 @@ def test_a_failed_batch_shows_its_error_and_retry_from_the_ui_completes_the_run(
     dialog = page.get_by_role("dialog")
     dialog.get_by_role("button", name="Retry failed batches").click()
     page.locator(".stMarkdownBadge", has_text="Success").first.wait_for(timeout=60_000)
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-testid=stMetric]')].some(m => m.innerText.includes('Rows inserted')"
-        f" && m.innerText.includes('{demo.rows - demo.invalid:,}'))", timeout=10_000)
+    expect(metric(page, "Rows inserted")).to_have_text(f"{demo.rows - demo.invalid:,}", timeout=10_000)
     assert metric(page, "Batches failed").inner_text() == "0"
     assert metric(page, "Retries attempted").inner_text() == "1"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 import loader
@@ -83,7 +85,7 @@ def test_start_load_queues_a_run_and_puts_job_and_run_in_the_url(page, demo, idl
     assert at.query_params["run"] == "apptest-start"
     runs = loader.list_runs(demo.job)
     assert runs[0]["etl_run_id"] == "apptest-start" and runs[0]["batch_size"] == 200
-    assert any(t.value == "etl_run_id: apptest-start" for t in at.text)
+    assert any("etl_run_id: apptest-start" in t.value.splitlines() for t in at.text)
     loader.cancel_run(demo.job, "apptest-start")
 
 
@@ -107,8 +109,8 @@ def test_query_params_open_the_monitor_of_a_deep_linked_run(page, demo, idle_que
     page.query_params["run"] = "deep-link"
     at = page.run()
     assert not at.exception
-    assert any(t.value == f"etl_job_id: {demo.job}" for t in at.text)
-    assert any(t.value == "etl_run_id: deep-link" for t in at.text)
+    assert any(f"etl_job_id: {demo.job}" in t.value.splitlines() for t in at.text)
+    assert any("etl_run_id: deep-link" in t.value.splitlines() for t in at.text)
     assert at.selectbox(key="cfg_job").value == demo.job
     loader.cancel_run(demo.job, "deep-link")
 
@@ -154,17 +156,17 @@ def test_database_outage_shows_a_stale_badge_and_keeps_the_last_numbers(page, de
     page.query_params["job"] = demo.job
     page.query_params["run"] = "outage"
     at = page.run()
-    assert any(t.value == "etl_run_id: outage" for t in at.text)
+    assert any("etl_run_id: outage" in t.value.splitlines() for t in at.text)
 
     def down(*args, **kwargs):
         raise loader.TransientDbError("database error, will retry: connection refused")
 
     monkeypatch.setattr(loader, "run_contract", down)
-    monkeypatch.setattr(loader, "ledger_version", down)
+    monkeypatch.setattr(loader, "change_signature", down)
     at.run()
     assert not at.exception
     assert any("connection refused" in plain(w.value) for w in at.warning)
-    assert any(t.value == "etl_run_id: outage" for t in at.text)  # the last data stays on screen
+    assert any("etl_run_id: outage" in t.value.splitlines() for t in at.text)  # the last data stays on screen
     assert any("will retry" in plain(t.value) for t in at.toast)
     monkeypatch.undo()
     loader.cancel_run(demo.job, "outage")
@@ -183,7 +185,8 @@ def test_toasts_say_transient_db_error_will_retry_and_run_completed(page, demo, 
         return c
 
     monkeypatch.setattr(loader, "run_contract", with_transient_errors)
-    monkeypatch.setattr(loader, "ledger_version", lambda *a, **k: -1)  # "the ledger moved": read it again
+    moves = itertools.count()
+    monkeypatch.setattr(loader, "change_signature", lambda *a, **k: next(moves))  # "the ledger moved": read it again
     at.run()
     assert any("Transient DB error" in t.value and "will retry" in t.value for t in at.toast)
     monkeypatch.setattr(loader, "run_contract", lambda *a, **k: {**real(*a, **k), "status": "success"})
@@ -226,3 +229,34 @@ def test_the_collapsed_validation_summary_draws_nothing_inside(page, demo, idle_
     assert not at.expander[0].children  # its metrics, examples and download are sent only once opened
     assert not any(m.label == "Required field errors" for m in at.metric)
     loader.cancel_run(demo.job, "lazy")
+
+
+def test_the_monitor_shows_times_and_cards_and_charts_each_committed_batch_with_the_p95(page, demo, idle_queue):
+    import json
+
+    import pyarrow as pa
+
+    from loader import loading, planning
+
+    loader.start_run(demo.job, run_id="charted", batch_size=500)  # 1050 rows: 3 batches; no worker listens
+    planning.plan_run(demo.job, "charted")
+    for index in (0, 1):
+        assert loading.load_batch(demo.job, "charted", index).status == "succeeded"
+    page.query_params["job"] = demo.job
+    page.query_params["run"] = "charted"
+    at = page.run()
+    assert not at.exception
+    c = loader.run_contract(demo.job, "charted")
+    cards = next(h.proto.body for h in at.get("html") if 'class="dl-cards"' in h.proto.body)
+    assert "<dt class=\"dl-l\">Batches total</dt><dd class=\"dl-v\">3</dd>" in cards
+    assert "<dt class=\"dl-l\">Batches succeeded</dt><dd class=\"dl-v\">2</dd>" in cards
+    assert f'<time datetime="{c["started_at"]}" title="UTC: {c["started_at"]}">' in cards
+    durations, rates = at.get("vega_lite_chart")
+    spec = json.loads(durations.proto.spec)
+    line, rule = spec["layer"]
+    assert line["mark"]["type"] == "line" and rule["mark"]["type"] == "rule"
+    assert rule["data"]["values"] == [{"p95": c["metrics"]["batch_duration_ms_p95"]}]
+    drawn = pa.ipc.open_stream(durations.proto.data.data).read_all().to_pydict()
+    assert sorted(drawn["batch"]) == [0, 1] and drawn["duration_ms"] and "rows_per_s" in drawn
+    assert json.loads(rates.proto.spec)["mark"]["type"] == "area"
+    loader.cancel_run(demo.job, "charted")
