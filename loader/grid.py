@@ -10,7 +10,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import db
-from .contract import batch_dict, batch_rows_query, event_dict, get_run_row, iso
+from .contract import (
+    batch_dict,
+    batch_rows_query,
+    change_signature,
+    event_dict,
+    get_run_row,
+    iso,
+    signature_token,
+)
 from .errors import ConfigError
 from .ledger import attempts, batches, events
 
@@ -202,7 +210,8 @@ def grid_row(r: sa.Row[Any]) -> dict[str, Any]:
 
 
 def batch_page(job: str, run: str, q: GridQuery) -> dict[str, Any]:
-    """One page of a run's batches: ``rows``, ``lastRow`` (the filtered count) and ``version``.
+    """One page of a run's batches: ``rows``, ``lastRow`` (the filtered count) and ``version`` (the run's
+    :func:`~loader.contract.signature_token`, what ``/version`` answers).
 
     Sorting and filtering run in PostgreSQL with bound parameters, so a run with 100k batches
     costs one indexed query per page.
@@ -221,13 +230,13 @@ def batch_page(job: str, run: str, q: GridQuery) -> dict[str, Any]:
     count = sa.select(sa.func.count()).select_from(batches).where(
         batches.c.etl_job_id == job, batches.c.etl_run_id == run, *conds)
     with db.get_engine().connect() as conn:
+        # First: the rows below are at least as new as the token, so the grid's poll of /version sees
+        # any change that lands after it.
+        token = signature_token(change_signature(job, run, conn))
         run_row = get_run_row(conn, job, run)
         rows = [grid_row(r) for r in conn.execute(select)]
         total = int(conn.execute(count).scalar_one())
-        version = conn.execute(sa.select(sa.func.max(batches.c.change_seq)).where(
-            batches.c.etl_job_id == job, batches.c.etl_run_id == run)).scalar()
-    return {"rows": rows, "lastRow": total,
-            "version": max(int(run_row.change_seq), int(version or 0)), "status": run_row.status}
+    return {"rows": rows, "lastRow": total, "version": token, "status": run_row.status}
 
 
 def batch_detail(job: str, run: str, index: int) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 import loader
 from loader import db
 from loader.catalog import JOB_NAME_RE
+from loader.contract import signature_token
 from loader.errors import ConfigError, LoaderError, RunNotFound
 from loader.runs import SLUG_RE, UUID_RE
 
@@ -103,9 +104,10 @@ def batch_detail(request: Request) -> Response:
 
 
 def version(request: Request) -> Response:
-    """GET .../version: a number that changes whenever the run does (the grid polls it)."""
+    """GET .../version: an opaque token that changes whenever the run does, late commits included (the
+    grid polls it and compares it with the one of its last page)."""
     job, run = _ids(request)
-    return JSONResponse({"version": loader.ledger_version(job, run)}, headers=NO_STORE)
+    return JSONResponse({"version": signature_token(loader.change_signature(job, run))}, headers=NO_STORE)
 
 
 def _stream(chunks: Iterator[bytes], media_type: str, filename: str) -> StreamingResponse:
