@@ -7,7 +7,8 @@ For each run size (a synthetic ledger seeded by bench/seed_ledger.py, one run in
   ``ui.monitor.REFRESH_SECONDS``) to the ForwardMsg that says that script run finished
   (``script_finished``), decoded with Streamlit's protobufs; for ticks where nothing changed and for
   ticks where one batch changed. Same-run baselines: a minimal Streamlit page whose fragment shows one
-  metric, and (diagnostic) the console with ``runner.postScriptGC = false``;
+  metric (with and without Streamlit's post-run GC), and (diagnostic) the console with
+  ``runner.postScriptGC = true``, Streamlit's default, which .streamlit/config.toml turns off;
 - for context, in-process (median of 20): ``loader.ledger_version`` (what an idle tick reads),
   ``loader.run_contract(include_batches=False)`` (what a tick reads when the version moved, and at
   least every ``FULL_RELOAD_SECONDS``), the chart fragment's ``grid.duration_series`` and one grid
@@ -41,6 +42,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -70,16 +72,23 @@ from loader import db  # noqa: E402
 from loader import grid as lgrid  # noqa: E402
 from tests.ui.app_server import CHROMIUM, StreamlitServer, launch_chromium  # noqa: E402
 from ui.grid import POLL_MS  # noqa: E402
-from ui.monitor import CHART_SECONDS, FULL_RELOAD_SECONDS, REFRESH_SECONDS  # noqa: E402
+from ui.monitor import CHART_SECONDS, REFRESH_SECONDS  # noqa: E402
 
 JOB = "bench-console"
 #: Every server the benchmark starts: no file watcher. ``dataloader up`` leaves Streamlit's default on, idle
 #: in production, but here other sessions edit and test the tree during the run, and each file event
 #: costs the server CPU (and the GIL) that production would not spend.
 SERVER_ENV = {"STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none"}
-#: The diagnostic server's setting: Streamlit's full garbage collection after every script run, off.
+#: The minimal page's second server: Streamlit's full garbage collection after every script run, off
+#: (as .streamlit/config.toml ships it for the console).
 NO_GC_ENV = {"STREAMLIT_RUNNER_POST_SCRIPT_GC": "false"}
+#: The console's diagnostic server: Streamlit's default, a full collection after every run, which
+#: ``[runner] postScriptGC = false`` in .streamlit/config.toml turns off; it shows what that saves.
+VARIANT_ENV = {"STREAMLIT_RUNNER_POST_SCRIPT_GC": "true"}
+VARIANT_LABEL = "`postScriptGC = true` (Streamlit's default)"
 GRID_FRAME = "iframe[title='st_aggrid.AgGrid.agGrid']"
+#: One metric card of the monitor's HTML block: (label, value), HTML-escaped as sent.
+CARD = re.compile(r'<dt class="dl-l">([^<]*)</dt><dd class="dl-v">([^<]*)</dd>')
 OUT_JSON = Path(tempfile.gettempdir()) / "bench-console-results.json"
 
 LONGTASK_JS = """
@@ -236,9 +245,12 @@ class ScriptRuns:
                 self.current["deltas"] += 1
                 self.current["first_delta"] = self.current["first_delta"] or ts
                 self.current["last_delta"] = ts
-                if msg.delta.WhichOneof("type") == "new_element" and msg.delta.new_element.WhichOneof(
-                        "type") == "metric":
-                    self.current["metrics"][msg.delta.new_element.metric.label] = msg.delta.new_element.metric.body
+                element = msg.delta.new_element if msg.delta.WhichOneof("type") == "new_element" else None
+                shown = element.WhichOneof("type") if element is not None else None
+                if shown == "metric":
+                    self.current["metrics"][element.metric.label] = element.metric.body
+                elif shown == "html" and 'class="dl-cards"' in element.html.body:  # ui/monitor.py _cards
+                    self.current["metrics"].update(CARD.findall(element.html.body))
             elif kind == "script_finished":
                 run, self.current = self.current, None
                 last = run["last_delta"] or run["started"]
@@ -334,6 +346,7 @@ def server_times(run: str, n: int = 20) -> dict[str, Any]:
     calls = {
         "run_contract": lambda: loader.run_contract(JOB, run, include_batches=False),
         "ledger_version": lambda: loader.ledger_version(JOB, run),
+        "change_signature": lambda: loader.change_signature(JOB, run),
         "duration_series": lambda: lgrid.duration_series(JOB, run),
         "batch_page": lambda: lgrid.batch_page(JOB, run, q),
     }
@@ -363,9 +376,10 @@ def server_times(run: str, n: int = 20) -> dict[str, Any]:
 
 
 def metric_js() -> str:
-    return ("([label, want]) => [...document.querySelectorAll('[data-testid=stMetric]')].some(m => {"
-            " const l = m.querySelector('[data-testid=stMetricLabel]'); const v = m.querySelector("
-            "'[data-testid=stMetricValue]'); return l && v && l.innerText.trim() === label &&"
+    """A page function: does the metric card ``label`` show ``want``?"""
+    return ("([label, want]) => [...document.querySelectorAll('[data-testid=stMetric], .dl-card')].some(m => {"
+            " const l = m.querySelector('[data-testid=stMetricLabel], .dl-l'); const v = m.querySelector("
+            "'[data-testid=stMetricValue], .dl-v'); return l && v && l.innerText.trim() === label &&"
             " v.innerText.trim() === want; })")
 
 
@@ -566,7 +580,7 @@ def ticks_cell(t: dict[str, Any] | None) -> tuple[str, str]:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    refresh, chart, reload_s = res["refresh_s"], res["chart_s"], res["full_reload_s"]
+    refresh, chart = res["refresh_s"], res["chart_s"]
     r_s = f"{refresh:g} s"
     lines = ["", "## Console", "",
              "The Run Monitor (`/etl/data-loader/<job>/<run>`) against a run in `loading` with 10k and 100k "
@@ -582,7 +596,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"- Streamlit {res['streamlit']}, headless Chromium {res['chromium']} (Playwright {res['playwright']}), "
              f"{res['repeat']} repetitions of each browser window measure; medians (min-max) over them.",
              f"- The page as measured: `ui/monitor.py` `REFRESH_SECONDS = {refresh:g}` (the live fragment: header, "
-             f"cards, validation summary), `FULL_RELOAD_SECONDS = {reload_s:g}`, `CHART_SECONDS = {chart:g}` (the "
+             f"cards, validation summary; it reads `change_signature` and reuses its cached contract until that moves), `CHART_SECONDS = {chart:g}` (the "
              f"duration chart); the grid polls `/version` every {res['poll_ms'] / 1000:g} s "
              "(`ui/grid.py POLL_MS`). Every server the benchmark starts runs with "
              "`STREAMLIT_SERVER_FILE_WATCHER_TYPE=none`: other sessions edit and test the tree during the run, and "
@@ -598,13 +612,14 @@ def markdown(res: dict[str, Any]) -> str:
              "count (a run that also carried the chart fragment does not). \"Nothing changed\": ticks of the "
              "nothing-changed windows whose metric cards (Elapsed aside) equal the previous tick's; "
              "\"one batch changed\": ticks of the changed windows whose cards changed. Same-run baselines: the "
-             f"minimal page below, and the console served with `runner.postScriptGC = false` "
-             "(`STREAMLIT_RUNNER_POST_SCRIPT_GC=false`; diagnostic, not the shipped configuration), one window "
-             "of each kind.",
+             "minimal page below (served with Streamlit's defaults, and again with `postScriptGC = false`), and "
+             f"the console served with {res.get('variant_label', '`postScriptGC = false`')} (diagnostic), one "
+             "window of each kind. The console itself is served with its `.streamlit/config.toml` "
+             "(`[runner] postScriptGC = false`, `[server] fileWatcherType = \"none\"`).",
              "- Server time, in-process (context): median of 20 calls after one warm-up of the functions the "
-             "ticks call: `ledger_version` (an idle tick), `run_contract(include_batches=False)` (a tick after "
-             f"the version moved, and at least every {reload_s:g} s), `grid.duration_series` (a chart tick after "
-             "the version moved), `grid.batch_page`.",
+             "ticks call: `change_signature` (an idle tick), `ledger_version` (the grid's `/version` poll), "
+             "`run_contract(include_batches=False)` (a tick after the signature moved), `grid.duration_series` "
+             "(a chart tick after the version moved), `grid.batch_page`.",
              "- Wire bytes: websocket messages received by Chromium (`framereceived`, the messages' payload "
              "bytes; the server (uvicorn) negotiates no permessage-deflate, so that is what the socket carries, "
              "frame headers aside) and the grid's JSON routes (`Content-Length` of `/api/runs/...` responses, as "
@@ -626,6 +641,9 @@ def markdown(res: dict[str, Any]) -> str:
     base_t = res.get("baseline_ticks")
     base_ng = res.get("baseline_no_gc_ticks")
     base_ng_txt = f" (`postScriptGC = false`: {ticks_cell(base_ng)[0]})" if base_ng else ""
+    # The console variant: `postScriptGC = false` before .streamlit/config.toml shipped it, Streamlit's
+    # default (`true`) since, i.e. what that setting saves.
+    vl = res.get("variant_label", "`postScriptGC = false`")
     for size in res["sizes"]:
         r = res["runs"][str(size)]
         s = r["server"]
@@ -637,12 +655,12 @@ def markdown(res: dict[str, Any]) -> str:
         ng_idle = ticks_cell(ng.get("idle"))
         lines.append(f"| **server, end to end: live fragment tick, nothing changed** (Chromium: `rerun_script` -> "
                      f"`script_finished`) | **{m}** | {rest} | minimal fragment page: "
-                     f"{ticks_cell(base_t)[0]}{base_ng_txt}; console with `postScriptGC = false`: {ng_idle[0]} "
+                     f"{ticks_cell(base_t)[0]}{base_ng_txt}; console with {vl}: {ng_idle[0]} "
                      f"({ng_idle[1]}) |")
         m, rest = ticks_cell(tk["changed"])
         ng_ch = ticks_cell(ng.get("changed"))
         lines.append(f"| server, end to end: live fragment tick, one batch changed | {m} | {rest} | "
-                     f"`postScriptGC = false`: {ng_ch[0]} ({ng_ch[1]}) |")
+                     f"{vl}: {ng_ch[0]} ({ng_ch[1]}) |")
         for key, label in (("idle", "nothing changed"), ("changed", "one batch changed")):
             cpu = [w.get("server_cpu_ms_per_refresh") for w in r[key] if w.get("server_cpu_ms_per_refresh") is not None]
             ng_cpu = ((r.get("no_gc") or {}).get(key) or {}).get("server_cpu_ms_per_refresh")
@@ -653,22 +671,25 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| server CPU per {r_s} refresh, {label} (the Streamlit process, all threads: both "
                          f"fragments, the grid's JSON routes) | {fmt(med(cpu), ' ms', 1)} | "
                          f"{fmt(min(cpu, default=None), ' ms', 1)}-{fmt(max(cpu, default=None), ' ms', 1)} | "
-                         f"{base_txt}`postScriptGC = false`: {fmt(ng_cpu, ' ms', 1)} |")
+                         f"{base_txt}{vl}: {fmt(ng_cpu, ' ms', 1)} |")
         rss = [w["server_rss_mb"] for w in r["idle"] + r["changed"] if w.get("server_rss_mb")]
         ng_rss = [w.get("server_rss_mb") for w in ((r.get("no_gc") or {}).get(k) or {} for k in ("idle", "changed"))
                   if w.get("server_rss_mb")]
         if rss:
             lines.append(f"| server resident memory after each window (one session open) | {fmt(med(rss), ' MiB')} | "
-                         f"{fmt(min(rss), ' MiB')}-{fmt(max(rss), ' MiB')} | `postScriptGC = false`: "
+                         f"{fmt(min(rss), ' MiB')}-{fmt(max(rss), ' MiB')} | {vl}: "
                          f"{fmt(med(ng_rss), ' MiB')} |")
         m, rest = ticks_cell(tk["chart"])
         lines.append(f"| server, end to end: chart fragment tick (every {chart:g} s, both kinds of window) | {m} | "
                      f"{rest} | |")
-        lines.append(f"| server, in-process: `ledger_version` (an idle tick's read; the grid's `/version` poll) | "
+        if "change_signature" in s:
+            lines.append(f"| server, in-process: `change_signature` (an idle tick's read) | "
+                         f"{fmt(s['change_signature']['median_ms'], ' ms', 1)} | "
+                         f"p95 {fmt(s['change_signature']['p95_ms'], ' ms', 1)} | |")
+        lines.append(f"| server, in-process: `ledger_version` (the grid's `/version` poll) | "
                      f"{fmt(s['ledger_version']['median_ms'], ' ms', 1)} | "
                      f"p95 {fmt(s['ledger_version']['p95_ms'], ' ms', 1)} | |")
-        lines.append(f"| server, in-process: `run_contract(include_batches=False)` (a tick after a change, and every "
-                     f"{reload_s:g} s) | {fmt(s['run_contract']['median_ms'], ' ms', 1)} | "
+        lines.append(f"| server, in-process: `run_contract(include_batches=False)` (a tick after a change) | {fmt(s['run_contract']['median_ms'], ' ms', 1)} | "
                      f"p95 {fmt(s['run_contract']['p95_ms'], ' ms', 1)} | PostgreSQL execution of its metrics "
                      f"aggregate: {fmt(s['metrics_query_pg_ms'], ' ms', 1)} |")
         lines.append(f"| server, in-process: `grid.duration_series` (a chart tick after a change) | "
@@ -777,6 +798,62 @@ def loadavg() -> str:
         return "n/a"
 
 
+def _variant(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, pairs = spec.partition(":")
+    return name, dict(kv.split("=", 1) for kv in pairs.split(",") if kv)
+
+
+def probe_ticks(sizes: list[int], seconds: float, variants: list[str], repeat: int) -> None:
+    """``--ticks-only``: the live fragment's end-to-end tick, the shipped page and each variant, in turn."""
+    from playwright.sync_api import sync_playwright
+
+    kinds = [("shipped", {})] + [_variant(v) for v in variants]
+    for size in sizes:
+        seed_ledger.seed(JOB, f"b{size}", size)
+    # A variant's ROOT=<dir> serves another checkout of the console (a change being tried), the rest is env.
+    servers = {name: start_app("Home.py", Path(env.pop("ROOT", ROOT)), env=env) for name, env in kinds}
+    found: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    try:
+        with sync_playwright() as p:
+            browser = launch_chromium(p)
+            try:
+                for size in sizes:
+                    run = f"b{size}"
+                    touched = first_succeeded(run)
+                    for _ in range(repeat):
+                        for name, _env in kinds:
+                            app = servers[name]
+                            ctx, page, wire, runs = open_monitor(browser, app.url, run, size)
+                            try:
+                                idle = window_bytes(page, wire, runs, seconds, server_pid=app.proc.pid)
+                                changed = window_bytes(page, wire, runs, seconds, server_pid=app.proc.pid,
+                                                       tick=lambda run=run, touched=touched: touch_batch(run, touched))
+                                deltas = med([t["deltas"] for t in idle["live_ticks"]] or [0])
+                                ticks = split_ticks(runs, [idle], [changed])
+                            finally:
+                                ctx.close()
+                            slot = found.setdefault((name, size), {"idle": [], "changed": [], "cpu": []})
+                            slot["idle"] += [{"ms": x} for x in ticks["idle"]["ms_all"]]
+                            slot["changed"] += [{"ms": x} for x in ticks["changed"]["ms_all"]]
+                            slot["cpu"].append({"ms": idle.get("server_cpu_ms_per_refresh", 0.0)})
+                            print(f"[{loadavg()}] {size:>7} {name:<12} idle {fmt(ticks['idle']['median_ms'], ' ms', 1)}"
+                                  f" (p95 {fmt(ticks['idle']['p95_ms'], ' ms', 1)}), changed "
+                                  f"{fmt(ticks['changed']['median_ms'], ' ms', 1)}, deltas per idle run {deltas}", file=sys.stderr)
+            finally:
+                browser.close()
+    finally:
+        for server in servers.values():
+            server.stop()
+        db.close_all()
+        seed_ledger.drop_schema()
+    for (name, size), slot in found.items():
+        idle_ms = [t["ms"] for t in slot["idle"]]
+        changed_ms = [t["ms"] for t in slot["changed"]]
+        print(f"{size:>7} {name:<12} idle median {fmt(med(idle_ms), ' ms', 1)} p95 {fmt(pct(idle_ms, .95), ' ms', 1)}"
+              f" (n={len(idle_ms)}); changed median {fmt(med(changed_ms), ' ms', 1)} (n={len(changed_ms)}); "
+              f"server CPU per idle refresh {fmt(med([c['ms'] for c in slot['cpu']]), ' ms', 1)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="10000,100000", help="run sizes, comma-separated (default 10000,100000)")
@@ -785,12 +862,22 @@ def main() -> None:
                     help=f"seconds per wire-bytes window (default 20 refreshes: {20 * REFRESH_SECONDS:g})")
     ap.add_argument("--changes", type=int, default=20, help="ledger changes timed to visible (default 20)")
     ap.add_argument("--no-gc-variant", action="store_true",
-                    help="skip the diagnostic console served with runner.postScriptGC = false")
+                    help="skip the diagnostic console served with runner.postScriptGC = true (Streamlit's "
+                         "default; the shipped config turns it off)")
     ap.add_argument("--no-append", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     ap.add_argument("--keep-schema", action="store_true")
     ap.add_argument("--report-only", metavar="JSON", help="render the section from a saved results file")
     ap.add_argument("--notes", metavar="MD", help="a Markdown file appended to the section (findings)")
+    ap.add_argument("--ticks-only", action="store_true",
+                    help="a quick probe while working on the page: only the live fragment's end-to-end tick "
+                         "(one idle and one changed window per size and variant), printed, nothing published")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL[,KEY=VAL]",
+                    help="with --ticks-only: also measure the console served with these environment "
+                         "variables (repeatable; ROOT=<dir> serves another checkout), interleaved with this one")
     args = ap.parse_args()
+    if args.ticks_only:
+        probe_ticks([int(x) for x in args.batches.split(",")], args.window, args.variant, args.repeat)
+        return
     if args.report_only:
         res = json.loads(Path(args.report_only).read_text())
         if args.notes:
@@ -815,9 +902,9 @@ def main() -> None:
         "command": "python bench/console.py " + " ".join(sys.argv[1:]),
         "started": started.strftime("%Y-%m-%d %H:%M"), "load_start": loadavg(), "repeat": args.repeat,
         "streamlit": md.version("streamlit"), "playwright": md.version("playwright"),
-        "refresh_s": REFRESH_SECONDS, "chart_s": CHART_SECONDS, "full_reload_s": FULL_RELOAD_SECONDS,
+        "refresh_s": REFRESH_SECONDS, "chart_s": CHART_SECONDS,
         "poll_ms": POLL_MS, "window_s": args.window, "changes": args.changes,
-        "sizes": sizes, "runs": {}, "notes": []}
+        "sizes": sizes, "runs": {}, "notes": [], "variant_label": VARIANT_LABEL}
     try:
         res["chromium"] = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True,
                                          timeout=20).stdout.strip().split()[-1]
@@ -830,7 +917,7 @@ def main() -> None:
     try:
         app = start_app("Home.py", ROOT)
         servers.append(app)
-        no_gc = None if args.no_gc_variant else start_app("Home.py", ROOT, env=NO_GC_ENV)
+        no_gc = None if args.no_gc_variant else start_app("Home.py", ROOT, env=VARIANT_ENV)
         if no_gc:
             servers.append(no_gc)
         with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
@@ -882,7 +969,7 @@ def main() -> None:
                     finally:
                         ctx.close()
                     if no_gc:
-                        print(f"{size}: postScriptGC = false", file=sys.stderr)
+                        print(f"{size}: {VARIANT_LABEL}", file=sys.stderr)
                         ctx, page, wire, runs = open_monitor(browser, no_gc.url, run, size)
                         try:
                             touched = first_succeeded(run)
