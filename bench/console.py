@@ -592,7 +592,7 @@ def markdown(res: dict[str, Any]) -> str:
              "### Machine and command", "",
              f"- {res['machine']}",
              f"- `{res['command']}`, {res['started']} UTC, {res['minutes']:.1f} min, load average "
-             f"{res['load_start']} at the start and {res['load_end']} at the end (other test runs shared the 2 cores)",
+             f"{res['load_start']} at the start and {res['load_end']} at the end (1-min, 5-min, 15-min; the 2 cores run PostgreSQL and everything else on the machine too)",
              f"- Streamlit {res['streamlit']}, headless Chromium {res['chromium']} (Playwright {res['playwright']}), "
              f"{res['repeat']} repetitions of each browser window measure; medians (min-max) over them.",
              f"- The page as measured: `ui/monitor.py` `REFRESH_SECONDS = {refresh:g}` (the live fragment: header, "

@@ -899,8 +899,8 @@ def render(out: dict[str, Any]) -> str:
     w(f"- Python {mach['python']}, psycopg {mach['psycopg']}, dlt {mach['dlt']}\n")
     for c in meta["commands"]:
         w(f"- `{c['command']}` ({', '.join(c['stages'])}), {c['date']}, {c.get('minutes', '?')} min, "
-          f"load average {c['load_start']} at the start and {c.get('load_end', '?')} at the end (other test "
-          f"runs shared the 2 cores)\n")
+          f"load average {c['load_start']} at the start and {c.get('load_end', '?')} at the end (1-min, "
+          f"5-min, 15-min; the 2 cores run PostgreSQL and everything else on the machine too)\n")
     w(f"- Data: {n:,} generated orders (seed {SEED}), {meta['avg_bytes']:.0f} bytes per record on average "
       "(nested customer with address and loyalty, 2-4 items with attributes, shipping, payment, totals), one "
       "NDJSON file per pass; pass B has the same `source_id`s with changed data (status, timestamps, a "
