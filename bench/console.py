@@ -9,10 +9,10 @@ For each run size (a synthetic ledger seeded by bench/seed_ledger.py, one run in
   ticks where one batch changed. Same-run baselines: a minimal Streamlit page whose fragment shows one
   metric (with and without Streamlit's post-run GC), and (diagnostic) the console with
   ``runner.postScriptGC = true``, Streamlit's default, which .streamlit/config.toml turns off;
-- for context, in-process (median of 20): ``loader.ledger_version`` (what an idle tick reads),
-  ``loader.run_contract(include_batches=False)`` (what a tick reads when the version moved, and at
-  least every ``FULL_RELOAD_SECONDS``), the chart fragment's ``grid.duration_series`` and one grid
-  ``/batches`` page;
+- for context, in-process (median of 20): ``loader.change_signature`` (what an idle tick and the
+  grid's ``/version`` poll read), ``loader.run_contract(include_batches=False)`` (what a tick reads
+  when the signature moved), the chart fragment's ``grid.duration_series`` and one grid ``/batches``
+  page;
 - bytes sent to the browser per ``REFRESH_SECONDS`` tick, nothing changed and one batch changed every
   tick: websocket frames received by Chromium (Playwright) plus the grid's JSON routes
   (``/api/runs/...``), and the decoded share of each fragment's runs;
@@ -345,7 +345,6 @@ def server_times(run: str, n: int = 20) -> dict[str, Any]:
     q = lgrid.parse_query(0, 100, None, None, None)
     calls = {
         "run_contract": lambda: loader.run_contract(JOB, run, include_batches=False),
-        "ledger_version": lambda: loader.ledger_version(JOB, run),
         "change_signature": lambda: loader.change_signature(JOB, run),
         "duration_series": lambda: lgrid.duration_series(JOB, run),
         "batch_page": lambda: lgrid.batch_page(JOB, run, q),
@@ -596,7 +595,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"- Streamlit {res['streamlit']}, headless Chromium {res['chromium']} (Playwright {res['playwright']}), "
              f"{res['repeat']} repetitions of each browser window measure; medians (min-max) over them.",
              f"- The page as measured: `ui/monitor.py` `REFRESH_SECONDS = {refresh:g}` (the live fragment: header, "
-             f"cards, validation summary; it reads `change_signature` and reuses its cached contract until that moves), `CHART_SECONDS = {chart:g}` (the "
+             "cards, validation summary; it reads `change_signature` and reuses its cached contract until that "
+             f"moves), `CHART_SECONDS = {chart:g}` (the "
              f"duration chart); the grid polls `/version` every {res['poll_ms'] / 1000:g} s "
              "(`ui/grid.py POLL_MS`). Every server the benchmark starts runs with "
              "`STREAMLIT_SERVER_FILE_WATCHER_TYPE=none`: other sessions edit and test the tree during the run, and "
@@ -617,7 +617,7 @@ def markdown(res: dict[str, Any]) -> str:
              "window of each kind. The console itself is served with its `.streamlit/config.toml` "
              "(`[runner] postScriptGC = false`, `[server] fileWatcherType = \"none\"`).",
              "- Server time, in-process (context): median of 20 calls after one warm-up of the functions the "
-             "ticks call: `change_signature` (an idle tick), `ledger_version` (the grid's `/version` poll), "
+             "ticks call: `change_signature` (an idle tick, the grid's `/version` poll), "
              "`run_contract(include_batches=False)` (a tick after the signature moved), `grid.duration_series` "
              "(a chart tick after the version moved), `grid.batch_page`.",
              "- Wire bytes: websocket messages received by Chromium (`framereceived`, the messages' payload "
@@ -683,12 +683,9 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| server, end to end: chart fragment tick (every {chart:g} s, both kinds of window) | {m} | "
                      f"{rest} | |")
         if "change_signature" in s:
-            lines.append(f"| server, in-process: `change_signature` (an idle tick's read) | "
+            lines.append(f"| server, in-process: `change_signature` (an idle tick's read; the grid's `/version` poll) | "
                          f"{fmt(s['change_signature']['median_ms'], ' ms', 1)} | "
                          f"p95 {fmt(s['change_signature']['p95_ms'], ' ms', 1)} | |")
-        lines.append(f"| server, in-process: `ledger_version` (the grid's `/version` poll) | "
-                     f"{fmt(s['ledger_version']['median_ms'], ' ms', 1)} | "
-                     f"p95 {fmt(s['ledger_version']['p95_ms'], ' ms', 1)} | |")
         lines.append(f"| server, in-process: `run_contract(include_batches=False)` (a tick after a change) | {fmt(s['run_contract']['median_ms'], ' ms', 1)} | "
                      f"p95 {fmt(s['run_contract']['p95_ms'], ' ms', 1)} | PostgreSQL execution of its metrics "
                      f"aggregate: {fmt(s['metrics_query_pg_ms'], ' ms', 1)} |")

@@ -7,12 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from psycopg import sql
-
-from . import db, ledger, runs
+from . import ledger, runs
 from .catalog import Catalog, load_catalog
-from .contract import run_contract
-from .errors import RunNotFound, ServiceError
+from .contract import run_contract, run_status
+from .errors import ServiceError
 from .ledger import FINAL_RUN_STATES
 from .runs import RunRef
 
@@ -71,16 +69,6 @@ def retry_run(job: str, run: str, batches: list[int] | None = None) -> list[int]
 PROGRESS_SECONDS = 0.5
 
 
-def _run_status(job: str, run: str) -> str:
-    """The run's status alone: one primary-key lookup, cheap enough to poll ten times a second."""
-    with db.connection() as conn:
-        row = conn.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
-            db.ledger_table("runs")), [job, run]).fetchone()
-    if row is None:
-        raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
-    return str(row[0])
-
-
 def wait_for_run(job: str, run: str, *, timeout: float | None = None, poll: float = 0.1,
                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Block until the run reaches a final state; returns its contract.
@@ -99,7 +87,7 @@ def wait_for_run(job: str, run: str, *, timeout: float | None = None, poll: floa
     seen = -1
     next_progress = 0.0
     while True:
-        status = _run_status(job, run)
+        status = run_status(job, run)
         if on_progress is not None and (status in final or time.monotonic() >= next_progress):
             next_progress = time.monotonic() + PROGRESS_SECONDS
             contract = run_contract(job, run, include_batches=False)

@@ -227,13 +227,22 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
 
 
 def ledger_version(job: str, run: str) -> int:
-    """A number that grows whenever anything about the run changes (one index lookup)."""
+    """The run's newest change number: it grows whenever anything about the run changes.
+
+    To tell whether a cached view is still current, compare :func:`change_signature` instead: the
+    newest number alone can miss a commit that lands after a higher-numbered one.
+    """
+    run_seq, batch_top, _, _ = change_signature(job, run)
+    return max(run_seq, batch_top)
+
+
+def run_status(job: str, run: str) -> str:
+    """The run's status alone: one primary-key lookup, cheap enough to poll ten times a second."""
     with db.get_engine().connect() as conn:
-        r = conn.execute(sa.select(runs.c.change_seq).where(_key(runs, job, run))).scalar()
-        if r is None:
-            raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
-        b = conn.execute(sa.select(sa.func.max(batches.c.change_seq)).where(_key(batches, job, run))).scalar()
-    return max(int(r), int(b or 0))
+        status = conn.execute(sa.select(runs.c.status).where(_key(runs, job, run))).scalar()
+    if status is None:
+        raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
+    return str(status)
 
 
 #: How many of the run's newest batch change numbers :func:`change_signature` sums. A change number is

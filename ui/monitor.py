@@ -307,7 +307,7 @@ def _live(job: str, run: str) -> None:
 
 def _chart(job: str, run: str) -> None:
     c = st.session_state.get(_key(job, run, "contract"))
-    version = c["version"] if c else None
+    version = c.get("_signature") if c else None  # the live fragment's: it also moves on late commits
     cache_key = _key(job, run, "series")
     cached = st.session_state.get(cache_key)
     if cached is not None and version is not None and cached[0] == version:
