@@ -44,6 +44,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ETL_CONSOLE_URL", "http://localhost:8501",
             "public base URL of the console; logs_url and metrics_download_url start with it"),
     Setting("ETL_DB_POOL_SIZE", "4", "largest number of pooled PostgreSQL connections per process"),
+    Setting("ETL_ALLOWED_HOSTS", "",
+            "more Host names the console answers (comma-separated), besides localhost, 127.0.0.1, [::1] and "
+            "the host of ETL_CONSOLE_URL; any other Host gets 400"),
+    Setting("ETL_CONSOLE_STATEMENT_TIMEOUT", "5",
+            "seconds a console query (page, grid, detail) may run before PostgreSQL cancels it"),
+    Setting("ETL_CONSOLE_MAX_REQUESTS", "4",
+            "expensive data requests (grid pages, batch details, downloads) one console process serves at once; "
+            "more get 503 with a message"),
     Setting("ETL_DATA_DIR", ".data", "where embedded PostgreSQL and Redis keep their data"),
 )
 
