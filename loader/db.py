@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import sqlalchemy as sa
@@ -54,14 +54,6 @@ def redact(text: str) -> str:
         if password:
             text = text.replace(password, "***")
     return re.sub(r"(\w+://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
-
-
-def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def ledger_schema() -> str:
