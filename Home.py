@@ -21,12 +21,21 @@ if __name__ == "__main__":  # a script run (each page view)
     ], position="top")
     nav.run()
 else:  # imported by the ASGI server, once, before any session
+    import sys
+
+    from starlette.middleware import Middleware
     from streamlit.runtime.pages_manager import PagesManager
 
+    from loader.hosts import bind_warning
+    from ui.hosts import HostCheck
     from ui.routes import routes
 
     # The pages come from st.navigation above. Without this, the first session after a start runs
     # in Streamlit's legacy pages/-directory mode and shows a spurious "Page not found" dialog.
     PagesManager.uses_pages_directory = False
 
-    app = st.App("Home.py", routes=routes())
+    warning = bind_warning(st.config.get_option("server.address") or "")
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    # HostCheck runs before Streamlit's own middleware: page, websocket and data routes alike.
+    app = st.App("Home.py", routes=routes(), middleware=[Middleware(HostCheck)])
