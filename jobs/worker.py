@@ -95,7 +95,7 @@ class LedgerWorker(SimpleWorker):
                     if done and (done["batches"] or done["plans"]):
                         _log("reconciled", requeued=done)
             except Exception as exc:  # noqa: BLE001 - the database or Redis is away; try again next beat
-                _log("heartbeat_failed", error=db.redact(str(exc))[:200])
+                _log("heartbeat_failed", error=_text(exc, 200))
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -107,12 +107,43 @@ class LedgerWorker(SimpleWorker):
                 conn.close()
 
 
+class RedactingFilter(logging.Filter):
+    """Masks passwords (``db.redact``) in a log record's message, traceback and stack before any handler writes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = db.redact(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = db.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = db.redact(record.stack_info)
+        return True
+
+
+def setup_worker_logging() -> None:
+    """Every log line of the worker process, RQ's own included, on stderr with passwords masked.
+
+    The root handler installed here is found by RQ, which then adds none of its own.
+    """
+    setup_process_logging()
+    root = logging.getLogger()
+    if not any(isinstance(f, RedactingFilter) for h in root.handlers for f in h.filters):
+        stream = logging.StreamHandler()
+        stream.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
+        root.addHandler(stream)
+    for handler in root.handlers + logger.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
 def run_worker(*, burst: bool = False, concurrency: int = 1) -> int:
     """Process runs and batches until stopped (or, with ``burst``, until the queue is empty).
 
     With ``concurrency`` > 1, RQ's WorkerPool forks that many workers and respawns dead ones.
+    Log lines never show a password (RedactingFilter).
     """
-    setup_process_logging()
+    setup_worker_logging()
     logging.getLogger("rq.worker").setLevel(logging.WARNING)
     redis = get_redis()
     if concurrency <= 1:
@@ -124,7 +155,12 @@ def run_worker(*, burst: bool = False, concurrency: int = 1) -> int:
 
 
 def _log(event: str, **fields: object) -> None:
-    logger.warning(json.dumps({"event": event, **fields}, default=str))
+    logger.warning(db.redact(json.dumps({"event": event, **fields}, default=str)))
+
+
+def _text(error: object, limit: int) -> str:
+    """An error's text for a log line: redacted first, so that cutting it never leaves half a password."""
+    return db.redact(str(error))[:limit]
 
 
 def _work_until_stopped(redis: Redis, burst: bool) -> int:
@@ -165,9 +201,9 @@ def _work_until_stopped(redis: Redis, burst: bool) -> int:
         if time.monotonic() - began > RESTART_RESET_SECONDS:
             delay = RESTART_MIN_SECONDS
         if worker is None:
-            _log("redis_unreachable", error=str(error)[:300], retry_in_s=delay)
+            _log("redis_unreachable", error=_text(error, 300), retry_in_s=delay)
         else:
-            _log("worker_loop_ended", worker=worker.name, error=str(error or "see the RQ error above")[:300],
+            _log("worker_loop_ended", worker=worker.name, error=_text(error or "see the RQ error above", 300),
                  note=f"a new worker starts once Redis answers; next try in {delay:.0f} s")
         while not asked.wait(delay):
             delay = min(delay * 2, RESTART_MAX_SECONDS)
@@ -175,7 +211,7 @@ def _work_until_stopped(redis: Redis, burst: bool) -> int:
                 redis.ping()
                 break
             except RedisError as exc:
-                _log("redis_unreachable", error=str(exc)[:300], retry_in_s=delay)
+                _log("redis_unreachable", error=_text(exc, 300), retry_in_s=delay)
         if asked.is_set():
             return 0
         _log("worker_restarting", previous=worker.name if worker is not None else None)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from . import api, config
+from . import api, config, db
 from .contract import list_runs, run_contract
 from .errors import LoaderError
 from .exports import iter_logs_ndjson, iter_metrics_csv, iter_rejects_ndjson
@@ -274,14 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors go to stderr with any password masked (``db.redact``).
+
+    A LoaderError is one line (``error: ...``) and exit code 1; anything else is a bug and prints its
+    traceback, masked too, with exit code 1.
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except LoaderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {db.redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        sys.stderr.write(db.redact(traceback.format_exc()))
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import psutil
 import psycopg
 import redis
 
+from .db import redact
 from .errors import ServiceError
 
 _log = logging.getLogger(__name__)
@@ -696,7 +697,8 @@ def _stop_redis(folder: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m loader.services [--data-dir DIR] {start,stop,run -- CMD...}``.
 
-    ``start`` prints ``export`` lines for a shell; ``run`` runs CMD with DATABASE_URL and
+    ``start`` prints ``export`` lines for a shell (a comment, password masked, for a URL the
+    environment already gives); ``run`` runs CMD with DATABASE_URL and
     REDIS_URL set (starting what the environment lacks) and stops the embedded servers after
     it unless another holder (a running ``dataloader up``) still uses them: this is ``make test``.
     """
@@ -714,7 +716,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "start":
             services = ensure_services(args.data_dir)
             for key, value in services.env().items():
-                print(f"export {key}={shlex.quote(value)}")
+                if {"DATABASE_URL": POSTGRESQL, "REDIS_URL": REDIS}[key] in services.embedded:
+                    print(f"export {key}={shlex.quote(value)}")
+                else:  # already in the shell's environment: nothing to export, and no password to print
+                    print(f"# {key} from the environment: {redact(value)}")
             return 0
         if args.command == "stop":
             stop_services(args.data_dir)

@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
+from .db import redact
 from .errors import ServiceError
+from .hosts import bind_warning
 from .services import PROJECT_ROOT, Services, held_services
 
 #: Seconds the console may take to answer its health check after starting.
@@ -36,7 +38,9 @@ def run_up(port: int = 8501, workers: int = 2, host: str = "127.0.0.1") -> int:
     missing, then ``workers`` worker processes and the Streamlit console start. Ctrl-C or SIGTERM
     stops the children (SIGTERM, then SIGKILL after CHILD_STOP_TIMEOUT) and the embedded services,
     returning 0; a child that dies on its own is named, the rest are stopped and 1 is returned.
-    Raises ServiceError when the port is taken or a service cannot start.
+    Raises ServiceError when the port is taken or a service cannot start. The console listens on
+    ``host`` only; an address other than loopback prints ``bind_warning``. Service URLs are printed
+    with their passwords masked (``postgresql://etl:***@db/etl``).
 
     Example::
 
@@ -44,6 +48,9 @@ def run_up(port: int = 8501, workers: int = 2, host: str = "127.0.0.1") -> int:
     """
     if workers < 0:
         raise ServiceError(f"--workers must be 0 or more, found {workers}", workers=workers)
+    warning = bind_warning(host)
+    if warning:
+        _say(warning)
     _check_port_free(host, port)
     console_url = f"http://{_url_host(host)}:{port}"
     sup = _Supervisor()
@@ -238,8 +245,10 @@ def _url_host(host: str) -> str:
 
 
 def _answers(url: str) -> bool:
+    # Host: localhost, which the console always answers, whatever address it listens on.
+    request = urllib.request.Request(url, headers={"Host": "localhost"})
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
@@ -248,7 +257,7 @@ def _answers(url: str) -> bool:
 def _describe(services: Services) -> None:
     for name, url in (("postgresql", services.database_url), ("redis", services.redis_url)):
         origin = "embedded" if name in services.embedded else "from the environment"
-        _say(f"{name}: {url} ({origin})")
+        _say(f"{name}: {redact(url)} ({origin})")
 
 
 def _say(message: str) -> None:

@@ -108,3 +108,28 @@ def test_retry_of_named_batches_only_accepts_failed_ones(job, workers):
     run = json.loads(dataloader("--catalog", catalog, "start", name, "--json", "--wait").stdout)["etl_run_id"]
     out = dataloader("retry", name, run, "--batch", "0", "--batch", "1")
     assert out.returncode == 1 and "only a failed or partial_success run can be retried" in out.stderr
+
+
+def test_dataloader_up_listens_on_127_0_0_1_unless_told_otherwise():
+    from loader.cli import build_parser
+
+    assert build_parser().parse_args(["up"]).host == "127.0.0.1"
+    assert build_parser().parse_args(["up", "--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("error", ["loader", "bug"])
+def test_cli_errors_and_tracebacks_never_show_a_service_password(error, monkeypatch, capsys):
+    from loader import cli
+    from loader.errors import LoaderError
+
+    url = "postgresql://etl:S3cret-Pw@db.example:5432/etl"
+    monkeypatch.setenv("DATABASE_URL", url)
+
+    def broken(*args, **kwargs):
+        raise (LoaderError if error == "loader" else RuntimeError)(f"cannot reach {url}")
+
+    monkeypatch.setattr(cli, "list_runs", broken)
+    assert cli.main(["runs"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach postgresql://etl:***@db.example:5432/etl" in err and "S3cret-Pw" not in err
+    assert err.startswith("error: ") if error == "loader" else "Traceback" in err

