@@ -5,16 +5,24 @@ The rows never travel through Streamlit's script runs: the grid's datasource fet
 ``.../version`` every second, calling ``refreshInfiniteCache()`` when the run changed. Only the
 selection, sort and filter model come back to Python (to show the batch detail and keep them in
 the URL).
+
+streamlit-aggrid needs ``allow_unsafe_jscode`` for a datasource (and forces it for a custom
+return): it then evaluates every string of the options wrapped in its JS-code marker. Every piece
+of JavaScript here is therefore a constant of this module; the values it needs (the run's API path,
+the status filter) travel as data in AG Grid's ``context``; the sort and filter state comes rebuilt
+by ``ui.grid_state``; and ``refuse_foreign_code`` checks the finished options for any marked string
+before they leave (docs/console.md, "Why the grid's unsafe mode is safe").
 """
 
 from __future__ import annotations
 
-import json
+import copy
 from typing import Any
 from urllib.parse import quote
 
 from st_aggrid import AgGrid, JsCode
 
+from .grid_state import refuse_foreign_code
 from .routes import API_PATH
 
 #: Rows per page the grid asks for; blocks kept in the browser.
@@ -64,10 +72,11 @@ CSS = {
     ".ag-cell-focus, .ag-header-cell:focus-visible, .ag-row-focus": {"outline": "2px solid #1d4ed8 !important"},
 }
 
+# Constant code: the values come from the grid's context (built in grid_options), never from formatting.
 _ON_READY = """function(params) {
   const api = params.api;
-  const base = %(base)s;
-  const statuses = %(statuses)s;
+  const base = params.context.base;
+  const statuses = params.context.statuses;
   let seen = null;
   let failed = false;  // a page could not be fetched (database down): refetch once the version answers
   const datasource = {
@@ -92,7 +101,7 @@ _ON_READY = """function(params) {
         }
       })
       .catch(() => {});
-  }, %(poll)d);
+  }, params.context.pollMs);
 }"""
 
 _RETURN = """function(r) {
@@ -101,6 +110,11 @@ _RETURN = """function(r) {
   const sort = api.getColumnState().filter(c => c.sort).map(c => ({colId: c.colId, sort: c.sort}));
   return {selected: sel, sort: sort, filter: api.getFilterModel()};
 }"""
+
+
+ON_READY = JsCode(_ON_READY)
+ROW_ID = JsCode("function(p){ return String(p.data.index); }")
+RETURN = JsCode(_RETURN)
 
 
 def api_base(job: str, run: str) -> str:
@@ -116,7 +130,9 @@ def grid_options(job: str, run: str, statuses: list[str], sort: list[dict[str, s
     if filters:
         initial["filter"] = {"filterModel": filters}
     return {
-        "columnDefs": COLUMNS,
+        # A copy: streamlit-aggrid replaces the JsCode objects of the options it is given by marked
+        # strings, in place; the module's constants must stay objects for refuse_foreign_code.
+        "columnDefs": copy.deepcopy(COLUMNS),
         "defaultColDef": {"sortable": True, "resizable": True,
                           "filterParams": {"maxNumConditions": 1, "buttons": ["reset", "apply"]}},
         "rowModelType": "infinite",
@@ -131,28 +147,30 @@ def grid_options(job: str, run: str, statuses: list[str], sort: list[dict[str, s
         "animateRows": False,
         # Fewer off-screen rows drawn per scroll step (default 10): worst slow-scroll task 60 ms vs 97 ms.
         "rowBuffer": 2,
-        "getRowId": JsCode("function(p){ return String(p.data.index); }"),
+        "getRowId": ROW_ID,
         "rowSelection": {"mode": "singleRow", "checkboxes": False, "enableClickSelection": True},
         "tooltipShowDelay": 300,
         "ensureDomOrder": True,
         "overlayNoRowsTemplate": "<span>No batches match.</span>",
         "overlayLoadingTemplate": "<span>Loading batches…</span>",
         "initialState": initial,
-        "onGridReady": JsCode(_ON_READY % {"base": json.dumps(api_base(job, run)),
-                                           "statuses": json.dumps(",".join(statuses)), "poll": POLL_MS}),
+        "context": {"base": api_base(job, run), "statuses": ",".join(statuses), "pollMs": POLL_MS},
+        "onGridReady": ON_READY,
     }
 
 
 def batches_grid(job: str, run: str, statuses: list[str], sort: list[dict[str, str]] | None,
                  filters: dict[str, Any] | None, key: str) -> dict[str, Any]:
     """Render the grid; returns ``{"selected": [index], "sort": [...], "filter": {...}}`` (empty at first)."""
+    options = grid_options(job, run, statuses, sort, filters)
+    refuse_foreign_code(options)
     response = AgGrid(
         None,
-        gridOptions=grid_options(job, run, statuses, sort, filters),
+        gridOptions=options,
         height=440,
         allow_unsafe_jscode=True,
         data_return_mode="CUSTOM",
-        custom_jscode_for_grid_return=JsCode(_RETURN),
+        custom_jscode_for_grid_return=RETURN,
         update_on=["selectionChanged", "sortChanged", "filterChanged"],
         key=key,
         theme="streamlit",

@@ -24,6 +24,8 @@ from loader.contract import signature_token
 from loader.errors import ConfigError, LoaderError, RunNotFound
 from loader.runs import SLUG_RE, UUID_RE
 
+from .grid_state import has_js_code_marker
+
 #: Where the console page lives (server.baseUrlPath "etl" + st.Page url_path "data-loader").
 PAGE_PATH = "/etl/data-loader"
 API_PATH = f"{PAGE_PATH}/api/runs"
@@ -51,6 +53,8 @@ def _guard(handler: Callable[[Request], Response]) -> Callable[[Request], Respon
     """Map errors to what the caller sees: 400 bad parameter, 404 unknown run, 503 database down."""
 
     def endpoint(request: Request) -> Response:
+        if any(has_js_code_marker(k) or has_js_code_marker(v) for k, v in request.query_params.multi_items()):
+            return _error(400, "a query parameter holds the grid's JS-code marker ('::JSCODE::'): refused")
         try:
             return handler(request)
         except BadRequest as exc:
