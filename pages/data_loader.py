@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -10,34 +9,23 @@ import streamlit as st
 
 import loader
 from loader import LoaderError, RunConflict, config
-from loader.errors import ConfigError
-from loader.grid import parse_json_param, parse_query
 from ui import format as fmt
 from ui.errors import show_error
+from ui.grid_state import GridState, read_grid_state, rebuild_filters, rebuild_sort, url_value
 from ui.layout import inject_css
-from ui.monitor import BATCH_STATUSES, empty_monitor, render_monitor
+from ui.monitor import empty_monitor, render_monitor
 from ui.runs_table import recent_runs, runs_frame
+from ui.text import alert, caption, md_code
 from ui.validation import RunConfig, check_config, default_batch_size, valid_job_param, valid_run_param
 
 DEDUP_NOTE = "Deduplication uses source_id; ON CONFLICT upsert updates data and updated_at"
 ss = st.session_state
 
 
-def _grid_state_from_url() -> tuple[list[str], list[dict[str, str]] | None, dict[str, Any] | None]:
-    """Batch status filter, grid sort and grid filter from the URL; anything invalid is dropped."""
-    wanted = set((st.query_params.get("status") or "").split(","))
-    statuses = [s for s in BATCH_STATUSES if s in wanted]
-    try:
-        sort = parse_json_param("sort", st.query_params.get("sort"))
-        parse_query(sort=sort)
-    except ConfigError:
-        sort = None
-    try:
-        filters = parse_json_param("filter", st.query_params.get("filter"))
-        parse_query(filters=filters)
-    except ConfigError:
-        filters = None
-    return statuses, sort or None, filters or None
+def _grid_state_from_url() -> GridState:
+    """Batch status filter, grid sort and grid filter from the URL, rebuilt from the allow-list."""
+    q = st.query_params
+    return read_grid_state(q.get("status"), q.get("sort"), q.get("filter"))
 
 
 def _init_state() -> list[str]:
@@ -52,6 +40,7 @@ def _init_state() -> list[str]:
         elif raw_run and not ss.dl_run:
             notes.append("The link's run id is not valid (a UUID or a slug); nothing to show for it.")
         ss.dl_grid_url = _grid_state_from_url()
+        notes.extend(ss.dl_grid_url.notes)
     if "cfg_run_id" not in ss or ss.pop("dl_regen", False):
         ss.cfg_run_id = str(uuid.uuid4())
     return notes
@@ -90,7 +79,7 @@ def _start(cfg: RunConfig, force: bool) -> bool:
         return False
     ss.dl_job, ss.dl_run = ref.etl_job_id, ref.etl_run_id
     ss.dl_regen = True
-    ss.dl_toast = (f"Run started: {ref.etl_job_id} / {ref.etl_run_id} (batch size {ref.batch_size})",
+    ss.dl_toast = (f"Run started: {md_code(ref.etl_job_id)} / {md_code(ref.etl_run_id)} (batch size {ref.batch_size})",
                    ":material/rocket_launch:")
     return True
 
@@ -124,10 +113,11 @@ def _start_area(cfg: RunConfig) -> None:
         except LoaderError as exc:
             show_error(exc)
     if active:
-        st.warning(fmt.md_text(f"Run {active['etl_run_id']} of this job is {active['status']}: "
-                               "starting another one asks for confirmation."), icon=":material/warning:")
+        st.warning(f"Run {md_code(active['etl_run_id'])} of this job is {md_code(active['status'])}: "
+                   "starting another one asks for confirmation.", icon=":material/warning:")
+    why = None if cfg.valid else fmt.md_text("Fix the configuration first: " + "; ".join(cfg.problems.values()))
     if st.button("Start Load", type="primary", disabled=not cfg.valid, key="start-load", icon=":material/play_arrow:",
-                 help=None if cfg.valid else "Fix the configuration first: " + "; ".join(cfg.problems.values())):
+                 help=why):
         if active:
             ss.dl_confirm = True
         elif _start(cfg, force=False):
@@ -135,14 +125,14 @@ def _start_area(cfg: RunConfig) -> None:
     if ss.get("dl_confirm"):  # stays open until answered or dismissed
         _confirm_force(cfg, active)
     if error := ss.pop("dl_start_error", None):
-        st.error(fmt.md_text(f"Start Load: {error}"), icon=":material/error:")
+        alert(error, prefix="Start Load: ")
 
 
 def _config_panel(catalog: loader.Catalog | None, catalog_error: str | None) -> None:
     st.subheader("Run Configuration", anchor=False)
     jobs = sorted(catalog.jobs) if catalog else []
     if catalog_error:
-        st.error(fmt.md_text(catalog_error), icon=":material/error:")
+        alert(catalog_error)
     if "cfg_job" not in ss:
         ss.cfg_job = ss.dl_job if ss.dl_job in jobs else None
     elif ss.cfg_job is not None and ss.cfg_job not in jobs:
@@ -160,7 +150,7 @@ def _config_panel(catalog: loader.Catalog | None, catalog_error: str | None) -> 
                 st.text(f"{name}: {err}")
     if job and catalog is not None and job in catalog.jobs:
         spec = catalog.jobs[job]
-        st.caption(fmt.md_text(f"{spec.description or 'No description'} → {spec.target}"))
+        caption(f"{spec.description or 'No description'} → {spec.target}")
     run_id = st.text_input("Run ID", key="cfg_run_id", max_chars=80, live=True,
                            help="A UUID (pre-filled) or a slug: a-z, 0-9, '-' and '_', at most 63 characters")
     run_id_message = st.empty()
@@ -174,11 +164,12 @@ def _config_panel(catalog: loader.Catalog | None, catalog_error: str | None) -> 
     # Each message right under its field (a missing job is said by the disabled Start's help).
     for field, slot in (("run_id", run_id_message), ("batch_size", batch_size_message)):
         if field in cfg.problems:
-            slot.error(fmt.md_text(cfg.problems[field]), icon=":material/error:")
+            with slot:
+                alert(cfg.problems[field])
     if job is not None and "job" in cfg.problems:
-        st.error(fmt.md_text(cfg.problems["job"]), icon=":material/error:")
+        alert(cfg.problems["job"])
     if size_note:
-        st.caption(fmt.md_text(f"ETL_BATCH_SIZE ignored: {size_note}"))
+        caption(f"ETL_BATCH_SIZE ignored: {size_note}")
     st.info(DEDUP_NOTE, icon=":material/info:")
     # Not on a timer: a fragment redrawn every few seconds would take the keyboard focus away. Start
     # Load checks for a run in progress when clicked, and the page reruns when the monitored run ends.
@@ -216,14 +207,17 @@ def _sync_url(grid_state: dict[str, Any]) -> None:
         want["job"] = ss.dl_job
     if ss.dl_job and ss.dl_run:
         want["run"] = ss.dl_run
+        # The grid reports its state from the browser: rebuilt like a link's before it enters the URL.
+        ignored: list[str] = []
         statuses = grid_state.get("status")
-        sort, filters = grid_state.get("sort"), grid_state.get("filter")
+        sort = rebuild_sort(grid_state.get("sort"), ignored)
+        filters = rebuild_filters(grid_state.get("filter"), ignored)
         if statuses:
             want["status"] = ",".join(statuses)
         if sort:
-            want["sort"] = json.dumps(sort, separators=(",", ":"))
+            want["sort"] = url_value(sort)
         if filters:
-            want["filter"] = json.dumps(filters, separators=(",", ":"))
+            want["filter"] = url_value(filters)
     if st.query_params.to_dict() != want:
         st.query_params.from_dict(want)
 
@@ -232,10 +226,10 @@ def main() -> None:
     inject_css()
     notes = _init_state()
     if toast := ss.pop("dl_toast", None):
-        st.toast(toast[0], icon=toast[1])
+        st.toast(toast[0], icon=toast[1])  # Markdown we wrote; ids inside are code spans
     st.title("Data Loader", anchor=False)
     for note in notes:
-        st.info(note, icon=":material/link_off:")
+        st.info(fmt.md_text(note), icon=":material/link_off:")
     catalog, catalog_error = None, None
     try:
         catalog = _catalog()
@@ -248,8 +242,8 @@ def main() -> None:
         with right:
             grid_state: dict[str, Any] = {}
             if ss.dl_job and ss.dl_run:
-                statuses, sort, filters = ss.dl_grid_url
-                grid_state = render_monitor(ss.dl_job, ss.dl_run, statuses, sort, filters)
+                url = ss.dl_grid_url
+                grid_state = render_monitor(ss.dl_job, ss.dl_run, url.statuses, url.sort or None, url.filters or None)
             else:
                 empty_monitor()
     _sync_url(grid_state)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-import streamlit as st
 
 from loader import LoaderError, db
 
-from .format import md_text
+from .text import alert
 
 
 def user_message(exc: BaseException) -> str:
@@ -20,7 +19,7 @@ def user_message(exc: BaseException) -> str:
 
 
 def show_error(exc: BaseException, *, where: str = "") -> None:
-    """Show a LoaderError (or a database outage) in an error box, as plain text; re-raise anything else.
+    """Show a LoaderError (or a database outage) in an error box, as text; re-raise anything else.
 
     Example::
 
@@ -31,4 +30,4 @@ def show_error(exc: BaseException, *, where: str = "") -> None:
     """
     message = user_message(exc)
     prefix = f"{where}: " if where else ""
-    st.error(md_text(prefix + message), icon=":material/error:")
+    alert(message, prefix=prefix)

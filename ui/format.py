@@ -32,11 +32,20 @@ UNKNOWN_BADGE = Badge("Unknown", ":material/help:", "gray")
 ACTIVE = frozenset({"queued", "validating", "loading", "committing"})
 FINAL = frozenset({"success", "partial_success", "failed", "canceled"})
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&])")
+#: Every ASCII punctuation character: CommonMark lets each be backslash-escaped, and escaping them all
+#: leaves no link, image, autolink (``https://``, ``www.``, e-mail), HTML, LaTeX, emoji shortcode or
+#: Streamlit directive (``:red[...]``, ``:material/...:``) for the Markdown renderer to find.
+_MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
 
 
 def md_text(text: object) -> str:
-    """``text`` escaped so Streamlit's Markdown shows it literally (no links, images, HTML or LaTeX)."""
+    """``text`` escaped so Streamlit's Markdown shows it literally (no links, images, HTML or LaTeX).
+
+    Example::
+
+        >>> md_text("[x](javascript:alert(1))")
+        '\\[x\\]\\(javascript\\:alert\\(1\\)\\)'
+    """
     return _MD_SPECIAL.sub(r"\\\1", str(text)).replace("\n", "  \n")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
+from .text import CSS as TEXT_CSS
+
 CSS = """
 <style>
 /* Two columns at >= 1024 px; stacked below (Streamlit alone stacks only under 640 px). */
@@ -31,6 +33,8 @@ a:focus-visible, button:focus-visible, input:focus-visible, [role="option"]:focu
 .dl-v { font-size: 1.35rem; margin: 0; font-variant-numeric: tabular-nums; }
 .dl-sr-only { position: absolute !important; width: 1px; height: 1px; padding: 0; margin: -1px;
   overflow: hidden; clip: rect(0, 0, 0, 0); white-space: nowrap; border: 0; }
+/* Alerts and captions holding outside text (ui/text.py). */
+""" + TEXT_CSS + """
 </style>
 """
 

@@ -21,6 +21,7 @@ from . import format as fmt
 from .errors import show_error, user_message
 from .grid import batches_grid
 from .routes import API_PATH
+from .text import alert, caption, md_code
 
 #: Seconds between two refreshes of the header, cards and validation summary. The spec asks for 2 s or
 #: less and a change on screen within 2 s: a 2 s timer alone waits up to 2 s, so 1.5 s leaves room for
@@ -129,10 +130,10 @@ def _header(c: dict[str, Any], stale: str | None) -> None:
     line.append(f":small[:gray[{live} · Last refreshed {fmt.md_text(fmt.local_time(datetime.now(UTC), _zone()))}]]")
     st.markdown(" ".join(line))
     if stale:
-        st.warning(fmt.md_text(stale), icon=":material/cloud_off:")
+        alert(stale, "warning")
     st.text(f"etl_job_id: {c['etl_job_id']}\netl_run_id: {c['etl_run_id']}")
     if c.get("error_message"):
-        st.error(fmt.md_text(f"{c.get('error_code') or 'error'}: {c['error_message']}"), icon=":material/error:")
+        alert(f"{c.get('error_code') or 'error'}: {c['error_message']}")
 
 
 def _time(label: str, value: str | None, zone: str | None) -> str:
@@ -290,12 +291,12 @@ def _live(job: str, run: str) -> None:
     try:
         c, stale = _load(job, run)
     except loader.RunNotFound:
-        st.info(fmt.md_text(f"No run {run!r} for job {job!r}. Pick a run from the list or start one."),
+        st.info(f"No run {md_code(run)} for job {md_code(job)}. Pick a run from the list or start one.",
                 icon=":material/search_off:")
         return
     _toasts(job, run, c, stale)
     if c is None:
-        st.warning(fmt.md_text(stale or "No data yet"), icon=":material/cloud_off:")
+        alert(stale or "No data yet", "warning")
         st.badge("Stale", icon=":material/cloud_off:", color="orange")
         return
     _header(c, stale)
@@ -316,7 +317,7 @@ def _chart(job: str, run: str) -> None:
         try:
             series = grid.duration_series(job, run)
         except (LoaderError, sa.exc.OperationalError) as exc:
-            st.caption(fmt.md_text(f"Chart unavailable: {user_message(exc)}"))
+            caption(f"Chart unavailable: {user_message(exc)}")
             return
         st.session_state[cache_key] = (version, series)
     if not series:

@@ -38,7 +38,7 @@ def check_config(job: str | None, run_id: str | None, batch_size: object, jobs: 
     if not job:
         problems["job"] = "Choose an ETL job"
     elif job not in jobs:
-        problems["job"] = f"Unknown job {job!r}: choose one of the configured jobs"
+        problems["job"] = "Unknown job: choose one of the configured jobs"
     text = (run_id or "").strip()
     run = text
     if not text:
