@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
 
 from . import config
@@ -34,7 +35,10 @@ TRANSIENT_CLASSES = ("08",)  # connection exceptions
 
 _lock = threading.Lock()
 _pools: dict[tuple[int, str], ConnectionPool] = {}
-_engines: dict[tuple[int, str, str], sa.engine.Engine] = {}
+_engines: dict[tuple[int, str, str, int], sa.engine.Engine] = {}
+#: Milliseconds a read of this process may run before PostgreSQL cancels it (0: no limit); see
+#: :func:`set_read_timeout`.
+_read_timeout_ms = 0
 
 
 def libpq_url(url: str) -> str:
@@ -71,6 +75,39 @@ def next_change() -> sql.Composed:
     return sql.SQL("nextval({})").format(sql.Literal(f'"{ledger_schema()}".ledger_change_seq'))
 
 
+def set_read_timeout(seconds: float | None) -> None:
+    """Have PostgreSQL cancel this process's reads that run longer than ``seconds`` (None or 0: no limit).
+
+    The console turns it on (``ETL_CONSOLE_STATEMENT_TIMEOUT``) so that no page, grid page, batch detail
+    or download holds the database for long; workers never do, since a batch may rightly run minutes.
+    It covers the connections that read: the SQLAlchemy engine (:func:`get_engine`: run contract, grid,
+    change signature) and :func:`dedicated_connection` (downloads). The pool that writes
+    (:func:`connection`: start, retry, cancel, loading) keeps no limit, so an action is never cut short.
+    The limit travels in each new connection's startup packet (``options=-c statement_timeout=N``): it
+    costs no round trip. A canceled statement raises SQLSTATE 57014, which :func:`wrap_db_error` turns
+    into a TransientDbError saying so.
+
+    Example::
+
+        db.set_read_timeout(config.get_float("ETL_CONSOLE_STATEMENT_TIMEOUT"))
+    """
+    global _read_timeout_ms
+    ms = round((seconds or 0) * 1000)
+    if ms < 0:
+        raise ValueError(f"a statement timeout cannot be negative, found {seconds!r}")
+    with _lock:
+        _read_timeout_ms = ms
+
+
+def read_timeout() -> float | None:
+    """Seconds this process's reads may run (:func:`set_read_timeout`), None when unlimited."""
+    return _read_timeout_ms / 1000 if _read_timeout_ms else None
+
+
+def _timeout_options(ms: int) -> dict[str, str]:
+    return {"options": f"-c statement_timeout={ms}"} if ms else {}
+
+
 def get_pool(url: str | None = None) -> ConnectionPool:
     """This process's connection pool (a new one after fork: sockets are never shared)."""
     url = libpq_url(url or config.database_url())
@@ -94,17 +131,41 @@ def connection(url: str | None = None) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+@contextmanager
+def dedicated_connection(url: str | None = None) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection of its own, outside the pool, closed on exit, under the read timeout.
+
+    For long streams (downloads): a client that reads slowly then holds no connection that starting,
+    retrying or canceling a run needs. Connection failures raise TransientDbError.
+
+    Example::
+
+        with dedicated_connection() as conn:
+            conn.execute("SELECT 1")
+    """
+    try:
+        conninfo = make_conninfo(libpq_url(url or config.database_url()), application_name="dataloader-stream",
+                                 **_timeout_options(_read_timeout_ms))
+        conn = psycopg.connect(conninfo, autocommit=True)
+    except psycopg.Error as exc:
+        raise wrap_db_error(exc) from exc
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
 def get_engine(url: str | None = None) -> sa.engine.Engine:
-    """This process's SQLAlchemy engine, with the ledger's schema mapped in."""
+    """This process's SQLAlchemy engine, with the ledger's schema mapped in (and the read timeout, if set)."""
     url = url or config.database_url()
     schema = ledger_schema()
-    key = (os.getpid(), url, schema)
+    key = (os.getpid(), url, schema, _read_timeout_ms)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
             engine = sa.create_engine(
                 sqlalchemy_url(url), pool_pre_ping=True, pool_size=2, max_overflow=4,
-                connect_args={"application_name": "dataloader"},
+                connect_args={"application_name": "dataloader", **_timeout_options(_read_timeout_ms)},
             ).execution_options(schema_translate_map={None: schema})
             _engines[key] = engine
         return engine
@@ -145,6 +206,11 @@ def wrap_db_error(exc: BaseException, **context: object) -> LoaderError:
     sqlstate = getattr(err, "sqlstate", None) or ""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     message = redact(first)
+    if sqlstate == "57014" and _read_timeout_ms and "statement timeout" in message:
+        return TransientDbError(
+            f"the database did not answer within {_read_timeout_ms / 1000:g} s (the console's statement timeout) "
+            "and the query was canceled: it is busy, or the request asks for too much; try again in a moment "
+            "or narrow the filter", sqlstate=sqlstate, timeout=True, **context)
     if is_transient(err):
         return TransientDbError(f"database error, will retry: {message}", sqlstate=sqlstate, **context)
     return PermanentDbError(f"database error {sqlstate or ''}: {message}".replace("  ", " "),

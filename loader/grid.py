@@ -209,33 +209,56 @@ def grid_row(r: sa.Row[Any]) -> dict[str, Any]:
     return row
 
 
+def _order(q: GridQuery, columns: Callable[[str], sa.ColumnElement[Any]]) -> list[sa.ColumnElement[Any]]:
+    order: list[sa.ColumnElement[Any]] = []
+    for col, direction in q.sort:
+        column = columns(col)
+        order.append(column.asc().nulls_first() if direction == "asc" else column.desc().nulls_last())
+    order.append(columns("index").asc())
+    return order
+
+
 def batch_page(job: str, run: str, q: GridQuery) -> dict[str, Any]:
-    """One page of a run's batches: ``rows``, ``lastRow`` (the filtered count) and ``version`` (the run's
+    """One page of a run's batches: ``rows``, ``lastRow`` and ``version`` (the run's
     :func:`~loader.contract.signature_token`, what ``/version`` answers).
 
-    Sorting and filtering run in PostgreSQL with bound parameters, so a run with 100k batches
-    costs one indexed query per page.
+    Sorting and filtering run in PostgreSQL with bound parameters. What a page costs at 100k batches:
+
+    - the sort carries only the batch index and the sort columns (a few bytes a row, so it stays in
+      ``work_mem`` where whole rows spilled to disk), then the page's rows are fetched by primary key;
+    - ``lastRow`` is the number of rows matching the filters, as AG Grid's infinite model wants it. It
+      is exact whenever the page reaches the end (one row more than the page is read to know); else it
+      is counted only for the first page (``start == 0``), which the grid loads first after every sort
+      or filter change and keeps the count of, and for a page past the end (a count gone stale); a
+      later full page answers ``None``: "not the end", which AG Grid takes as "keep the count you
+      have". Scrolling thus never counts the run again.
 
     Example::
 
         page = batch_page("orders", run_id, parse_query(0, 100, [{"colId": "index", "sort": "asc"}]))
     """
     conds = _where(q)
-    order: list[sa.ColumnElement[Any]] = []
-    for col, direction in q.sort:
-        column = COLUMNS[col]
-        order.append(column.asc().nulls_first() if direction == "asc" else column.desc().nulls_last())
-    order.append(batches.c.batch_index.asc())
-    select = batch_rows_query(job, run).where(*conds).order_by(*order).offset(q.start).limit(q.end - q.start)
-    count = sa.select(sa.func.count()).select_from(batches).where(
-        batches.c.etl_job_id == job, batches.c.etl_run_id == run, *conds)
+    size = q.end - q.start
+    key = (batches.c.etl_job_id == job, batches.c.etl_run_id == run)
+    sort_columns = {COLUMNS[col].name: COLUMNS[col] for col, _ in q.sort}
+    sort_columns.pop(batches.c.batch_index.name, None)
+    page = (sa.select(batches.c.batch_index, *sort_columns.values()).where(*key, *conds)
+            .order_by(*_order(q, lambda col: COLUMNS[col])).offset(q.start).limit(size + 1).subquery("page"))
+    select = (batch_rows_query(job, run).join_from(batches, page, batches.c.batch_index == page.c.batch_index)
+              .order_by(*_order(q, lambda col: page.c[COLUMNS[col].name])))
+    count = sa.select(sa.func.count()).select_from(batches).where(*key, *conds)
     with db.get_engine().connect() as conn:
         # First: the rows below are at least as new as the token, so the grid's poll of /version sees
         # any change that lands after it.
         token = signature_token(change_signature(job, run, conn))
         run_row = get_run_row(conn, job, run)
-        rows = [grid_row(r) for r in conn.execute(select)]
-        total = int(conn.execute(count).scalar_one())
+        found = conn.execute(select).all()
+        total: int | None = None
+        if len(found) <= size and (found or q.start == 0):
+            total = q.start + len(found)  # the end is on this page
+        elif q.start == 0 or not found:  # the first page, or past the end (the grid's count is stale)
+            total = int(conn.execute(count).scalar_one())
+    rows = [grid_row(r) for r in found[:size]]
     return {"rows": rows, "lastRow": total, "version": token, "status": run_row.status}
 
 

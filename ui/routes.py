@@ -3,22 +3,30 @@
 They are mounted by ``Home.py`` through ``st.App(routes=...)``; every path starts with
 ``/etl/data-loader/`` (never ``/etl/_stcore/...``). Each parameter is checked, values are bound in
 SQL by the engine, and errors come back as JSON with a 4xx/5xx status.
+
+No request starves the console: the data routes (grid pages, batch details, downloads) take a slot
+of a per-process :class:`Limiter` (``ETL_CONSOLE_MAX_REQUESTS``) or answer 503 with ``Retry-After`` at
+once; every read runs under the console's statement timeout (``ETL_CONSOLE_STATEMENT_TIMEOUT``, see
+:func:`configure_process`), and a canceled statement is a 503 too, never a 500.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlencode
 
+import psycopg
 import sqlalchemy as sa
+from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 import loader
-from loader import db
+from loader import config, db
 from loader.catalog import JOB_NAME_RE
 from loader.contract import signature_token
 from loader.errors import ConfigError, LoaderError, RunNotFound
@@ -30,10 +38,73 @@ from .grid_state import has_js_code_marker
 PAGE_PATH = "/etl/data-loader"
 API_PATH = f"{PAGE_PATH}/api/runs"
 NO_STORE = {"Cache-Control": "no-store"}
+#: Seconds a client is told to wait (``Retry-After``) when the console is busy or a query timed out.
+RETRY_AFTER = 1
+#: Bytes gathered from a download's lines before they are sent (one thread hop per chunk, not per line).
+STREAM_CHUNK = 64 * 1024
 
 
 class BadRequest(Exception):
     """A parameter the routes refuse; ``str()`` says which and why."""
+
+
+class Busy(Exception):
+    """Every slot of the console's :class:`Limiter` is taken; ``str()`` says so and what to do."""
+
+
+def configure_process() -> None:
+    """Put this process's database reads under ``ETL_CONSOLE_STATEMENT_TIMEOUT`` (the console's, not a worker's).
+
+    Called by :func:`routes`, which the console's server calls once when it starts, before any page
+    or request reads the ledger.
+    """
+    db.set_read_timeout(config.get_float("ETL_CONSOLE_STATEMENT_TIMEOUT"))
+
+
+class Limiter:
+    """At most ``size`` expensive requests at once in this process; a request beyond them is refused at once.
+
+    Nothing waits in a queue: :meth:`enter` either takes a slot or raises :class:`Busy`. The slot is
+    given back by the returned function (idempotent), which a download calls when its stream ends.
+
+    Example::
+
+        release = limiter.enter()
+        try:
+            ...
+        finally:
+            release()
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = threading.BoundedSemaphore(size)
+
+    def enter(self) -> Callable[[], None]:
+        if not self._free.acquire(blocking=False):
+            raise Busy(f"the console is busy: it already serves {self.size} data request(s) at once "
+                       f"(ETL_CONSOLE_MAX_REQUESTS); try again in a moment")
+        lock = threading.Lock()
+        held = [True]
+
+        def release() -> None:
+            with lock:
+                if held[0]:
+                    held[0] = False
+                    self._free.release()
+
+        return release
+
+
+_limiters: dict[int, Limiter] = {}
+_limiters_lock = threading.Lock()
+
+
+def limiter() -> Limiter:
+    """This process's limiter, sized by ``ETL_CONSOLE_MAX_REQUESTS`` (read at each call: tests change it)."""
+    size = config.get_int("ETL_CONSOLE_MAX_REQUESTS", minimum=1)
+    with _limiters_lock:
+        return _limiters.setdefault(size, Limiter(size))
 
 
 def check_ids(job: str, run: str) -> tuple[str, str]:
@@ -49,14 +120,30 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=NO_STORE)
 
 
-def _guard(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
-    """Map errors to what the caller sees: 400 bad parameter, 404 unknown run, 503 database down."""
+def _busy(message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=503,
+                        headers={**NO_STORE, "Retry-After": str(RETRY_AFTER)})
+
+
+def _guard(handler: Callable[[Request], Response], *, limited: bool = False) -> Callable[[Request], Response]:
+    """Map errors to what the caller sees: 400 bad parameter, 404 unknown run, 503 busy, timed out or
+    database down (with ``Retry-After``).
+
+    ``limited``: the handler takes a slot of the :func:`limiter` first, and gives it back when it
+    returns (a download's stream keeps it until the stream is over, see :func:`_stream`).
+    """
 
     def endpoint(request: Request) -> Response:
         if any(has_js_code_marker(k) or has_js_code_marker(v) for k, v in request.query_params.multi_items()):
             return _error(400, "a query parameter holds the grid's JS-code marker ('::JSCODE::'): refused")
+        release: Callable[[], None] | None = None
         try:
+            if limited:
+                release = limiter().enter()
+                request.state.release_slot = release
             return handler(request)
+        except Busy as exc:
+            return _busy(str(exc))
         except BadRequest as exc:
             return _error(400, str(exc))
         except RunNotFound as exc:
@@ -64,11 +151,16 @@ def _guard(handler: Callable[[Request], Response]) -> Callable[[Request], Respon
         except ConfigError as exc:
             return _error(400, str(exc))
         except loader.TransientDbError as exc:
-            return _error(503, str(exc))
+            return _busy(str(exc))
         except LoaderError as exc:
             return _error(400, str(exc))
-        except sa.exc.OperationalError as exc:
-            return _error(503, str(db.wrap_db_error(exc)))
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, psycopg.OperationalError,
+                psycopg.InterfaceError, PoolTimeout) as exc:
+            # A statement canceled by the timeout (57014) is an OperationalError too.
+            return _busy(str(db.wrap_db_error(exc)))
+        finally:
+            if release is not None and not getattr(request.state, "slot_kept", False):
+                release()
 
     endpoint.__name__ = handler.__name__
     return endpoint
@@ -114,25 +206,76 @@ def version(request: Request) -> Response:
     return JSONResponse({"version": signature_token(loader.change_signature(job, run))}, headers=NO_STORE)
 
 
-def _stream(chunks: Iterator[bytes], media_type: str, filename: str) -> StreamingResponse:
-    first = next(chunks, b"")  # RunNotFound and database errors surface here, before the headers
-    return StreamingResponse(itertools.chain([first], chunks), media_type=media_type,
+def _chunks(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines gathered into chunks of about :data:`STREAM_CHUNK` bytes."""
+    size = STREAM_CHUNK
+    buf: list[bytes] = []
+    n = 0
+    for line in lines:
+        buf.append(line)
+        n += len(line)
+        if n >= size:
+            yield b"".join(buf)
+            buf, n = [], 0
+    if buf:
+        yield b"".join(buf)
+
+
+class _Body:
+    """A download's chunks; gives its limiter slot back and closes its database connection when the stream
+    ends, fails, or is dropped unread (a client that went away), whichever comes first."""
+
+    def __init__(self, first: bytes, rest: Iterator[bytes], lines: Iterator[bytes], release: Callable[[], None]):
+        self._chunks = itertools.chain([first], rest)
+        self._lines = lines
+        self._release = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        close = getattr(self._lines, "close", None)
+        if close is not None:
+            close()  # a generator: its `with` blocks (the dedicated connection) exit now
+        self._release()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _stream(request: Request, lines: Iterator[bytes], media_type: str, filename: str) -> StreamingResponse:
+    """Stream ``lines`` in chunks; the request's limiter slot is kept until the stream is over."""
+    rest = _chunks(lines)
+    first = next(rest, b"")  # RunNotFound and database errors surface here, before the headers
+    release = getattr(request.state, "release_slot", None) or (lambda: None)
+    body = _Body(first, rest, lines, release)
+    request.state.slot_kept = True
+    return StreamingResponse(body, media_type=media_type,
                              headers={"Content-Disposition": f'attachment; filename="{filename}"', **NO_STORE})
 
 
 def logs_ndjson(request: Request) -> Response:
     job, run = _ids(request)
-    return _stream(loader.iter_logs_ndjson(job, run), "application/x-ndjson", f"{job}-{run}-logs.ndjson")
+    return _stream(request, loader.iter_logs_ndjson(job, run), "application/x-ndjson", f"{job}-{run}-logs.ndjson")
 
 
 def metrics_csv(request: Request) -> Response:
     job, run = _ids(request)
-    return _stream(loader.iter_metrics_csv(job, run), "text/csv; charset=utf-8", f"{job}-{run}-metrics.csv")
+    return _stream(request, loader.iter_metrics_csv(job, run), "text/csv; charset=utf-8",
+                   f"{job}-{run}-metrics.csv")
 
 
 def rejects_ndjson(request: Request) -> Response:
     job, run = _ids(request)
-    return _stream(loader.iter_rejects_ndjson(job, run), "application/x-ndjson", f"{job}-{run}-rejects.ndjson")
+    return _stream(request, loader.iter_rejects_ndjson(job, run), "application/x-ndjson",
+                   f"{job}-{run}-rejects.ndjson")
 
 
 def deep_link(request: Request) -> Response:
@@ -159,15 +302,20 @@ def root(request: Request) -> Response:
 
 
 def routes() -> list[BaseRoute]:
-    """The routes to give ``st.App``; API routes first so a job named ``api`` cannot shadow them."""
+    """The routes to give ``st.App``; API routes first so a job named ``api`` cannot shadow them.
+
+    Also puts this process's reads under the console's statement timeout (:func:`configure_process`):
+    the server that mounts these routes is the console.
+    """
+    configure_process()
     run = API_PATH + "/{job}/{run}"
     return [
-        Route(run + "/batches", _guard(batches_page), methods=["GET"]),
-        Route(run + "/batches/{index:int}", _guard(batch_detail), methods=["GET"]),
+        Route(run + "/batches", _guard(batches_page, limited=True), methods=["GET"]),
+        Route(run + "/batches/{index:int}", _guard(batch_detail, limited=True), methods=["GET"]),
         Route(run + "/version", _guard(version), methods=["GET"]),
-        Route(run + "/logs.ndjson", _guard(logs_ndjson), methods=["GET"]),
-        Route(run + "/metrics.csv", _guard(metrics_csv), methods=["GET"]),
-        Route(run + "/rejects.ndjson", _guard(rejects_ndjson), methods=["GET"]),
+        Route(run + "/logs.ndjson", _guard(logs_ndjson, limited=True), methods=["GET"]),
+        Route(run + "/metrics.csv", _guard(metrics_csv, limited=True), methods=["GET"]),
+        Route(run + "/rejects.ndjson", _guard(rejects_ndjson, limited=True), methods=["GET"]),
         Route(PAGE_PATH + "/{rest:path}", deep_link, methods=["GET"]),
         Route("/", root, methods=["GET"]),
     ]

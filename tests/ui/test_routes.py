@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import json
+import os
 from urllib.parse import urlencode
 
 import pytest
@@ -159,3 +160,103 @@ def test_parse_query_accepts_only_whitelisted_columns():
         parse_query(0, 10, [{"colId": "payload", "sort": "asc"}])
     with pytest.raises(ConfigError):
         parse_query(filters={"committed_at": {"type": "equals", "filter": 1}})
+
+
+@pytest.fixture
+def no_read_timeout_after():
+    """Tests that set the console's statement timeout leave the test process without one."""
+    from loader import db
+
+    yield
+    db.set_read_timeout(None)
+
+
+def test_a_data_request_beyond_the_limit_answers_503_with_retry_after_and_the_slot_returns_when_done(
+        finished, monkeypatch):
+    """A download being streamed holds one of ETL_CONSOLE_MAX_REQUESTS slots; nothing waits in a queue."""
+    job, run = finished
+    monkeypatch.setenv("ETL_CONSOLE_MAX_REQUESTS", "1")
+    download = call(f"/etl/data-loader/api/runs/{job}/{run}/logs.ndjson")
+    assert download.status_code == 200
+    busy = call(f"/etl/data-loader/api/runs/{job}/{run}/batches", {"start": 0, "end": 10})
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert "busy" in json.loads(busy.body)["error"]
+    assert call(f"/etl/data-loader/api/runs/{job}/{run}/batches/3").status_code == 503
+    assert call(f"/etl/data-loader/api/runs/{job}/{run}/version").status_code == 200  # cheap: never limited
+    assert sum(json.loads(line)["event"] == "batch_committed" for line in body(download).splitlines()) == 11
+    assert call(f"/etl/data-loader/api/runs/{job}/{run}/batches", {"start": 0, "end": 10}).status_code == 200
+
+
+def test_a_refused_or_failed_data_request_gives_its_slot_back(finished, monkeypatch):
+    job, _ = finished
+    monkeypatch.setenv("ETL_CONSOLE_MAX_REQUESTS", "1")
+    assert call(f"/etl/data-loader/api/runs/{job}/no-such-run/logs.ndjson").status_code == 404
+    assert call(f"/etl/data-loader/api/runs/{job}/no-such-run/batches").status_code == 404
+    assert call(f"/etl/data-loader/api/runs/{job}/no-such-run/batches").status_code == 404
+
+
+def test_a_query_canceled_by_the_statement_timeout_answers_503_with_a_clear_message_not_500(
+        finished, monkeypatch, pg, no_read_timeout_after):
+    """The grid page and the download wait for a lock longer than the timeout: PostgreSQL cancels them."""
+    import psycopg
+    from psycopg import sql
+
+    from ui.routes import configure_process
+
+    job, run = finished
+    monkeypatch.setenv("ETL_CONSOLE_STATEMENT_TIMEOUT", "0.3")
+    configure_process()
+    schema = os.environ["ETL_LEDGER_SCHEMA"]
+    with psycopg.connect(os.environ["DATABASE_URL"]) as locker:
+        locker.execute(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(
+            sql.Identifier(schema, "batches"), sql.Identifier(schema, "events")))
+        for path in ("batches", "batches/3", "logs.ndjson", "metrics.csv"):
+            r = call(f"/etl/data-loader/api/runs/{job}/{run}/{path}")
+            assert r.status_code == 503, (path, r.status_code, r.body)
+            assert "did not answer within 0.3 s" in json.loads(r.body)["error"]
+            assert r.headers["retry-after"] == "1"
+        locker.rollback()
+    assert call(f"/etl/data-loader/api/runs/{job}/{run}/batches").status_code == 200
+
+
+def test_a_download_read_slowly_holds_no_pooled_connection_and_no_open_transaction(finished, monkeypatch, pg):
+    """Downloads page by key on a connection of their own: between two pages it sits idle, outside any
+    transaction, and Start, Retry and Cancel's pool does not lend it."""
+    from loader import exports
+    from ui import routes as ui_routes
+
+    job, run = finished
+    monkeypatch.setattr(exports, "FETCH_ROWS", 5)
+    monkeypatch.setattr(ui_routes, "STREAM_CHUNK", 1)
+    download = call(f"/etl/data-loader/api/runs/{job}/{run}/logs.ndjson")
+
+    async def read_slowly() -> tuple[list[tuple[str, object]], bytes]:
+        stream = download.body_iterator
+        got = [await stream.__anext__(), await stream.__anext__()]
+        # Mid-stream, the client pausing: the download's connection waits idle, outside any transaction.
+        states = pg.execute("SELECT state, xact_start FROM pg_stat_activity WHERE application_name = "
+                            "'dataloader-stream' AND datname = current_database()").fetchall()
+        return states, b"".join(got + [chunk async for chunk in stream])
+
+    states, data = asyncio.run(read_slowly())
+    assert states == [("idle", None)]
+    events = [json.loads(line) for line in data.splitlines()]
+    assert sum(e["event"] == "batch_committed" for e in events) == 11
+    assert len({json.dumps(e, sort_keys=True) for e in events}) == len(events)  # no page read twice
+    assert pg.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dataloader-stream'"
+                      ).fetchone() == (0,)
+
+
+def test_a_grid_page_counts_its_rows_only_when_it_is_the_first_or_reaches_the_end(finished):
+    """AG Grid keeps the count of the first page; a later full page says ``lastRow: null`` (not the end)."""
+    job, run = finished
+    url = f"/etl/data-loader/api/runs/{job}/{run}/batches"
+    assert json.loads(body(call(url, {"start": 0, "end": 4})))["lastRow"] == 11
+    middle = json.loads(body(call(url, {"start": 4, "end": 8})))
+    assert middle["lastRow"] is None and [r["index"] for r in middle["rows"]] == [4, 5, 6, 7]
+    assert json.loads(body(call(url, {"start": 8, "end": 11})))["lastRow"] == 11  # exactly at the end
+    assert json.loads(body(call(url, {"start": 8, "end": 12})))["lastRow"] == 11
+    assert json.loads(body(call(url, {"start": 20, "end": 30})))["lastRow"] == 11  # past the end: counted
+    sort = json.dumps([{"colId": "rows_attempted", "sort": "desc"}, {"colId": "index", "sort": "desc"}])
+    page = json.loads(body(call(url, {"start": 8, "end": 11, "sort": sort})))
+    assert [r["index"] for r in page["rows"]] == [1, 0, 10] and page["lastRow"] == 11
