@@ -6,13 +6,14 @@ SQL by the engine, and errors come back as JSON with a 4xx/5xx status.
 
 No request starves the console: the data routes (grid pages, batch details, downloads) take a slot
 of a per-process :class:`Limiter` (``ETL_CONSOLE_MAX_REQUESTS``) or answer 503 with ``Retry-After`` at
-once; every read runs under the console's statement timeout (``ETL_CONSOLE_STATEMENT_TIMEOUT``, see
-:func:`configure_process`), and a canceled statement is a 503 too, never a 500.
+once (open downloads have as many slots of their own, and hold a data slot only while they read the
+database, not while their client reads); every read runs under the console's statement timeout
+(``ETL_CONSOLE_STATEMENT_TIMEOUT``, see :func:`configure_process`), and a canceled statement is a
+503 too, never a 500.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -42,6 +43,9 @@ NO_STORE = {"Cache-Control": "no-store"}
 RETRY_AFTER = 1
 #: Bytes gathered from a download's lines before they are sent (one thread hop per chunk, not per line).
 STREAM_CHUNK = 64 * 1024
+#: Seconds a download already streaming waits for a data slot to produce its next chunk before it
+#: gives up (the client then sees the download fail, not a truncated file that looks whole).
+STREAM_SLOT_WAIT = 30.0
 
 
 class BadRequest(Exception):
@@ -62,28 +66,30 @@ def configure_process() -> None:
 
 
 class Limiter:
-    """At most ``size`` expensive requests at once in this process; a request beyond them is refused at once.
+    """At most ``size`` holders at once in this process; one more is refused at once (or after ``wait``).
 
-    Nothing waits in a queue: :meth:`enter` either takes a slot or raises :class:`Busy`. The slot is
-    given back by the returned function (idempotent), which a download calls when its stream ends.
+    Nothing waits in a queue without end: :meth:`enter` takes a slot or raises :class:`Busy`. The slot
+    is given back by the returned function (idempotent).
 
     Example::
 
-        release = limiter.enter()
+        release = limiter().enter()
         try:
             ...
         finally:
             release()
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, what: str) -> None:
         self.size = size
+        self.what = what
         self._free = threading.BoundedSemaphore(size)
 
-    def enter(self) -> Callable[[], None]:
-        if not self._free.acquire(blocking=False):
-            raise Busy(f"the console is busy: it already serves {self.size} data request(s) at once "
-                       f"(ETL_CONSOLE_MAX_REQUESTS); try again in a moment")
+    def enter(self, wait: float = 0) -> Callable[[], None]:
+        """Take a slot, waiting at most ``wait`` seconds for one; Busy when none came."""
+        if not self._free.acquire(timeout=wait) if wait > 0 else not self._free.acquire(blocking=False):
+            raise Busy(f"the console is busy: {self.size} {self.what} already (ETL_CONSOLE_MAX_REQUESTS); "
+                       "try again in a moment")
         lock = threading.Lock()
         held = [True]
 
@@ -96,15 +102,26 @@ class Limiter:
         return release
 
 
-_limiters: dict[int, Limiter] = {}
+_limiters: dict[tuple[str, int], Limiter] = {}
 _limiters_lock = threading.Lock()
 
 
-def limiter() -> Limiter:
-    """This process's limiter, sized by ``ETL_CONSOLE_MAX_REQUESTS`` (read at each call: tests change it)."""
-    size = config.get_int("ETL_CONSOLE_MAX_REQUESTS", minimum=1)
+def _limiter(kind: str, what: str) -> Limiter:
+    size = config.get_int("ETL_CONSOLE_MAX_REQUESTS", minimum=1)  # read at each call: tests change it
     with _limiters_lock:
-        return _limiters.setdefault(size, Limiter(size))
+        return _limiters.setdefault((kind, size), Limiter(size, what))
+
+
+def limiter() -> Limiter:
+    """This process's slots for work in the database: grid pages, batch details, and each chunk a
+    download produces (``ETL_CONSOLE_MAX_REQUESTS`` of them)."""
+    return _limiter("data", "data requests are running")
+
+
+def streams() -> Limiter:
+    """This process's slots for open downloads, one each for its whole life, with its own connection
+    (``ETL_CONSOLE_MAX_REQUESTS`` of them)."""
+    return _limiter("streams", "downloads are being streamed")
 
 
 def check_ids(job: str, run: str) -> tuple[str, str]:
@@ -130,7 +147,7 @@ def _guard(handler: Callable[[Request], Response], *, limited: bool = False) -> 
     database down (with ``Retry-After``).
 
     ``limited``: the handler takes a slot of the :func:`limiter` first, and gives it back when it
-    returns (a download's stream keeps it until the stream is over, see :func:`_stream`).
+    returns (a download then goes on with a :func:`streams` slot, see :class:`_Body`).
     """
 
     def endpoint(request: Request) -> Response:
@@ -140,7 +157,6 @@ def _guard(handler: Callable[[Request], Response], *, limited: bool = False) -> 
         try:
             if limited:
                 release = limiter().enter()
-                request.state.release_slot = release
             return handler(request)
         except Busy as exc:
             return _busy(str(exc))
@@ -159,7 +175,7 @@ def _guard(handler: Callable[[Request], Response], *, limited: bool = False) -> 
             # A statement canceled by the timeout (57014) is an OperationalError too.
             return _busy(str(db.wrap_db_error(exc)))
         finally:
-            if release is not None and not getattr(request.state, "slot_kept", False):
+            if release is not None:
                 release()
 
     endpoint.__name__ = handler.__name__
@@ -222,20 +238,34 @@ def _chunks(lines: Iterable[bytes]) -> Iterator[bytes]:
 
 
 class _Body:
-    """A download's chunks; gives its limiter slot back and closes its database connection when the stream
-    ends, fails, or is dropped unread (a client that went away), whichever comes first."""
+    """A download's chunks, sent while its client reads them.
 
-    def __init__(self, first: bytes, rest: Iterator[bytes], lines: Iterator[bytes], release: Callable[[], None]):
-        self._chunks = itertools.chain([first], rest)
+    The download keeps its :func:`streams` slot (and its dedicated connection) until the stream ends,
+    fails, or is dropped unread (a client that went away), whichever comes first. It takes a
+    :func:`limiter` slot only while it produces a chunk (reading the next page from the database),
+    waiting at most :data:`STREAM_SLOT_WAIT` seconds for one: a client that reads slowly holds none.
+    """
+
+    def __init__(self, first: bytes, rest: Iterator[bytes], lines: Iterator[bytes],
+                 release_stream: Callable[[], None]) -> None:
+        self._first: bytes | None = first
+        self._rest = rest
         self._lines = lines
-        self._release = release
+        self._release_stream = release_stream
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
         try:
-            return next(self._chunks)
+            release = limiter().enter(wait=STREAM_SLOT_WAIT)
+            try:
+                return next(self._rest)
+            finally:
+                release()
         except BaseException:
             self.close()
             raise
@@ -244,37 +274,42 @@ class _Body:
         close = getattr(self._lines, "close", None)
         if close is not None:
             close()  # a generator: its `with` blocks (the dedicated connection) exit now
-        self._release()
+        self._release_stream()
 
     def __del__(self) -> None:
         self.close()
 
 
-def _stream(request: Request, lines: Iterator[bytes], media_type: str, filename: str) -> StreamingResponse:
-    """Stream ``lines`` in chunks; the request's limiter slot is kept until the stream is over."""
-    rest = _chunks(lines)
-    first = next(rest, b"")  # RunNotFound and database errors surface here, before the headers
-    release = getattr(request.state, "release_slot", None) or (lambda: None)
-    body = _Body(first, rest, lines, release)
-    request.state.slot_kept = True
-    return StreamingResponse(body, media_type=media_type,
+def _stream(lines: Iterator[bytes], media_type: str, filename: str) -> StreamingResponse:
+    """Stream ``lines`` in chunks (the caller holds a :func:`limiter` slot for the first one)."""
+    release_stream = streams().enter()
+    try:
+        rest = _chunks(lines)
+        first = next(rest, b"")  # RunNotFound and database errors surface here, before the headers
+    except BaseException:
+        close = getattr(lines, "close", None)
+        if close is not None:
+            close()
+        release_stream()
+        raise
+    return StreamingResponse(_Body(first, rest, lines, release_stream), media_type=media_type,
                              headers={"Content-Disposition": f'attachment; filename="{filename}"', **NO_STORE})
 
 
 def logs_ndjson(request: Request) -> Response:
     job, run = _ids(request)
-    return _stream(request, loader.iter_logs_ndjson(job, run), "application/x-ndjson", f"{job}-{run}-logs.ndjson")
+    return _stream(loader.iter_logs_ndjson(job, run), "application/x-ndjson", f"{job}-{run}-logs.ndjson")
 
 
 def metrics_csv(request: Request) -> Response:
     job, run = _ids(request)
-    return _stream(request, loader.iter_metrics_csv(job, run), "text/csv; charset=utf-8",
+    return _stream(loader.iter_metrics_csv(job, run), "text/csv; charset=utf-8",
                    f"{job}-{run}-metrics.csv")
 
 
 def rejects_ndjson(request: Request) -> Response:
     job, run = _ids(request)
-    return _stream(request, loader.iter_rejects_ndjson(job, run), "application/x-ndjson",
+    return _stream(loader.iter_rejects_ndjson(job, run), "application/x-ndjson",
                    f"{job}-{run}-rejects.ndjson")
 
 

@@ -171,20 +171,35 @@ def no_read_timeout_after():
     db.set_read_timeout(None)
 
 
-def test_a_data_request_beyond_the_limit_answers_503_with_retry_after_and_the_slot_returns_when_done(
-        finished, monkeypatch):
-    """A download being streamed holds one of ETL_CONSOLE_MAX_REQUESTS slots; nothing waits in a queue."""
+def test_a_data_request_beyond_the_limit_answers_503_with_retry_after_at_once(finished, monkeypatch):
+    """ETL_CONSOLE_MAX_REQUESTS data requests at once; one more is refused, never queued."""
+    from ui.routes import limiter
+
+    job, run = finished
+    monkeypatch.setenv("ETL_CONSOLE_MAX_REQUESTS", "2")
+    held = [limiter().enter(), limiter().enter()]
+    try:
+        for path in ("batches", "batches/3", "logs.ndjson", "metrics.csv", "rejects.ndjson"):
+            busy = call(f"/etl/data-loader/api/runs/{job}/{run}/{path}")
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1", path
+            assert json.loads(busy.body)["error"].startswith("the console is busy: 2 data requests are running")
+        assert call(f"/etl/data-loader/api/runs/{job}/{run}/version").status_code == 200  # cheap: never limited
+    finally:
+        held.pop()()
+    assert call(f"/etl/data-loader/api/runs/{job}/{run}/batches", {"start": 0, "end": 10}).status_code == 200
+    held.pop()()
+
+
+def test_an_open_download_holds_a_stream_slot_but_no_data_slot_while_its_client_reads(finished, monkeypatch):
     job, run = finished
     monkeypatch.setenv("ETL_CONSOLE_MAX_REQUESTS", "1")
     download = call(f"/etl/data-loader/api/runs/{job}/{run}/logs.ndjson")
     assert download.status_code == 200
-    busy = call(f"/etl/data-loader/api/runs/{job}/{run}/batches", {"start": 0, "end": 10})
-    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
-    assert "busy" in json.loads(busy.body)["error"]
-    assert call(f"/etl/data-loader/api/runs/{job}/{run}/batches/3").status_code == 503
-    assert call(f"/etl/data-loader/api/runs/{job}/{run}/version").status_code == 200  # cheap: never limited
-    assert sum(json.loads(line)["event"] == "batch_committed" for line in body(download).splitlines()) == 11
+    second = call(f"/etl/data-loader/api/runs/{job}/{run}/metrics.csv")
+    assert second.status_code == 503 and "downloads are being streamed" in json.loads(second.body)["error"]
     assert call(f"/etl/data-loader/api/runs/{job}/{run}/batches", {"start": 0, "end": 10}).status_code == 200
+    assert sum(json.loads(line)["event"] == "batch_committed" for line in body(download).splitlines()) == 11
+    assert call(f"/etl/data-loader/api/runs/{job}/{run}/metrics.csv").status_code == 200  # the slot came back
 
 
 def test_a_refused_or_failed_data_request_gives_its_slot_back(finished, monkeypatch):
