@@ -27,6 +27,12 @@ For each run size (a synthetic ledger seeded by bench/seed_ledger.py, one run in
 Usage::
 
     python bench/console.py [--batches 10000,100000] [--repeat 3] [--no-append]
+    python bench/console.py --storm [--repeat 5] [--no-append]
+
+``--storm`` measures only Start Load and Cancel run from the page (click to result, in Chromium), on a
+quiet console and while 20 threads ask for the most expensive grid page of a 100,000-batch run and 5
+read its logs.ndjson slowly (``tests/ui/test_console_load.py``'s ``Storm``), and writes the
+``## Console under load`` section.
 
 Needs DATABASE_URL (default postgresql://postgres@127.0.0.1/test), Chromium at /usr/bin/chromium
 and Playwright (no ``playwright install``). Uses its own ledger schema (ETL_LEDGER_SCHEMA,
@@ -765,11 +771,11 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> Path:
-    """Replace BENCHMARKS.md's ``## Console`` section (up to the next ``## `` heading) with ``text``, or append it."""
+def write_section(text: str, heading: str = "## Console") -> Path:
+    """Replace BENCHMARKS.md's ``heading`` section (up to the next ``## `` heading) with ``text``, or append it."""
     path = ROOT / "BENCHMARKS.md"
     body = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = body.find("\n## Console\n")
+    start = body.find(f"\n{heading}\n")
     if start < 0:
         body = body.rstrip("\n") + "\n" + text
     else:
@@ -851,6 +857,160 @@ def probe_ticks(sizes: list[int], seconds: float, variants: list[str], repeat: i
               f"server CPU per idle refresh {fmt(med([c['ms'] for c in slot['cpu']]), ' ms', 1)}")
 
 
+STORM_HEADING = "## Console under load"
+
+
+def _start_from_page(page: Any, url: str, job: str, run_id: str) -> float:
+    """Start ``job`` as ``run_id`` from the page; milliseconds from the click to the run shown as queued."""
+    page.goto(f"{url}/etl/data-loader")
+    page.get_by_role("heading", name="Run Configuration").wait_for(timeout=60_000)
+    page.get_by_role("combobox", name="ETL Job").click()
+    page.keyboard.type(job)
+    page.keyboard.press("Enter")
+    field = page.get_by_label("Run ID", exact=True)
+    field.fill(run_id)
+    field.press("Enter")
+    page.wait_for_function("() => { const b = [...document.querySelectorAll('button')].find("
+                           "b => b.innerText.includes('Start Load')); return !!b && !b.disabled; }", timeout=30_000)
+    t0 = time.perf_counter()
+    page.get_by_role("button", name="Start Load").click()
+    page.get_by_text(f"etl_run_id: {run_id}").wait_for(timeout=120_000)
+    page.locator(".stMarkdownBadge", has_text="Queued").first.wait_for(timeout=120_000)
+    return (time.perf_counter() - t0) * 1000
+
+
+def _cancel_from_page(page: Any) -> float:
+    """Cancel the page's run (button, then the dialog's confirmation); milliseconds from the confirmation
+    to the run shown as canceled."""
+    page.get_by_role("button", name="Cancel run").click()
+    confirm = page.get_by_role("dialog").get_by_role("button", name="Cancel run")
+    confirm.wait_for(timeout=60_000)
+    t0 = time.perf_counter()
+    confirm.click()
+    page.locator(".stMarkdownBadge", has_text="Canceled").first.wait_for(timeout=120_000)
+    return (time.perf_counter() - t0) * 1000
+
+
+def _storm_main(url: str, stop: Any, out: Any) -> None:
+    from tests.ui.test_console_load import Storm
+
+    storm = Storm(url, JOB, "storm", total=100_000)
+    storm.start()
+    stop.wait()
+    out.put({f"{kind} {status}": n for (kind, status), n in storm.stop().items()})
+
+
+class _StormProcess:
+    """The storm in a process of its own (its 25 threads do not share the GIL that drives Chromium),
+    under way when the constructor returns."""
+
+    def __init__(self, url: str) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._stop, self._out = ctx.Event(), ctx.Queue()
+        self._proc = ctx.Process(target=_storm_main, args=(url, self._stop, self._out), daemon=True)
+        self._proc.start()
+        time.sleep(3)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        answers: dict[str, int] = self._out.get(timeout=120)
+        self._proc.join(timeout=30)
+        return answers
+
+
+def storm_markdown(res: dict[str, Any]) -> str:
+    """The ``## Console under load`` section from :func:`storm_bench`'s results."""
+    def cell(xs: list[float]) -> str:
+        return f"{fmt(med(xs), ' ms')} / {fmt(pct(xs, 0.95), ' ms')} / {fmt(max(xs) if xs else None, ' ms')}"
+
+    uptime_start, uptime_end, repeat = res["uptime_start"], res["uptime_end"], res["repeat"]
+    stormy = res["storm"]["start"] + res["storm"]["cancel"]
+    worst = max(stormy)
+    medians = max(med(res["storm"]["start"]) or 0, med(res["storm"]["cancel"]) or 0)
+    answers = ", ".join(f"{k}: {v}" for k, v in sorted(res["answers"].items()))
+    return "\n".join([
+        STORM_HEADING, "",
+        f"Measured {res['started']} on this machine ({res['cores']} cores, PostgreSQL on the same host) with "
+        f"`{res['command']}`; load before: `{uptime_start}`; after: `{uptime_end}`.", "",
+        "Start Load and Cancel run from the page in Chromium, each timed from the click to the page showing "
+        "the result (the run's id and its Queued badge; the Canceled badge), on the console with a run of "
+        "100,000 batches in the ledger: quiet, and while 20 threads ask again and again for the most "
+        "expensive grid page (sorted by duration then error message, filtered by a text test every batch "
+        "passes, first page or deep down) and 5 threads read the run's logs.ndjson slowly (16 KB every 50 ms), "
+        f"from a process of their own. {repeat} of each, interleaved. `ETL_CONSOLE_MAX_REQUESTS` = 4, `ETL_CONSOLE_STATEMENT_TIMEOUT` = 5 s "
+        "(the defaults).", "",
+        "| console | Start: median / p95 / max | Cancel: median / p95 / max |",
+        "| --- | --- | --- |",
+        f"| quiet | {cell(res['quiet']['start'])} | {cell(res['quiet']['cancel'])} |",
+        f"| under the storm | {cell(res['storm']['start'])} | {cell(res['storm']['cancel'])} |", "",
+        f"Target, under 2 s under the storm: medians {verdict(medians < 2000)} (the higher {medians:,.0f} ms); "
+        f"every one {verdict(worst < 2000)} (slowest {worst:,.0f} ms).", "",
+        f"What the storm got (kind, HTTP status: requests): {answers}. 200 is served, 503 is refused at once "
+        "by the limiter with `Retry-After: 1`; no other status.", "", *res.get("notes", [])])
+
+
+def storm_bench(repeat: int, write: bool) -> None:
+    """Start and Cancel from the page, timed in Chromium, on a quiet console and under the storm of
+    ``tests/ui/test_console_load.py`` (20 threads asking for the most expensive grid page of a
+    100,000-batch run, 5 reading its logs.ndjson slowly), ``repeat`` times each, interleaved."""
+    import uuid
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.helpers import write_catalog, write_ndjson
+
+    started = datetime.now(UTC)
+    uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    seed_ledger.seed(JOB, "storm", 100_000)
+    res: dict[str, Any] = {"quiet": {"start": [], "cancel": []}, "storm": {"start": [], "cancel": []},
+                           "answers": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = "bench-storm-demo"
+        write_ndjson(Path(tmp) / "data.ndjson", [{"id": f"r{i}", "customer": {"id": i}} for i in range(100)])
+        catalog = write_catalog(Path(tmp), {demo: {"source": "data.ndjson", "target_table": "bench_console.storm",
+                                                    "source_id": "id"}})
+        # Nobody listens to this queue: a started run stays queued until it is canceled.
+        env = {"ETL_JOBS_FILE": str(catalog), "ETL_QUEUE": f"bench-storm-idle-{uuid.uuid4().hex[:6]}"}
+        app = start_app("Home.py", ROOT, env=env)
+        try:
+            with sync_playwright() as p:
+                browser = launch_chromium(p)
+                try:
+                    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                    _start_from_page(page, app.url, demo, "warm-up")  # imports, first session
+                    _cancel_from_page(page)
+                    for i in range(repeat):
+                        for phase in ("quiet", "storm"):
+                            storm = _StormProcess(app.url) if phase == "storm" else None
+                            try:
+                                run_id = f"{phase}-{i}-{uuid.uuid4().hex[:6]}"
+                                res[phase]["start"].append(_start_from_page(page, app.url, demo, run_id))
+                                res[phase]["cancel"].append(_cancel_from_page(page))
+                            finally:
+                                if storm:
+                                    for key, n in storm.stop().items():
+                                        res["answers"][key] = res["answers"].get(key, 0) + n
+                            print(phase, res[phase]["start"][-1], res[phase]["cancel"][-1], file=sys.stderr)
+                finally:
+                    browser.close()
+        finally:
+            app.stop()
+            db.close_all()
+            seed_ledger.drop_schema()
+    uptime_end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    res.update(started=started.strftime("%Y-%m-%d %H:%M UTC"), uptime_start=uptime_start, uptime_end=uptime_end,
+               repeat=repeat, command=f"python bench/console.py --storm --repeat {repeat}",
+               cores=os.cpu_count())
+    OUT_JSON.write_text(json.dumps(res, indent=1))
+    text = storm_markdown(res)
+    if write:
+        print(f"wrote the {STORM_HEADING[3:]} section of {write_section(text, STORM_HEADING)}", file=sys.stderr)
+    else:
+        print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="10000,100000", help="run sizes, comma-separated (default 10000,100000)")
@@ -871,7 +1031,20 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL[,KEY=VAL]",
                     help="with --ticks-only: also measure the console served with these environment "
                          "variables (repeatable; ROOT=<dir> serves another checkout), interleaved with this one")
+    ap.add_argument("--storm", action="store_true",
+                    help="only Start and Cancel from the page, quiet and under a storm of expensive grid requests "
+                         "and slow downloads (100,000 batches); writes the 'Console under load' section")
     args = ap.parse_args()
+    if args.storm and args.report_only:
+        res = json.loads(Path(args.report_only).read_text())
+        if args.notes:
+            res["notes"] = [Path(args.notes).read_text().rstrip(), ""]
+        text = storm_markdown(res)
+        print(f"wrote {write_section(text, STORM_HEADING)}" if not args.no_append else text, file=sys.stderr)
+        return
+    if args.storm:
+        storm_bench(args.repeat, write=not args.no_append)
+        return
     if args.ticks_only:
         probe_ticks([int(x) for x in args.batches.split(",")], args.window, args.variant, args.repeat)
         return

@@ -84,8 +84,8 @@ def set_read_timeout(seconds: float | None) -> None:
     change signature) and :func:`dedicated_connection` (downloads). The pool that writes
     (:func:`connection`: start, retry, cancel, loading) keeps no limit, so an action is never cut short.
     The limit travels in each new connection's startup packet (``options=-c statement_timeout=N``): it
-    costs no round trip. A canceled statement raises SQLSTATE 57014, which :func:`wrap_db_error` turns
-    into a TransientDbError saying so.
+    costs no round trip. Those reads also run without parallel workers (one core each). A canceled
+    statement raises SQLSTATE 57014, which :func:`wrap_db_error` turns into a TransientDbError saying so.
 
     Example::
 
@@ -105,7 +105,9 @@ def read_timeout() -> float | None:
 
 
 def _timeout_options(ms: int) -> dict[str, str]:
-    return {"options": f"-c statement_timeout={ms}"} if ms else {}
+    # Many small reads at once, each on one core: parallel workers would only add processes that
+    # compete with Start, Retry and Cancel for the same cores.
+    return {"options": f"-c statement_timeout={ms} -c max_parallel_workers_per_gather=0"} if ms else {}
 
 
 def get_pool(url: str | None = None) -> ConnectionPool:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 import psycopg
 import sqlalchemy as sa
 from psycopg_pool import PoolTimeout
@@ -200,7 +201,7 @@ def batches_page(request: Request) -> Response:
     p = request.query_params
     q = grid.parse_query(p.get("start", 0), p.get("end", 100), _json_param(request, "sort"),
                          _json_param(request, "filter"), p.get("status") or None)
-    return JSONResponse(grid.batch_page(job, run, q), headers=NO_STORE)
+    return Response(orjson.dumps(grid.batch_page(job, run, q)), media_type="application/json", headers=NO_STORE)
 
 
 def batch_detail(request: Request) -> Response:
