@@ -41,9 +41,12 @@ def _init_state() -> list[str]:
             notes.append("The link's run id is not valid (a UUID or a slug); nothing to show for it.")
         ss.dl_grid_url = _grid_state_from_url()
         notes.extend(ss.dl_grid_url.notes)
+        # Shown as long as the page shows what the link asked for (not only on the first run).
+        ss.dl_link_notes = ((ss.dl_job, ss.dl_run), notes)
     if "cfg_run_id" not in ss or ss.pop("dl_regen", False):
         ss.cfg_run_id = str(uuid.uuid4())
-    return notes
+    linked, notes = ss.dl_link_notes
+    return notes if (ss.dl_job, ss.dl_run) == linked else []
 
 
 @st.cache_resource(ttl=10, show_spinner=False)

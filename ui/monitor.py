@@ -87,7 +87,7 @@ def _toasts(job: str, run: str, c: dict[str, Any], stale: str | None) -> None:
     seen_key = _key(job, run, "seen")
     seen = st.session_state.get(seen_key)
     if stale and not st.session_state.get(_key(job, run, "stale_toast")):
-        st.toast("Database unreachable: transient DB error, will retry", icon=":material/cloud_off:")
+        st.toast("Database unreachable or too slow: transient DB error, will retry", icon=":material/cloud_off:")
         st.session_state[_key(job, run, "stale_toast")] = True
     if not stale:
         st.session_state[_key(job, run, "stale_toast")] = False

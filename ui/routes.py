@@ -60,8 +60,8 @@ class Busy(Exception):
 def configure_process() -> None:
     """Put this process's database reads under ``ETL_CONSOLE_STATEMENT_TIMEOUT`` (the console's, not a worker's).
 
-    Called by :func:`routes`, which the console's server calls once when it starts, before any page
-    or request reads the ledger.
+    Called by ``Home.py`` once when the console's server starts, before any page or request reads the
+    ledger.
     """
     db.set_read_timeout(config.get_float("ETL_CONSOLE_STATEMENT_TIMEOUT"))
 
@@ -338,12 +338,7 @@ def root(request: Request) -> Response:
 
 
 def routes() -> list[BaseRoute]:
-    """The routes to give ``st.App``; API routes first so a job named ``api`` cannot shadow them.
-
-    Also puts this process's reads under the console's statement timeout (:func:`configure_process`):
-    the server that mounts these routes is the console.
-    """
-    configure_process()
+    """The routes to give ``st.App``; API routes first so a job named ``api`` cannot shadow them."""
     run = API_PATH + "/{job}/{run}"
     return [
         Route(run + "/batches", _guard(batches_page, limited=True), methods=["GET"]),

@@ -162,3 +162,37 @@ def test_start_and_cancel_complete_while_twenty_expensive_grid_requests_and_five
         counts = storm.stop()
     assert {status for _, status in counts} <= {200, 503}, (dict(counts), storm.errors)
     assert counts[("batches", 200)] > 0 and counts[("logs", 200)] + counts[("logs", 503)] > 0, dict(counts)
+
+
+def test_the_console_server_runs_its_reads_under_the_statement_timeout(demo, workers, pg):
+    """Home.py turns ETL_CONSOLE_STATEMENT_TIMEOUT on for the console's own reads: a grid page that
+    waits on a lock longer than that answers 503 with the reason, then works once the lock is gone."""
+    import os
+
+    import psycopg
+    from psycopg import sql
+
+    import loader
+
+    from .app_server import StreamlitServer
+
+    loader.start_run(demo.job, run_id="read-timeout", batch_size=500)
+    assert loader.wait_for_run(demo.job, "read-timeout", timeout=60)["status"] == "success"
+    server = StreamlitServer("Home.py", ROOT, log_dir=ROOT / ".pytest_cache",
+                             env={**os.environ, "ETL_CONSOLE_STATEMENT_TIMEOUT": "0.5"})
+    page = f"{server.url}/etl/data-loader/api/runs/{demo.job}/read-timeout/batches"
+    try:
+        with psycopg.connect(os.environ["DATABASE_URL"]) as locker:
+            locker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                sql.Identifier(os.environ["ETL_LEDGER_SCHEMA"], "batches")))
+            try:
+                urllib.request.urlopen(page, timeout=30)
+                raise AssertionError("a grid page answered while the batches were locked")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503
+                assert "did not answer within 0.5 s" in json.loads(exc.read())["error"]
+            locker.rollback()
+        with urllib.request.urlopen(page, timeout=30) as r:
+            assert r.status == 200 and json.loads(r.read())["lastRow"] == 3
+    finally:
+        server.stop()

@@ -269,3 +269,27 @@ def test_the_monitor_shows_times_and_cards_and_charts_each_committed_batch_with_
     assert sorted(drawn["batch"]) == [0, 1] and drawn["duration_ms"] and "rows_per_s" in drawn
     assert json.loads(rates.proto.spec)["mark"]["type"] == "area"
     loader.cancel_run(demo.job, "charted")
+
+
+def test_what_a_link_loses_is_named_on_the_page_while_it_shows_that_run(page, demo, idle_queue):
+    import json
+
+    loader.start_run(demo.job, run_id="link-notes")
+    page.query_params["job"] = demo.job
+    page.query_params["run"] = "link-notes"
+    page.query_params["filter"] = json.dumps({"index": {"type": "equals", "filter": "::JSCODE::x::JSCODE::"},
+                                              "error_message": {"type": "contains", "filter": "kept"}})
+    at = page.run()
+    note = "The link's filter on column 'index' was dropped"
+
+    def infos():
+        return " ".join(plain(i.value) for i in at.info)
+
+    assert note in infos()
+    assert "kept" in page.query_params["filter"] and "JSCODE" not in page.query_params["filter"]
+    at.run()  # a later run of the page (a click, a refresh) still says it
+    assert note in infos()
+    loader.cancel_run(demo.job, "link-notes")
+    start_button(at).click().run()  # a new run on screen: the link's note has served its purpose
+    assert not at.exception and note not in infos()
+    loader.cancel_run(demo.job, loader.list_runs(demo.job)[0]["etl_run_id"])
