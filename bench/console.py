@@ -74,7 +74,7 @@ from psycopg import sql  # noqa: E402
 from streamlit.proto import BackMsg_pb2, ForwardMsg_pb2  # noqa: E402
 
 import loader  # noqa: E402
-from loader import db  # noqa: E402
+from loader import config, db  # noqa: E402
 from loader import grid as lgrid  # noqa: E402
 from tests.ui.app_server import CHROMIUM, StreamlitServer, launch_chromium  # noqa: E402
 from ui.grid import POLL_MS  # noqa: E402
@@ -939,8 +939,9 @@ def storm_markdown(res: dict[str, Any]) -> str:
         "100,000 batches in the ledger: quiet, and while 20 threads ask again and again for the most "
         "expensive grid page (sorted by duration then error message, filtered by a text test every batch "
         "passes, first page or deep down) and 5 threads read the run's logs.ndjson slowly (16 KB every 50 ms), "
-        f"from a process of their own. {repeat} of each, interleaved. `ETL_CONSOLE_MAX_REQUESTS` = 4, `ETL_CONSOLE_STATEMENT_TIMEOUT` = 5 s "
-        "(the defaults).", "",
+        f"from a process of their own. {repeat} of each, interleaved. "
+        f"`ETL_CONSOLE_MAX_REQUESTS` = {config.get('ETL_CONSOLE_MAX_REQUESTS')}, "
+        f"`ETL_CONSOLE_STATEMENT_TIMEOUT` = {config.get('ETL_CONSOLE_STATEMENT_TIMEOUT')} s.", "",
         "| console | Start: median / p95 / max | Cancel: median / p95 / max |",
         "| --- | --- | --- |",
         f"| quiet | {cell(res['quiet']['start'])} | {cell(res['quiet']['cancel'])} |",

@@ -49,7 +49,7 @@ SETTINGS: tuple[Setting, ...] = (
             "the host of ETL_CONSOLE_URL; any other Host gets 400"),
     Setting("ETL_CONSOLE_STATEMENT_TIMEOUT", "5",
             "seconds a console query (page, grid, detail) may run before PostgreSQL cancels it"),
-    Setting("ETL_CONSOLE_MAX_REQUESTS", "4",
+    Setting("ETL_CONSOLE_MAX_REQUESTS", "2",
             "expensive data requests (grid pages, batch details, downloads) one console process serves at once; "
             "more get 503 with a message"),
     Setting("ETL_DATA_DIR", ".data", "where embedded PostgreSQL and Redis keep their data"),
