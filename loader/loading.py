@@ -22,8 +22,8 @@ from .events import log_event
 from .ledger import AttemptStatus, BatchStatus, RunStatus
 from .retrying import backoff_delay
 from .sources import PlannedBatch, read_batch
-from .upsert import ensure_stage, staging, upsert_stage
-from .validation import ErrorClass, RecordChecker, RecordProblem
+from .upsert import StageRow, ensure_stage, is_record_refusal, stage_isolating, staging, upsert_stage
+from .validation import ErrorClass, RecordChecker, RecordProblem, sample_raw
 
 #: Raw text kept for a rejected record (bytes); longer records are cut and flagged.
 REJECT_RECORD_MAX_BYTES = 64 * 1024
@@ -220,14 +220,22 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
         # PostgreSQL parses one chunk into jsonb while this process checks the next (one worker
         # keeps two cores busy). The stage is this session's own temp table: no lock is taken and
         # nothing is visible to anyone until the upsert below, and a rollback empties it.
-        with staging(conn) as stage:
-            for line_no, raw in read_batch(planned):
-                record, problems = checker.check(raw)
-                if record is None:
-                    rejected.append((line_no, raw, problems))
-                else:
-                    stage.add(ord_base + line_no, record.source_id, record.text)
-        valid = stage.rows
+        try:
+            with conn.transaction(), staging(conn) as stage:  # a savepoint: a refused record undoes only this
+                for line_no, raw in read_batch(planned):
+                    record, problems = checker.check(raw)
+                    if record is None:
+                        rejected.append((line_no, raw, problems))
+                    else:
+                        stage.add(ord_base + line_no, record.source_id, record.text)
+            valid = stage.rows
+        except psycopg.Error as exc:
+            if not is_record_refusal(exc):
+                raise
+            # PostgreSQL is the last validator: it refused a record our checks accepted. Read the batch
+            # again and stage it in halves, leaving out only the records it refuses (rare: see
+            # validation's numeric check). They become json_shape rejects with its message.
+            rejected, valid = _stage_refusing(conn, planned, checker, ord_base)
         attempted = valid + len(rejected)
         row = conn.execute(sql.SQL(
             "SELECT status, attempts FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = %s "
@@ -256,6 +264,27 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
                   validation_failures=len(rejected), duration_ms=round(ms, 1))
     return BatchOutcome("succeeded", attempts=attempt, rows_inserted=inserted, rows_updated=updated,
                         validation_failures=len(rejected))
+
+
+def _stage_refusing(conn: psycopg.Connection[Any], planned: PlannedBatch, checker: RecordChecker,
+                    ord_base: int) -> tuple[list[tuple[int, bytes, list[RecordProblem]]], int]:
+    """The batch staged again without the records PostgreSQL refuses: (rejected records, rows staged)."""
+    rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
+    rows: list[StageRow] = []
+    raws: dict[int, bytes] = {}
+    for line_no, raw in read_batch(planned):
+        record, problems = checker.check(raw)
+        if record is None:
+            rejected.append((line_no, raw, problems))
+        else:
+            rows.append(StageRow(ord_base + line_no, record.source_id, record.text, line_no))
+            raws[line_no] = raw
+    refused = stage_isolating(conn, rows)
+    for row, message in refused:
+        raw = raws[row.line_no]
+        rejected.append((row.line_no, raw, [RecordProblem(ErrorClass.JSON_SHAPE, "$", message, sample_raw(raw))]))
+    rejected.sort(key=lambda r: r[0])
+    return rejected, len(rows) - len(refused)
 
 
 def _end_attempt(conn: psycopg.Connection[Any], job: str, run: str, batch: int, attempt: int,

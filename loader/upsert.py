@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import struct
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -176,6 +177,61 @@ def staging(conn: psycopg.Connection[Any]) -> Iterator[StageWriter]:
         writer = StageWriter(copy)
         yield writer
         writer.close()
+
+
+#: SQLSTATE classes of errors that one record's data causes while it is staged (jsonb's parser refusing a
+#: number, a string it cannot store, a value too large or too deep): 22 data exception, 54 program limit.
+RECORD_ERROR_CLASSES = ("22", "54")
+
+
+def is_record_refusal(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused a row's data (not the connection, a lock or the table): see stage_isolating."""
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(exc, psycopg.Error) and state is not None and state[:2] in RECORD_ERROR_CLASSES
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """One accepted record on its way to the stage: its place in the source, its key, its JSON text."""
+
+    pos: int
+    source_id: str
+    text: bytes
+    line_no: int
+
+
+def stage_isolating(conn: psycopg.Connection[Any], rows: Sequence[StageRow]) -> list[tuple[StageRow, str]]:
+    """Stage ``rows``, leaving out the ones PostgreSQL refuses; returns them with its message (SQLSTATE first).
+
+    The rare path after a streamed COPY failed on a record's data: the rows go in halves, each COPY
+    under a savepoint of the caller's transaction; a half that is refused is split again, down to the
+    single rows at fault. k refused rows of n cost about 2k·log2(n) COPYs, and every accepted row is
+    staged exactly once. Errors that are not a record's (connection, timeout) go on to the caller.
+
+    Example::
+
+        with conn.transaction():
+            refused = stage_isolating(conn, rows)
+    """
+    refused: list[tuple[StageRow, str]] = []
+    pending: list[Sequence[StageRow]] = [rows] if rows else []
+    while pending:
+        part = pending.pop()
+        try:
+            with conn.transaction(), staging(conn) as stage:
+                for row in part:
+                    stage.add(row.pos, row.source_id, row.text)
+        except psycopg.Error as exc:
+            if not is_record_refusal(exc):
+                raise
+            if len(part) == 1:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                refused.append((part[0], f"PostgreSQL refused the record ({exc.sqlstate}): {first}"))
+            else:
+                half = len(part) // 2
+                pending += [part[half:], part[:half]]  # the first half is tried first
+    refused.sort(key=lambda r: r[0].pos)
+    return refused
 
 
 def upsert_stage(conn: psycopg.Connection[Any], schema: str, table: str, *, job: str, run: str,

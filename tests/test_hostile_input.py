@@ -120,6 +120,62 @@ def test_deep_nesting_and_duplicate_keys_and_huge_numbers(tmp_path, target_schem
     assert set(got) == {"dup", "num"}
 
 
+def test_numbers_jsonb_cannot_store_are_rejected_and_never_fail_their_batch(tmp_path, target_schema, pg, workers):
+    """1e-20000 and 1e200000 are valid JSON that PostgreSQL's numeric refuses: one record each, not a batch."""
+    records: list[object] = [{"id": f"n{i}", "x": i} for i in range(300)]
+    records[5] = b'{"id": "n5", "x": 1e-20000}'
+    records[150] = b'{"id": "n150", "x": {"deep": [1, 1E200000]}}'
+    records[299] = b'{"id": "n299", "x": 0e-20000}'
+    records[42] = b'{"id": "n42", "x": 1e-16383, "y": 1e131071}'  # at numeric's limits: loaded
+    write_ndjson(tmp_path / "nums.ndjson", records)
+    c = run_job(tmp_path, target_schema, "nums.ndjson", batch_size=100)
+    assert c["status"] == "success"
+    m, v = c["metrics"], c["validation_summary"]
+    assert (m["batches_succeeded"], m["batches_failed"], m["rows_validated"], m["rows_inserted"]) == (3, 0, 297, 297)
+    assert v["json_shape_errors"] == 3
+    by_line = {e["line_no"]: e for e in v["examples"]}
+    assert {line: by_line[line]["path"] for line in (6, 151, 300)} == {6: "$.x", 151: "$.x.deep[1]", 300: "$.x"}
+    assert by_line[6]["sample_value"] == "1e-20000"
+    assert "outside what PostgreSQL's numeric can store" in by_line[151]["message"]
+    count = pg.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(target_schema, "t"))).fetchone()
+    assert count == (297,)
+
+
+def test_a_record_postgresql_refuses_past_our_checks_costs_that_record_not_its_batch(tmp_path, target_schema, pg,
+                                                                                   ledger, monkeypatch):
+    """The database is the last validator: with the up-front numeric check off (as for any refusal our checks
+    cannot foresee), jsonb's refusal in the batch's COPY leaves out those records only, counted exactly."""
+    from loader import loading, planning, validation
+    from loader import runs as runs_mod
+
+    monkeypatch.setattr(validation, "_numeric_problem", lambda raw: None)
+    records: list[object] = [{"id": f"r{i}", "v": i} for i in range(100)]
+    records[0] = b'{"id": "r0", "v": 1e-20000}'  # the first record of the batch
+    records[37] = b'{"id": "dup", "v": "kept"}'
+    records[38] = b'{"id": "dup", "v": 1e200000}'  # a later record of the same id, refused: the earlier one stays
+    records[99] = b'{"id": "r99", "v": 0e-20000}'  # the last one
+    records[50] = b'{"id": null}'  # our own check's reject, beside PostgreSQL's
+    write_ndjson(tmp_path / "r.ndjson", records)
+    catalog = write_catalog(tmp_path, {"refused": {"source": "r.ndjson", "target_table": f"{target_schema}.t",
+                                                   "source_id": "id"}})
+    ref = runs_mod.create_run(loader.load_catalog(catalog).get("refused"), batch_size=100)
+    assert planning.plan_run("refused", ref.etl_run_id) == [0]
+    out = loading.load_batch("refused", ref.etl_run_id, 0)
+    assert out.status == "succeeded" and out.attempts == 1
+    assert (out.rows_inserted, out.validation_failures) == (96, 4)
+    c = loader.run_contract("refused", ref.etl_run_id)
+    assert c["status"] == "success"
+    v = c["validation_summary"]
+    assert (v["required_field_errors"], v["json_shape_errors"]) == (1, 3)
+    refused = {e["line_no"]: e["message"] for e in v["examples"] if e["error_class"] == "json_shape"}
+    assert sorted(refused) == [1, 39, 100]
+    assert all(m.startswith("PostgreSQL refused the record (22003): value overflows numeric format")
+               for m in refused.values())
+    got = dict(pg.execute(sql.SQL("SELECT source_id, data->>'v' FROM {}").format(
+        sql.Identifier(target_schema, "t"))).fetchall())
+    assert len(got) == 96 and got["dup"] == "kept" and "r0" not in got and "r99" not in got
+
+
 def test_errors_and_exports_never_show_the_database_password(tmp_path, target_schema, pg, own_workers,
                                                            monkeypatch, redis_conn):
     """A run with a password in DATABASE_URL (trust auth ignores it) and a failing batch."""
