@@ -16,9 +16,11 @@ from redis import Redis, RedisError
 from redis.client import Pipeline
 from rq import SimpleWorker
 from rq.exceptions import StopRequested
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.worker_pool import WorkerPool
 
 from loader import config, db
+from loader.errors import JobTimeout
 from loader.events import setup_process_logging
 from loader.reconcile import beat, forget
 
@@ -39,6 +41,18 @@ RESTART_MAX_SECONDS = 30.0
 RESTART_RESET_SECONDS = 60.0
 
 
+class JobTimedOut(JobTimeout, JobTimeoutException):
+    """ETL_JOB_TIMEOUT passed: the loader records the attempt as its own transient error (``job_timeout``),
+    RQ sees its own timeout exception and ends the job."""
+
+
+class _TimeoutPenalty(UnixSignalDeathPenalty):
+    """RQ's SIGALRM job timeout, raising JobTimedOut instead of RQ's plain exception."""
+
+    def __init__(self, timeout: int, exception: type[Exception] = JobTimeoutException, **kwargs: Any) -> None:
+        super().__init__(timeout, JobTimedOut, **kwargs)  # type: ignore[no-untyped-call]
+
+
 class LedgerWorker(SimpleWorker):
     """An RQ SimpleWorker that also beats in the ledger and reconciles, from a side thread.
 
@@ -50,6 +64,7 @@ class LedgerWorker(SimpleWorker):
 
     #: Set when SIGTERM / SIGINT asked this worker to stop (RQ's own flag misses an idle worker's stop).
     stop_asked = False
+    death_penalty_class = _TimeoutPenalty
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_asked = True

@@ -43,6 +43,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ETL_MAX_RECORD_BYTES", str(64 * 1024 * 1024),
             "longest record (source line) read and validated; a longer one is a json_shape error, read past "
             "without holding it in memory"),
+    Setting("ETL_STATEMENT_TIMEOUT", "300",
+            "seconds one statement of the loader (a batch's COPY or upsert, a ledger write) may run before "
+            "PostgreSQL cancels it; the attempt is then retried as a transient error"),
+    Setting("ETL_LOCK_TIMEOUT", "60",
+            "seconds the loader waits for a lock (a target row another writer holds) before the attempt is "
+            "retried as a transient error"),
+    Setting("ETL_IDLE_IN_TRANSACTION_TIMEOUT", "300",
+            "seconds a loader connection may sit idle inside a transaction before PostgreSQL ends its session"),
     Setting("ETL_JOB_TIMEOUT", "1800", "seconds an RQ job (planning or one batch) may run before it is killed"),
     Setting("ETL_CONSOLE_URL", "http://localhost:8501",
             "public base URL of the console; logs_url and metrics_download_url start with it"),

@@ -30,6 +30,7 @@ TRANSIENT_SQLSTATES = frozenset({
     "57P03",  # cannot_connect_now (starting up / shutting down)
     "53300",  # too_many_connections
     "53400",  # configuration_limit_exceeded
+    "25P03",  # idle_in_transaction_session_timeout (the session was ended)
 })
 TRANSIENT_CLASSES = ("08",)  # connection exceptions
 
@@ -105,9 +106,24 @@ def read_timeout() -> float | None:
 
 
 def _timeout_options(ms: int) -> dict[str, str]:
+    """The session limits, then (for the console's reads) its own statement timeout, which wins (the last -c)."""
+    if not ms:
+        return {"options": session_timeouts()}
     # Many small reads at once, each on one core: parallel workers would only add processes that
     # compete with Start, Retry and Cancel for the same cores.
-    return {"options": f"-c statement_timeout={ms} -c max_parallel_workers_per_gather=0"} if ms else {}
+    return {"options": f"{session_timeouts()} -c statement_timeout={ms} -c max_parallel_workers_per_gather=0"}
+
+
+def session_timeouts() -> str:
+    """The loader's session limits as libpq ``options`` (sent at connect: no round trip).
+
+    ETL_STATEMENT_TIMEOUT, ETL_LOCK_TIMEOUT and ETL_IDLE_IN_TRANSACTION_TIMEOUT (seconds; 0: none). A batch
+    blocked on a lock then fails its attempt after a minute (55P03, retried) instead of holding its worker
+    for the whole queue job timeout; a statement cancelled by the timeout (57014) is retried too.
+    """
+    limits = {"statement_timeout": "ETL_STATEMENT_TIMEOUT", "lock_timeout": "ETL_LOCK_TIMEOUT",
+              "idle_in_transaction_session_timeout": "ETL_IDLE_IN_TRANSACTION_TIMEOUT"}
+    return " ".join(f"-c {name}={round(config.get_float(setting) * 1000)}" for name, setting in limits.items())
 
 
 def get_pool(url: str | None = None) -> ConnectionPool:
@@ -119,7 +135,7 @@ def get_pool(url: str | None = None) -> ConnectionPool:
         if pool is None:
             pool = ConnectionPool(
                 url, min_size=0, max_size=config.get_int("ETL_DB_POOL_SIZE", minimum=1),
-                kwargs={"autocommit": True, "application_name": "dataloader"},
+                kwargs={"autocommit": True, "application_name": "dataloader", "options": session_timeouts()},
                 check=ConnectionPool.check_connection, open=True, timeout=30, reconnect_timeout=60,
             )
             _pools[key] = pool

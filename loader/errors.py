@@ -77,6 +77,13 @@ class TransientDbError(LoaderError):
     code = "db_transient"
 
 
+class JobTimeout(LoaderError):
+    """The queue's job ran longer than ETL_JOB_TIMEOUT and was stopped: the attempt counts, the batch goes back
+    to the queue (the worker raises a subclass that its queue library also knows as its own timeout)."""
+
+    code = "job_timeout"
+
+
 class PermanentDbError(LoaderError):
     """A database error that retrying will not fix; ``code`` names the SQLSTATE."""
 

@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 from . import config, db
 from .catalog import JobSpec
 from .db import ledger_table, next_change
-from .errors import LoaderError, TransientDbError
+from .errors import JobTimeout, LoaderError, TransientDbError
 from .events import log_event
 from .ledger import AttemptStatus, BatchStatus, RunStatus
 from .retrying import backoff_delay
@@ -137,7 +137,20 @@ def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, tri
             error = exc if isinstance(exc, LoaderError) else (
                 db.wrap_db_error(exc, batch=batch) if isinstance(exc, psycopg.Error) or db.is_transient(exc)
                 else None)
-            transient = isinstance(error, TransientDbError)
+            transient = isinstance(error, TransientDbError | JobTimeout)
+            if isinstance(exc, JobTimeout):
+                # The queue's job timeout stopped this attempt: it counts, and the job must end now (no
+                # new attempt in a job whose time is up). A batch left 'retried' is queued again by the
+                # reconciler once this RQ job has ended.
+                used += 1
+                retry = used < max_attempts
+                message = db.redact(f"{exc}: the attempt was stopped (ETL_JOB_TIMEOUT); "
+                                    + ("the batch is queued again" if retry else "no attempt left"))
+                _record_failure(job, run, batch, attempt, retry=retry, code=JobTimeout.code, message=message,
+                                stack=db.redact(traceback.format_exc()), ms=(time.perf_counter() - started) * 1000)
+                if not retry:
+                    finish_run_if_done(job, run)
+                raise
             if transient and attempt is None:
                 # The attempt never started (the database is restarting, the pool cannot connect):
                 # wait for the database, up to ETL_DB_OUTAGE_SECONDS, without spending attempts.

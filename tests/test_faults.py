@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from importlib.util import find_spec
@@ -17,6 +18,7 @@ from psycopg import sql
 
 import loader
 from jobs.queues import batch_job_id
+from loader import grid
 
 from .helpers import create_target_table, free_port, job_name, write_catalog, write_ndjson
 
@@ -355,3 +357,75 @@ def test_postgresql_restarted_during_a_run_is_survived(tmp_path, target_schema, 
         own_workers.stop()
         db.close_all()
         stop_services(data_dir)
+
+
+def _hold_row_lock(pg_url: str, table: str, source_id: str, seconds: float) -> threading.Thread:
+    """Lock one target row (SELECT ... FOR UPDATE) from another session for ``seconds``, in a thread."""
+    import psycopg
+    from psycopg import sql
+
+    ready = threading.Event()
+
+    def hold() -> None:
+        schema, name = table.split(".")
+        with psycopg.connect(pg_url) as conn:
+            conn.execute(sql.SQL("SELECT 1 FROM {} WHERE source_id = %s FOR UPDATE").format(
+                sql.Identifier(schema, name)), [source_id])
+            ready.set()
+            time.sleep(seconds)
+            conn.rollback()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    return thread
+
+
+def _locked_run(tmp_path, target_schema, pg) -> tuple[str, str, object]:
+    """A 300-record job whose batch 1 upserts row 'r150', already in the target table (so it can be locked)."""
+    job = job_name("locked")
+    table = f"{target_schema}.t"
+    write_ndjson(tmp_path / "l.ndjson", [{"id": f"r{i}"} for i in range(300)])
+    catalog = write_catalog(tmp_path, {job: {"source": "l.ndjson", "target_table": table, "source_id": "id",
+                                             "max_attempts": 6}})
+    create_target_table(pg, table)
+    schema, name = table.split(".")
+    pg.execute(sql.SQL("INSERT INTO {} (source_id, data, etl_job_id, etl_run_id, loaded_at, updated_at) "
+                       "VALUES ('r150', '{{}}', 'x', 'x', now(), now())").format(sql.Identifier(schema, name)))
+    return job, table, catalog
+
+
+def test_a_batch_blocked_on_a_lock_fails_its_attempt_at_the_lock_timeout_and_is_retried(
+        tmp_path, target_schema, pg, own_workers, own_queue, monkeypatch):
+    monkeypatch.setenv("ETL_LOCK_TIMEOUT", "1")
+    job, table, catalog = _locked_run(tmp_path, target_schema, pg)
+    holder = _hold_row_lock(os.environ["DATABASE_URL"], table, "r150", 2.5)
+    own_workers.start(1)
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    c = loader.wait_for_run(job, ref.etl_run_id, timeout=90)
+    holder.join()
+    assert c["status"] == "success"
+    [b1] = [b for b in c["batches"] if b["index"] == 1]
+    assert b1["attempts"] >= 2 and c["metrics"]["rows_inserted"] == 299
+    codes = [a["error_code"] for a in grid.batch_detail(job, ref.etl_run_id, 1)["attempt_timeline"]]
+    assert codes[0] == "55P03" and codes[-1] is None
+
+
+@pytest.mark.slow
+def test_an_rq_job_timeout_is_its_own_transient_error_and_the_batch_is_queued_again(
+        tmp_path, target_schema, pg, own_workers, own_queue, monkeypatch):
+    """With no lock timeout, a batch waits on a row lock until ETL_JOB_TIMEOUT (10 s) stops its RQ job: the
+    attempt is recorded as job_timeout (not internal), and the batch runs again once the lock is gone."""
+    monkeypatch.setenv("ETL_LOCK_TIMEOUT", "0")
+    monkeypatch.setenv("ETL_JOB_TIMEOUT", "10")
+    job, table, catalog = _locked_run(tmp_path, target_schema, pg)
+    holder = _hold_row_lock(os.environ["DATABASE_URL"], table, "r150", 14)
+    own_workers.start(1)
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    c = loader.wait_for_run(job, ref.etl_run_id, timeout=120)
+    holder.join()
+    assert c["status"] == "success", c["batches"][1]
+    timeline = grid.batch_detail(job, ref.etl_run_id, 1)["attempt_timeline"]
+    assert timeline[0]["error_code"] == "job_timeout" and timeline[0]["status"] == "retrying"
+    assert "ETL_JOB_TIMEOUT" in timeline[0]["error_message"]
+    assert timeline[-1]["status"] == "succeeded" and c["metrics"]["rows_inserted"] == 299
