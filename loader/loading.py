@@ -142,7 +142,7 @@ def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, tri
                 # The queue's job timeout stopped this attempt: it counts, and the job must end now (no
                 # new attempt in a job whose time is up). A batch left 'retried' is queued again by the
                 # reconciler once this RQ job has ended.
-                used += 1
+                used = max(used + 1, attempt or 0)
                 retry = used < max_attempts
                 message = db.redact(f"{exc}: the attempt was stopped (ETL_JOB_TIMEOUT); "
                                     + ("the batch is queued again" if retry else "no attempt left"))
@@ -157,7 +157,8 @@ def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, tri
                 outage_since = outage_since or time.monotonic()
                 retry = time.monotonic() - outage_since < config.get_float("ETL_DB_OUTAGE_SECONDS")
             else:
-                used += 1
+                # Attempts lost with their worker count too: the batch's own number, not this job's.
+                used = max(used + 1, attempt or 0)
                 retry = transient and used < max_attempts
             code = _error_code(exc, error)
             message = db.redact(str(error) if error is not None else f"{type(exc).__name__}: {exc}")

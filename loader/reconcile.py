@@ -66,7 +66,7 @@ def live_workers(conn: psycopg.Connection[Any] | None = None) -> int:
 
 ABANDON = sql.SQL("""
     WITH stale AS (
-        SELECT b.etl_job_id, b.etl_run_id, b.batch_index, b.attempts, b.worker
+        SELECT b.etl_job_id, b.etl_run_id, b.batch_index, b.attempts, b.worker, b.attempts >= r.max_attempts AS spent
         FROM {batches} b JOIN {runs} r USING (etl_job_id, etl_run_id)
         WHERE r.status = 'loading' AND r.queue = %(queue)s AND b.status IN ('running', 'retried')
           AND NOT EXISTS (SELECT 1 FROM {workers} w WHERE w.name = b.worker
@@ -74,16 +74,26 @@ ABANDON = sql.SQL("""
           AND b.started_at < now() - make_interval(secs => %(stale)s)
         FOR UPDATE OF b SKIP LOCKED
     ), reset AS (
-        UPDATE {batches} b SET status = 'pending', queued_at = now(), change_seq = {next}
-        FROM stale s WHERE (b.etl_job_id, b.etl_run_id, b.batch_index) = (s.etl_job_id, s.etl_run_id, s.batch_index)
-        RETURNING b.etl_job_id, b.etl_run_id, b.batch_index, s.attempts, s.worker
+        -- Every attempt counts: a batch whose worker was lost in its last allowed attempt fails for good
+        -- (a batch that kills every worker that takes it must not loop); the others are queued again.
+        UPDATE {batches} b SET status = CASE WHEN s.spent THEN 'failed' ELSE 'pending' END,
+            queued_at = now(), change_seq = {next},
+            ended_at = CASE WHEN s.spent THEN clock_timestamp() ELSE b.ended_at END,
+            error_code = CASE WHEN s.spent THEN 'worker_lost' ELSE b.error_code END,
+            error_message = CASE WHEN s.spent THEN format(
+                'the worker stopped beating during attempt %%s of %%s (killed, out of memory, or its host was '
+                'lost): no attempt left; retry the batch once the cause is found', s.attempts, r.max_attempts)
+                ELSE b.error_message END
+        FROM stale s JOIN {runs} r USING (etl_job_id, etl_run_id)
+        WHERE (b.etl_job_id, b.etl_run_id, b.batch_index) = (s.etl_job_id, s.etl_run_id, s.batch_index)
+        RETURNING b.etl_job_id, b.etl_run_id, b.batch_index, s.attempts, s.worker, s.spent
     ), gone AS (
         UPDATE {attempts} a SET status = 'abandoned', ended_at = clock_timestamp(),
             error_code = 'worker_lost', error_message = 'the worker stopped beating during this attempt'
         FROM reset r WHERE (a.etl_job_id, a.etl_run_id, a.batch_index, a.attempt)
                          = (r.etl_job_id, r.etl_run_id, r.batch_index, r.attempts) AND a.status = 'running'
     )
-    SELECT etl_job_id, etl_run_id, batch_index, attempts, worker FROM reset""")
+    SELECT etl_job_id, etl_run_id, batch_index, attempts, worker, spent FROM reset""")
 
 #: Batches not yet ended; the caller re-queues those whose RQ job is gone (a flushed Redis, or an
 #: execution that gave up while the database was unreachable and could not record it).
@@ -126,8 +136,13 @@ def reconcile(*, stale_after: float = STALE_AFTER_SECONDS, grace: float = ORPHAN
             return None
         try:
             with conn.transaction():
-                for job, run, batch, attempt, worker in conn.execute(
+                for job, run, batch, attempt, worker, spent in conn.execute(
                         ABANDON.format(**tables), {"stale": stale_after, "queue": queue}).fetchall():
+                    if spent:  # failed for good: the run ends below (UNFINISHED) once its other batches have
+                        log_event(conn, job, run, "batch_failed", level="error", batch=batch, attempt=attempt,
+                                  worker=worker, error_code="worker_lost",
+                                  error="the worker stopped beating in the batch's last allowed attempt")
+                        continue
                     out.abandoned.append((job, run, batch))
                     log_event(conn, job, run, "batch_abandoned", level="warning", batch=batch, attempt=attempt,
                               worker=worker, note="the worker stopped beating; the batch is queued again")

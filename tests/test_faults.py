@@ -429,3 +429,47 @@ def test_an_rq_job_timeout_is_its_own_transient_error_and_the_batch_is_queued_ag
     assert timeline[0]["error_code"] == "job_timeout" and timeline[0]["status"] == "retrying"
     assert "ETL_JOB_TIMEOUT" in timeline[0]["error_message"]
     assert timeline[-1]["status"] == "succeeded" and c["metrics"]["rows_inserted"] == 299
+
+
+def test_a_batch_whose_worker_is_killed_in_every_attempt_fails_as_worker_lost_after_max_attempts(
+        tmp_path, target_schema, pg, own_workers, own_queue):
+    """The same batch kills its worker again and again (here: its worker is SIGKILLed while the batch waits on a
+    row lock): each lost attempt counts, and after max_attempts (3) it fails for good as worker_lost instead of
+    being handed out forever; the run ends partial_success, and a retry once the cause is gone completes it."""
+    job, table, catalog = _locked_run(tmp_path, target_schema, pg)
+    spec = catalog.read_text().replace("max_attempts = 6", "max_attempts = 3")
+    catalog.write_text(spec)
+    holder = _hold_row_lock(os.environ["DATABASE_URL"], table, "r150", 600)
+    schema = os.environ["ETL_LEDGER_SCHEMA"]
+    own_workers.start(1)
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    kills = 0
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        c = loader.run_contract(job, ref.etl_run_id)
+        if c["status"] not in ("queued", "validating", "loading", "committing"):
+            break
+        row = pg.execute(sql.SQL("SELECT status, worker, attempts FROM {} WHERE etl_job_id = %s AND etl_run_id = %s "
+                                 "AND batch_index = 1").format(sql.Identifier(schema, "batches")),
+                         [job, ref.etl_run_id]).fetchone()
+        if row and row[0] == "running" and row[2] > kills:
+            # The worker holding batch 1 (blocked on the lock): kill it, and start another in its place.
+            victim = next(p for p in own_workers.procs if p.poll() is None)
+            os.killpg(victim.pid, signal.SIGKILL)
+            victim.wait()
+            kills += 1
+            own_workers.start(1)
+        time.sleep(0.2)
+    assert c["status"] == "partial_success", (c["status"], kills)
+    assert kills == 3  # never handed out a 4th time
+    [b1] = [b for b in c["batches"] if b["index"] == 1]
+    assert (b1["status"], b1["attempts"], b1["error_code"]) == ("failed", 3, "worker_lost")
+    assert "attempt 3 of 3" in b1["error_message"]
+    assert c["metrics"]["batches_succeeded"] == 2
+    # The cause found and gone: a retry loads the batch.
+    pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+               ["%FOR UPDATE%"])
+    holder.join(10)
+    loader.retry_run(job, ref.etl_run_id)
+    c = loader.wait_for_run(job, ref.etl_run_id, timeout=90)
+    assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 299
