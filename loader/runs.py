@@ -136,7 +136,7 @@ def cancel(job: str, run: str) -> Cancellation:
         >>> cancel("orders", "nightly-1").status  # doctest: +SKIP
         'canceled'
     """
-    from jobs.queues import remove_run_jobs
+    from .queue import remove_run_jobs
 
     runs, batches = ledger_table("runs"), ledger_table("batches")
     with db.connection() as conn, conn.transaction():

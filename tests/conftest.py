@@ -76,7 +76,7 @@ def target_schema(pg: psycopg.Connection) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_conn():
-    from jobs.queues import get_redis
+    from loader.queue import get_redis
 
     r = get_redis()
     yield r

@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 
 import loader
-from jobs.queues import batch_job_id
+from loader.queue import batch_job_id
 
 from .helpers import create_target_table, free_port, job_name, write_catalog, write_ndjson
 
@@ -205,7 +205,7 @@ def test_redis_restarted_empty_during_a_run_is_survived(tmp_path, target_schema,
 
 def run_jobs_in_queue(redis_conn, queue: str, job: str, run: str, batches: int) -> set[str]:
     """The run's planning and batch job ids still waiting in the RQ queue, or still stored."""
-    from jobs.queues import batch_job_id, plan_job_id
+    from loader.queue import batch_job_id, plan_job_id
 
     ids = {plan_job_id(job, run)} | {batch_job_id(job, run, i) for i in range(batches)}
     waiting = {x.decode() for x in redis_conn.lrange(f"rq:queue:{queue}", 0, -1)} & ids
@@ -261,9 +261,9 @@ def test_cancel_takes_the_runs_waiting_jobs_off_the_queue_and_keeps_committed_ba
 
 def test_cancel_without_redis_succeeds_in_the_ledger_and_the_queue_drains_itself(
         tmp_path, target_schema, pg, own_workers, own_queue, redis_conn, monkeypatch, capsys):
-    from jobs.queues import enqueue_batches
     from loader import planning
     from loader.cli import main
+    from loader.queue import enqueue_batches
 
     catalog, job = setup_job(tmp_path, target_schema, 1000)
     ref = loader.start_run(job, catalog=catalog, batch_size=100)  # no worker serves own_queue yet
@@ -325,8 +325,9 @@ def test_backends_terminated_again_and_again_are_retried_and_recorded(
 
 def test_postgresql_restarted_during_a_run_is_survived(tmp_path, target_schema, own_workers, own_queue, monkeypatch):
     """The test's own embedded PostgreSQL is stopped and started again while batches load."""
-    from loader import db, initdb
     from loader.services import ensure_services, stop_services
+
+    from loader import db, initdb
 
     monkeypatch.delenv("DATABASE_URL")
     data_dir = tmp_path / "pg"
