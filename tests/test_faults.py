@@ -325,8 +325,7 @@ def test_backends_terminated_again_and_again_are_retried_and_recorded(
 
 def test_postgresql_restarted_during_a_run_is_survived(tmp_path, target_schema, own_workers, own_queue, monkeypatch):
     """The test's own embedded PostgreSQL is stopped and started again while batches load."""
-    from loader.services import ensure_services, stop_services
-
+    from devstack.services import ensure_services, stop_services
     from loader import db, initdb
 
     monkeypatch.delenv("DATABASE_URL")
