@@ -74,8 +74,7 @@ from psycopg import sql  # noqa: E402
 from streamlit.proto import BackMsg_pb2, ForwardMsg_pb2  # noqa: E402
 
 import loader  # noqa: E402
-from loader import config, db  # noqa: E402
-from loader import grid as lgrid  # noqa: E402
+from loader import browse, config, db  # noqa: E402
 from tests.ui.app_server import CHROMIUM, StreamlitServer, launch_chromium  # noqa: E402
 from ui.grid import POLL_MS  # noqa: E402
 from ui.monitor import CHART_SECONDS, REFRESH_SECONDS  # noqa: E402
@@ -348,12 +347,12 @@ def first_succeeded(run: str) -> int:
 
 def server_times(run: str, n: int = 20) -> dict[str, Any]:
     """In-process timings (ms) of what the console's timers read from the ledger."""
-    q = lgrid.parse_query(0, 100, None, None, None)
+    q = browse.BatchQuery(0, 100)
     calls = {
         "run_contract": lambda: loader.run_contract(JOB, run, include_batches=False),
         "change_signature": lambda: loader.change_signature(JOB, run),
-        "duration_series": lambda: lgrid.duration_series(JOB, run),
-        "batch_page": lambda: lgrid.batch_page(JOB, run, q),
+        "duration_series": lambda: browse.duration_series(JOB, run),
+        "batch_page": lambda: browse.batch_page(JOB, run, q),
     }
     out: dict[str, Any] = {}
     for name, fn in calls.items():

@@ -66,3 +66,11 @@ def test_a_production_install_requires_none_of_the_local_stack_and_make_installs
     assert set(LOCAL_STACK) <= local
     makefile = (ROOT / "Makefile").read_text()
     assert "pip install -e '.[test,local]'" in makefile  # `make run` and `make test` both install it
+
+
+def test_the_engine_does_not_speak_ag_grids_filter_dialect():
+    """AG Grid's sort and filter models are translated in ui/grid_query.py; loader.browse has its own terms."""
+    words = ("colId", "filterType", "filterTo", "lastRow", "notContains", "inRange")
+    spoken = [f"{path.relative_to(ROOT).as_posix()}: {word}" for path in sorted((ROOT / "loader").rglob("*.py"))
+              for word in words if word in path.read_text()]
+    assert spoken == []
