@@ -30,7 +30,7 @@ $(PY):
 		{ rm -rf $(VENV); echo "python3 -m venv failed: on Debian/Ubuntu, apt-get install python3-venv"; exit 1; }
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,local]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -39,7 +39,7 @@ run: $(STAMP)
 	$(VENV)/bin/dataloader up --port $(PORT) --workers $(WORKERS) --host $(HOST)
 
 test: $(STAMP)
-	$(PY) -m loader.services --data-dir $(TEST_DATA_DIR) run -- $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m devstack.services --data-dir $(TEST_DATA_DIR) run -- $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -52,8 +52,8 @@ demo-data: $(STAMP)
 	$(PY) scripts/gen_demo_data.py --out data
 
 stop: $(STAMP)
-	$(PY) -m loader.services stop
-	$(PY) -m loader.services --data-dir $(TEST_DATA_DIR) stop
+	$(PY) -m devstack.services stop
+	$(PY) -m devstack.services --data-dir $(TEST_DATA_DIR) stop
 
 clean-data: stop
 	rm -rf .data data

@@ -11,7 +11,7 @@ For each run size (a synthetic ledger seeded by bench/seed_ledger.py, one run in
   ``runner.postScriptGC = true``, Streamlit's default, which .streamlit/config.toml turns off;
 - for context, in-process (median of 20): ``loader.change_signature`` (what an idle tick and the
   grid's ``/version`` poll read), ``loader.run_contract(include_batches=False)`` (what a tick reads
-  when the signature moved), the chart fragment's ``grid.duration_series`` and one grid ``/batches``
+  when the signature moved), the chart fragment's ``browse.duration_series`` and one grid ``/batches``
   page;
 - bytes sent to the browser per ``REFRESH_SECONDS`` tick, nothing changed and one batch changed every
   tick: websocket frames received by Chromium (Playwright) plus the grid's JSON routes
@@ -74,8 +74,7 @@ from psycopg import sql  # noqa: E402
 from streamlit.proto import BackMsg_pb2, ForwardMsg_pb2  # noqa: E402
 
 import loader  # noqa: E402
-from loader import config, db  # noqa: E402
-from loader import grid as lgrid  # noqa: E402
+from loader import browse, config, db  # noqa: E402
 from tests.ui.app_server import CHROMIUM, StreamlitServer, launch_chromium  # noqa: E402
 from ui.grid import POLL_MS  # noqa: E402
 from ui.monitor import CHART_SECONDS, REFRESH_SECONDS  # noqa: E402
@@ -348,12 +347,12 @@ def first_succeeded(run: str) -> int:
 
 def server_times(run: str, n: int = 20) -> dict[str, Any]:
     """In-process timings (ms) of what the console's timers read from the ledger."""
-    q = lgrid.parse_query(0, 100, None, None, None)
+    q = browse.BatchQuery(0, 100)
     calls = {
         "run_contract": lambda: loader.run_contract(JOB, run, include_batches=False),
         "change_signature": lambda: loader.change_signature(JOB, run),
-        "duration_series": lambda: lgrid.duration_series(JOB, run),
-        "batch_page": lambda: lgrid.batch_page(JOB, run, q),
+        "duration_series": lambda: browse.duration_series(JOB, run),
+        "batch_page": lambda: browse.batch_page(JOB, run, q),
     }
     out: dict[str, Any] = {}
     for name, fn in calls.items():
@@ -624,8 +623,8 @@ def markdown(res: dict[str, Any]) -> str:
              "(`[runner] postScriptGC = false`, `[server] fileWatcherType = \"none\"`).",
              "- Server time, in-process (context): median of 20 calls after one warm-up of the functions the "
              "ticks call: `change_signature` (an idle tick, the grid's `/version` poll), "
-             "`run_contract(include_batches=False)` (a tick after the signature moved), `grid.duration_series` "
-             "(a chart tick after the version moved), `grid.batch_page`.",
+             "`run_contract(include_batches=False)` (a tick after the signature moved), `browse.duration_series` "
+             "(a chart tick after the version moved), `browse.batch_page`.",
              "- Wire bytes: websocket messages received by Chromium (`framereceived`, the messages' payload "
              "bytes; the server (uvicorn) negotiates no permessage-deflate, so that is what the socket carries, "
              "frame headers aside) and the grid's JSON routes (`Content-Length` of `/api/runs/...` responses, as "
@@ -695,10 +694,10 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| server, in-process: `run_contract(include_batches=False)` (a tick after a change) | {fmt(s['run_contract']['median_ms'], ' ms', 1)} | "
                      f"p95 {fmt(s['run_contract']['p95_ms'], ' ms', 1)} | PostgreSQL execution of its metrics "
                      f"aggregate: {fmt(s['metrics_query_pg_ms'], ' ms', 1)} |")
-        lines.append(f"| server, in-process: `grid.duration_series` (a chart tick after a change) | "
+        lines.append(f"| server, in-process: `browse.duration_series` (a chart tick after a change) | "
                      f"{fmt(s['duration_series']['median_ms'], ' ms', 1)} | "
                      f"p95 {fmt(s['duration_series']['p95_ms'], ' ms', 1)} | |")
-        lines.append(f"| server, in-process: `grid.batch_page` rows 0-100 (grid `/batches`) | "
+        lines.append(f"| server, in-process: `browse.batch_page` rows 0-100 (grid `/batches`) | "
                      f"{fmt(s['batch_page']['median_ms'], ' ms', 1)} | p95 {fmt(s['batch_page']['p95_ms'], ' ms', 1)} | |")
         for key, label in (("idle", "nothing changed"), ("changed", f"one batch changed every {r_s}")):
             ws = [w["ws_per_refresh"] for w in r[key]]

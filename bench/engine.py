@@ -490,7 +490,7 @@ PROFILE_BUCKETS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("validation: orjson parse, required paths, JSON Schema (RecordChecker.check)",
      (("check", "loader/validation.py"),)),
     ("planning the run (reads the source once, writes the batches)", (("plan_run", "loader/planning.py"),)),
-    ("queueing the batches (RQ enqueue, pipelined)", (("enqueue_batches", "jobs/queues.py"),)),
+    ("queueing the batches (RQ enqueue, pipelined)", (("enqueue_batches", "loader/queue.py"),)),
     ("reading the batch's bytes from the source (read_batch)", (("read_batch", "loader/sources.py"),)),
     # Rows are streamed while they are validated: a chunk's COPY write (StageWriter.flush) and the COPY's
     # end (staging) wait for PostgreSQL to parse the rows; StageWriter.add is the client building them.

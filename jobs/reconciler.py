@@ -8,9 +8,8 @@ from redis import Redis
 from rq.job import Job
 
 from loader.events import log_event
+from loader.queue import batch_job_id, enqueue_batches, enqueue_plan, get_redis, plan_job_id
 from loader.reconcile import Reconciled, reconcile
-
-from .queues import batch_job_id, enqueue_batches, enqueue_plan, get_redis, plan_job_id
 
 #: RQ job states meaning "nobody will run this job again".
 GONE = {None, b"finished", b"failed", b"stopped", b"canceled"}

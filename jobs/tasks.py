@@ -6,8 +6,7 @@ from rq import get_current_job
 
 from loader import loading, planning
 from loader.loading import BatchOutcome
-
-from .queues import enqueue_batches
+from loader.queue import enqueue_batches
 
 
 def plan_run_task(job: str, run: str) -> int:

@@ -22,9 +22,9 @@ from rq.worker_pool import WorkerPool
 from loader import config, db
 from loader.errors import JobTimeout
 from loader.events import setup_process_logging
+from loader.queue import get_queue, get_redis
 from loader.reconcile import beat, forget
 
-from .queues import get_queue, get_redis
 from .reconciler import reconcile_once
 
 logger = logging.getLogger("dataloader")

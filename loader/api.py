@@ -36,7 +36,7 @@ def start_run(job: str, *, run_id: str | None = None, batch_size: int | None = N
         ref = start_run("orders", batch_size=1000)
         print(ref.etl_job_id, ref.etl_run_id)
     """
-    from jobs.queues import enqueue_plan
+    from .queue import enqueue_plan  # RQ is imported when a run is queued, not with the API
 
     spec = list_jobs(catalog).get(job)
     ref = runs.create_run(spec, run_id=run_id, batch_size=batch_size, force=force)
@@ -58,7 +58,7 @@ def retry_run(job: str, run: str, batches: list[int] | None = None) -> list[int]
 
     Returns the batch indexes queued again.
     """
-    from jobs.queues import enqueue_batches
+    from .queue import enqueue_batches
 
     indexes = runs.reset_failed_batches(job, run, batches)
     enqueue_batches(job, run, indexes, trigger="manual")
@@ -102,7 +102,10 @@ def wait_for_run(job: str, run: str, *, timeout: float | None = None, poll: floa
 
 
 def workers_alive() -> int:
-    """How many workers listen on the queue."""
-    from jobs.queues import workers_alive as alive
+    """How many workers listen on the loader's queue (0: nobody will process the run).
 
-    return alive()
+    Read from the ledger's heartbeats, which survive a Redis flush, not from RQ's registry.
+    """
+    from .reconcile import live_workers  # the worker side of the engine loads with the first call
+
+    return live_workers()

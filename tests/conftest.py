@@ -30,7 +30,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     global _held
     if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
-        from loader.services import held_services
+        from devstack.services import held_services
 
         _held = contextlib.ExitStack()
         services = _held.enter_context(held_services(ROOT / ".data" / "test"))
@@ -76,7 +76,7 @@ def target_schema(pg: psycopg.Connection) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_conn():
-    from jobs.queues import get_redis
+    from loader.queue import get_redis
 
     r = get_redis()
     yield r

@@ -133,3 +133,16 @@ def test_cli_errors_and_tracebacks_never_show_a_service_password(error, monkeypa
     err = capsys.readouterr().err
     assert "cannot reach postgresql://etl:***@db.example:5432/etl" in err and "S3cret-Pw" not in err
     assert err.startswith("error: ") if error == "loader" else "Traceback" in err
+
+
+@pytest.mark.parametrize("missing", ["psutil", "pgserver"])
+def test_dataloader_up_without_the_local_extra_says_what_to_install(missing, tmp_path):
+    """A production install has no embedded servers: `up` names the extra instead of a traceback."""
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            "from loader.cli import main; sys.exit(main(['up', '--port', '0', '--workers', '0']))")
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**env, "ETL_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 1 and "\nerror: " in "\n" + out.stderr, out.stderr
+    assert "pip install 'dataloader-console[local]'" in out.stderr and repr(missing) in out.stderr
+    assert "Traceback" not in out.stderr

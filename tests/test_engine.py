@@ -190,7 +190,7 @@ def test_a_batch_job_executed_twice_changes_nothing(tmp_path, target_schema, pg,
 
 
 def test_duplicate_rq_deliveries_of_batches_do_not_double_count(tmp_path, target_schema, workers):
-    from jobs.queues import enqueue_batches
+    from loader.queue import enqueue_batches
 
     catalog, job, _ = make_job(tmp_path, target_schema, [{"id": i} for i in range(500)])
     ref = loader.start_run(job, catalog=catalog, batch_size=100)
@@ -248,7 +248,7 @@ def test_cancel_stops_pending_batches_and_keeps_committed_ones(tmp_path, target_
     planning.plan_run(job, ref.etl_run_id)
     loading.load_batch(job, ref.etl_run_id, 0)
     assert loader.cancel_run(job, ref.etl_run_id) == "canceled"
-    from jobs.queues import enqueue_batches
+    from loader.queue import enqueue_batches
 
     enqueue_batches(job, ref.etl_run_id, range(1, 10))
     own_workers.start(1, burst=True)[0].wait(timeout=60)

@@ -17,8 +17,8 @@ import pytest
 from psycopg import sql
 
 import loader
-from jobs.queues import batch_job_id
-from loader import grid
+from loader import browse
+from loader.queue import batch_job_id
 
 from .helpers import create_target_table, free_port, job_name, write_catalog, write_ndjson
 
@@ -207,7 +207,7 @@ def test_redis_restarted_empty_during_a_run_is_survived(tmp_path, target_schema,
 
 def run_jobs_in_queue(redis_conn, queue: str, job: str, run: str, batches: int) -> set[str]:
     """The run's planning and batch job ids still waiting in the RQ queue, or still stored."""
-    from jobs.queues import batch_job_id, plan_job_id
+    from loader.queue import batch_job_id, plan_job_id
 
     ids = {plan_job_id(job, run)} | {batch_job_id(job, run, i) for i in range(batches)}
     waiting = {x.decode() for x in redis_conn.lrange(f"rq:queue:{queue}", 0, -1)} & ids
@@ -263,9 +263,9 @@ def test_cancel_takes_the_runs_waiting_jobs_off_the_queue_and_keeps_committed_ba
 
 def test_cancel_without_redis_succeeds_in_the_ledger_and_the_queue_drains_itself(
         tmp_path, target_schema, pg, own_workers, own_queue, redis_conn, monkeypatch, capsys):
-    from jobs.queues import enqueue_batches
     from loader import planning
     from loader.cli import main
+    from loader.queue import enqueue_batches
 
     catalog, job = setup_job(tmp_path, target_schema, 1000)
     ref = loader.start_run(job, catalog=catalog, batch_size=100)  # no worker serves own_queue yet
@@ -327,8 +327,8 @@ def test_backends_terminated_again_and_again_are_retried_and_recorded(
 
 def test_postgresql_restarted_during_a_run_is_survived(tmp_path, target_schema, own_workers, own_queue, monkeypatch):
     """The test's own embedded PostgreSQL is stopped and started again while batches load."""
+    from devstack.services import ensure_services, stop_services
     from loader import db, initdb
-    from loader.services import ensure_services, stop_services
 
     monkeypatch.delenv("DATABASE_URL")
     data_dir = tmp_path / "pg"
@@ -407,7 +407,7 @@ def test_a_batch_blocked_on_a_lock_fails_its_attempt_at_the_lock_timeout_and_is_
     assert c["status"] == "success"
     [b1] = [b for b in c["batches"] if b["index"] == 1]
     assert b1["attempts"] >= 2 and c["metrics"]["rows_inserted"] == 299
-    codes = [a["error_code"] for a in grid.batch_detail(job, ref.etl_run_id, 1)["attempt_timeline"]]
+    codes = [a["error_code"] for a in browse.batch_detail(job, ref.etl_run_id, 1)["attempt_timeline"]]
     assert codes[0] == "55P03" and codes[-1] is None
 
 
@@ -425,7 +425,7 @@ def test_an_rq_job_timeout_is_its_own_transient_error_and_the_batch_is_queued_ag
     c = loader.wait_for_run(job, ref.etl_run_id, timeout=120)
     holder.join()
     assert c["status"] == "success", c["batches"][1]
-    timeline = grid.batch_detail(job, ref.etl_run_id, 1)["attempt_timeline"]
+    timeline = browse.batch_detail(job, ref.etl_run_id, 1)["attempt_timeline"]
     assert timeline[0]["error_code"] == "job_timeout" and timeline[0]["status"] == "retrying"
     assert "ETL_JOB_TIMEOUT" in timeline[0]["error_message"]
     assert timeline[-1]["status"] == "succeeded" and c["metrics"]["rows_inserted"] == 299

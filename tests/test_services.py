@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import redis
 
-from loader.services import (
+from devstack.services import (
     PROJECT_ROOT,
     Services,
     ensure_services,
@@ -42,7 +42,7 @@ print(json.dumps({"notes": notes, "redis": r.get("probe").decode()}))
 ENSURE = """
 import json, sys
 from pathlib import Path
-from loader.services import ensure_services
+from devstack.services import ensure_services
 s = ensure_services(Path(sys.argv[1]))
 print(json.dumps({"db": s.database_url, "redis": s.redis_url, "started": list(s.started)}))
 """
@@ -245,7 +245,7 @@ def test_only_the_service_missing_from_the_environment_is_embedded(
 def test_held_services_stop_when_the_last_living_holder_leaves(data_dir: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from loader.services import held_services\n"
+         "import sys, time; from pathlib import Path; from devstack.services import held_services\n"
          "with held_services(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
          str(data_dir)],
         env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
@@ -282,7 +282,7 @@ def test_a_data_folder_too_deep_for_a_unix_socket_path_still_works(fresh_dir: Pa
 def test_services_run_gives_the_command_the_urls_and_returns_its_exit_code(fresh_dir: Path) -> None:
     code = "import os, sys; print(os.environ['DATABASE_URL'], os.environ['REDIS_URL']); sys.exit(3)"
     result = subprocess.run(
-        [sys.executable, "-m", "loader.services", "--data-dir", str(fresh_dir), "run", "--",
+        [sys.executable, "-m", "devstack.services", "--data-dir", str(fresh_dir), "run", "--",
          sys.executable, "-c", code],
         env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, cwd=PROJECT_ROOT, capture_output=True,
         text=True, timeout=120,
@@ -296,7 +296,7 @@ def test_services_run_gives_the_command_the_urls_and_returns_its_exit_code(fresh
 
 def test_services_start_prints_no_password_of_urls_the_environment_gives():
     env = {"DATABASE_URL": "postgresql://etl:S3cret-Db@db.example/etl", "REDIS_URL": "redis://:S3cret-Rd@queue:6379/0"}
-    out = python("from loader.services import main; main(['start'])", env=env).stdout
+    out = python("from devstack.services import main; main(['start'])", env=env).stdout
     assert out.splitlines() == ["# DATABASE_URL from the environment: postgresql://etl:***@db.example/etl",
                                 "# REDIS_URL from the environment: redis://:***@queue:6379/0"]
 
@@ -314,3 +314,39 @@ def test_dataloader_up_warns_that_anyone_reaching_its_port_can_act_unless_it_lis
     assert out.returncode == 1 and f"port {port} on {host} is already in use" in out.stderr
     warned = "WARNING: the console listens on 0.0.0.0, not only on this machine, and has no sign-in" in out.stderr
     assert warned is (host == "0.0.0.0")
+
+
+DISCOVER = """
+import json, sys
+from loader import config
+print(json.dumps({"db": config.database_url(), "redis": config.redis_url(),
+                  "devstack_imported": any(m.split(".")[0] == "devstack" for m in sys.modules)}))
+"""
+
+
+def test_another_process_finds_the_embedded_servers_from_the_discovery_file_without_importing_the_local_stack(
+    data_dir: Path,
+) -> None:
+    services = ensure_services(data_dir)
+
+    found = json.loads(python(DISCOVER, env={"ETL_DATA_DIR": str(data_dir)}).stdout)
+
+    assert found == {"db": services.database_url, "redis": services.redis_url, "devstack_imported": False}
+
+
+def test_stopped_or_vanished_servers_are_not_discovered_and_the_engine_says_how_to_start_them(
+    fresh_dir: Path,
+) -> None:
+    ensure_services(fresh_dir)
+    stop_services(fresh_dir)
+    assert not (fresh_dir / "services.json").exists()
+    # A discovery file a crash left behind, naming servers that are gone.
+    (fresh_dir / "services.json").write_text(json.dumps({
+        "database_url": f"postgresql://postgres@/postgres?host={fresh_dir}/gone&port=5432",
+        "redis_url": f"unix://{fresh_dir}/gone/redis.sock?db=0"}))
+
+    out = subprocess.run([sys.executable, "-m", "loader.cli", "runs"], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "ETL_DATA_DIR": str(fresh_dir)})
+
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: DATABASE_URL is not set and no `dataloader up` is running here")

@@ -73,10 +73,6 @@ def fmt_ms(value: float | None) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def fmt_rate(value: float | None) -> str:
-    return "—" if value is None else f"{value:,.1f} rows/s"
-
-
 def viewer_zone(name: str | None) -> ZoneInfo | None:
     if not name:
         return None
@@ -106,7 +102,3 @@ def local_time(value: str | datetime | None, zone_name: str | None) -> str:
     zone = viewer_zone(zone_name)
     shown = moment.astimezone(zone or UTC)
     return shown.strftime("%Y-%m-%d %H:%M:%S ") + (shown.tzname() or "UTC")
-
-
-def utc_iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -6,7 +6,8 @@ options (``initialState``). So nothing read from outside is passed on as it came
 rebuilt from an allow-list (known column ids, known filter types and operators, plain numbers and
 short plain strings), a string holding the marker is refused wherever it stands, and whatever is
 dropped is named in a note the page shows. The SQL side checks the same models again
-(``loader.grid.parse_query``), which also decides which operators each column type knows.
+(``ui.grid_query.parse_query`` and the engine's ``loader.browse.BatchQuery``, which also decides which
+operators each column type knows).
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from loader.browse import COLUMNS, MAX_NUMBER, MAX_TEXT, NUMBER_COLUMNS, STATUSES
 from loader.errors import ConfigError
-from loader.grid import COLUMNS, MAX_NUMBER, NUMBER_COLUMNS, STATUSES, parse_json_param, parse_query
+
+from .grid_query import parse_json_param, parse_query
 
 #: streamlit-aggrid's marker around JavaScript to evaluate (st_aggrid.shared.JsCode).
 JS_CODE_MARKER = "::JSCODE::"
 _MARKER_RE = re.compile(re.escape(JS_CODE_MARKER), re.IGNORECASE)
-#: Longest text a filter may hold (as loader.grid allows); an operator name is a short word.
-MAX_FILTER_TEXT = 200
+#: Longest text a filter may hold (as the engine allows); an operator name is a short word.
+MAX_FILTER_TEXT = MAX_TEXT
 _WORD = re.compile(r"^[A-Za-z]{1,32}$")
 #: Conditions a combined filter may hold (AG Grid's default; our grid offers one).
 MAX_CONDITIONS = 2

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 import streamlit as st
 
 import loader
-from loader import LoaderError, grid
+from loader import LoaderError, browse
 from loader.runs import cancel
 
 from . import format as fmt
@@ -315,7 +315,7 @@ def _chart(job: str, run: str) -> None:
         series = cached[1]  # nothing changed since the last draw: skip the window query over every batch
     else:
         try:
-            series = grid.duration_series(job, run)
+            series = browse.duration_series(job, run)
         except (LoaderError, sa.exc.OperationalError) as exc:
             caption(f"Chart unavailable: {user_message(exc)}")
             return
@@ -359,7 +359,7 @@ def _chart_specs(points: int, p95: float | None) -> tuple[dict[str, Any], dict[s
 
 def _detail(job: str, run: str, index: int) -> None:
     try:
-        d = grid.batch_detail(job, run, index)
+        d = browse.batch_detail(job, run, index)
     except (LoaderError, sa.exc.OperationalError) as exc:
         show_error(exc, where=f"Batch {index}")
         return

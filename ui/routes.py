@@ -188,29 +188,32 @@ def _ids(request: Request) -> tuple[str, str]:
 
 
 def _json_param(request: Request, name: str) -> Any:
-    from loader.grid import parse_json_param
+    from .grid_query import parse_json_param
 
     return parse_json_param(name, request.query_params.get(name))
 
 
 def batches_page(request: Request) -> Response:
     """GET .../batches?start=0&end=100&sort=[...]&filter={...}&status=failed,retried"""
-    from loader import grid
+    from loader import browse
+
+    from .grid_query import page_json, parse_query
 
     job, run = _ids(request)
     p = request.query_params
-    q = grid.parse_query(p.get("start", 0), p.get("end", 100), _json_param(request, "sort"),
-                         _json_param(request, "filter"), p.get("status") or None)
-    return Response(orjson.dumps(grid.batch_page(job, run, q)), media_type="application/json", headers=NO_STORE)
+    q = parse_query(p.get("start", 0), p.get("end", 100), _json_param(request, "sort"),
+                    _json_param(request, "filter"), p.get("status") or None)
+    return Response(orjson.dumps(page_json(browse.batch_page(job, run, q))), media_type="application/json",
+                    headers=NO_STORE)
 
 
 def batch_detail(request: Request) -> Response:
     """GET .../batches/<index>: one batch with its error stack, attempts and log events."""
-    from loader import grid
+    from loader import browse
 
     job, run = _ids(request)
     index = int(request.path_params["index"])
-    detail = grid.batch_detail(job, run, index) if 0 <= index <= grid.MAX_NUMBER else None
+    detail = browse.batch_detail(job, run, index) if 0 <= index <= browse.MAX_NUMBER else None
     if detail is None:
         return _error(404, f"no batch {request.path_params['index']} in run {run!r}")
     return JSONResponse(detail, headers=NO_STORE)

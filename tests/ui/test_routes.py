@@ -13,8 +13,9 @@ import pytest
 from starlette.requests import Request
 
 import loader
+from loader.browse import AllOf, AnyOf, BatchQuery, Condition, Sort
 from loader.errors import ConfigError
-from loader.grid import parse_query
+from ui.grid_query import parse_query
 from ui.routes import routes
 
 pytestmark = pytest.mark.usefixtures("ledger")
@@ -155,11 +156,43 @@ def test_downloads_stream_logs_and_metrics_as_attachments(finished):
 
 
 def test_parse_query_accepts_only_whitelisted_columns():
-    assert parse_query(0, 10, [{"colId": "duration_ms", "sort": "desc"}]).sort == [("duration_ms", "desc")]
+    query = parse_query(0, 10, [{"colId": "duration_ms", "sort": "desc"}])
+    assert query.sort == (Sort("duration_ms", descending=True),)
     with pytest.raises(ConfigError):
         parse_query(0, 10, [{"colId": "payload", "sort": "asc"}])
     with pytest.raises(ConfigError):
         parse_query(filters={"committed_at": {"type": "equals", "filter": 1}})
+
+
+def test_ag_grid_filter_models_become_the_engines_conditions():
+    query = parse_query(0, 100, filters={
+        "duration_ms": {"filterType": "number", "type": "inRange", "filter": 10, "filterTo": 500},
+        "error_message": {"filterType": "text", "operator": "OR", "conditions": [
+            {"filterType": "text", "type": "contains", "filter": "timeout"},
+            {"filterType": "text", "type": "blank"}]},
+        "attempts": {"operator": "AND", "conditions": [{"type": "greaterThan", "filter": 1},
+                                                       {"type": "notEqual", "filter": 3}]},
+    }, statuses="failed,retried")
+    assert query == BatchQuery(0, 100, (), (
+        Condition("duration_ms", "between", 10, 500),
+        AnyOf((Condition("error_message", "contains", "timeout"), Condition("error_message", "blank"))),
+        AllOf((Condition("attempts", "gt", 1), Condition("attempts", "ne", 3))),
+    ), ("failed", "retried"))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: Condition("duration_ms", "contains", "x"),  # a text operator on a number column
+    lambda: Condition("error_code", "between", "a"),  # a number operator on a text column
+    lambda: Condition("attempts", "gt", 2**31),  # beyond PostgreSQL's integer
+    lambda: Condition("error_message", "eq", "x" * 201),
+    lambda: Condition("committed_at", "blank"),
+    lambda: BatchQuery(0, 501),
+    lambda: BatchQuery(sort=(Sort("payload"),)),
+    lambda: BatchQuery(statuses=("bogus",)),
+])
+def test_the_engine_refuses_a_batch_query_it_cannot_run_in_its_own_terms(build):
+    with pytest.raises(ConfigError):
+        build()
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""Putting runs and batches on the RQ queue, and asking whether any worker is listening."""
+"""Putting runs and batches on the RQ queue, and taking a canceled run's jobs off it.
+
+The engine names the task functions by their dotted path (``jobs.tasks.load_batch_task``): RQ imports
+them in the worker, so the engine never imports ``jobs/``.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import hashlib
 from collections.abc import Iterable
 
 from redis import Redis, RedisError
-from rq import Queue, Worker
+from rq import Queue
 from rq.job import Job
 
-from loader import config
-from loader.errors import ServiceError
+from . import config
+from .errors import ServiceError
 
+#: The RQ task functions, by dotted path (imported by the worker, never by the engine).
+PLAN_TASK = "jobs.tasks.plan_run_task"
+BATCH_TASK = "jobs.tasks.load_batch_task"
 #: Keep a finished job's RQ record briefly; the ledger is the record that matters.
 RESULT_TTL = 600
 FAILURE_TTL = 24 * 3600
@@ -43,7 +50,7 @@ def enqueue_plan(job: str, run: str) -> str:
     """Queue the planning of a run; returns the RQ job id."""
     try:
         rq_job = get_queue().enqueue(
-            "jobs.tasks.plan_run_task", job, run, description=f"plan run {job}/{run}",
+            PLAN_TASK, job, run, description=f"plan run {job}/{run}",
             job_id=plan_job_id(job, run),
             result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL)
     except Exception as exc:  # redis.exceptions.* (connection refused, timeout): say it plainly
@@ -59,7 +66,7 @@ def enqueue_batches(job: str, run: str, indexes: Iterable[int], trigger: str = "
     try:
         for index in indexes:
             chunk.append(Queue.prepare_data(
-                "jobs.tasks.load_batch_task", (job, run, index), {"trigger": trigger},
+                BATCH_TASK, (job, run, index), {"trigger": trigger},
                 description=f"batch {index} of {job}/{run}", result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL,
                 job_id=batch_job_id(job, run, index)))
             if len(chunk) == 500:
@@ -111,17 +118,3 @@ def remove_run_jobs(job: str, run: str, indexes: Iterable[int], *, queue: str | 
     except RedisError as exc:
         raise ServiceError(f"cannot reach the queue (Redis): {exc}", run=run) from exc
     return removed
-
-
-def workers_alive() -> int:
-    """How many workers listen on the loader's queue (0: nobody will process the run).
-
-    Read from the ledger's heartbeats, which survive a Redis flush, not from RQ's registry.
-    """
-    from loader.reconcile import live_workers
-
-    return live_workers()
-
-
-def rq_workers() -> int:
-    return len(Worker.all(queue=get_queue()))

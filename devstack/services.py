@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import pwd
@@ -27,13 +28,17 @@ import psutil
 import psycopg
 import redis
 
-from .db import redact
-from .errors import ServiceError
+from loader import config
+from loader.db import redact
+from loader.errors import ServiceError
 
 _log = logging.getLogger(__name__)
 
 #: The folder holding ``loader/``: where ``.data``, ``jobs.toml`` and ``Home.py`` live in a clone.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = config.PROJECT_ROOT
+#: What to install when the embedded servers' packages are missing.
+INSTALL_HINT = ("pip install 'dataloader-console[local]' (in a clone: pip install -e '.[local]', "
+                "which `make run` and `make test` do)")
 POSTGRESQL = "postgresql"
 REDIS = "redis"
 #: PostgreSQL refuses to run as root, so as root it runs as this system user (created if missing).
@@ -76,8 +81,7 @@ class Services:
 
 def default_data_dir() -> Path:
     """``ETL_DATA_DIR`` when set (relative to the working directory), else ``.data`` in the project."""
-    raw = os.environ.get("ETL_DATA_DIR", "").strip()
-    return Path(raw).expanduser().resolve() if raw else PROJECT_ROOT / ".data"
+    return config.data_dir()
 
 
 def ensure_services(data_dir: Path | None = None) -> Services:
@@ -101,23 +105,6 @@ def ensure_services(data_dir: Path | None = None) -> Services:
     root = _resolve(data_dir)
     with _locked(root):
         return _ensure_locked(root, db_url, redis_url)
-
-
-def running_services(data_dir: Path | None = None) -> Services | None:
-    """The embedded servers already running under ``data_dir`` (a `dataloader up` elsewhere), or None.
-
-    Starts nothing: this is how a second terminal's `dataloader start` finds the servers that
-    `make run` started, without anyone exporting their URLs.
-    """
-    root = _resolve(data_dir)
-    running = _read_postmaster(root / "postgres")
-    if running is None:
-        return None
-    db_url = _pg_url(running.socket_dir, running.port)
-    sock = _redis_socket(root / "redis") if (root / "redis").is_dir() else None
-    if sock is None or not _pg_answers(db_url) or not _redis_answers(sock):
-        return None
-    return Services(db_url, f"unix://{sock}?db=0", (POSTGRESQL, REDIS), (), root)
 
 
 def stop_services(data_dir: Path | None = None) -> None:
@@ -212,10 +199,43 @@ def _ensure_locked(root: Path, db_url: str, redis_url: str) -> Services:
         embedded.append(REDIS)
         if new:
             started.append(REDIS)
-    return Services(db_url, redis_url, tuple(embedded), tuple(started), root)
+    services = Services(db_url, redis_url, tuple(embedded), tuple(started), root)
+    _announce(root, services)
+    return services
+
+
+def _announce(root: Path, services: Services) -> None:
+    """Write the discovery file naming the embedded servers, for `dataloader` commands and notebooks
+    in other terminals (read as data by :func:`loader.config.discovered_url`; no password in it)."""
+    found = {key: url for key, name, url in (("database_url", POSTGRESQL, services.database_url),
+                                             ("redis_url", REDIS, services.redis_url))
+             if name in services.embedded}
+    path = root / config.DISCOVERY_FILE
+    if not found:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(found, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _forget(root: Path, names: Sequence[str]) -> None:
+    """Take stopped servers out of the discovery file (the file goes when none is left)."""
+    path = root / config.DISCOVERY_FILE
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return
+    keys = {POSTGRESQL: "database_url", REDIS: "redis_url"}
+    left = {k: v for k, v in found.items() if k not in {keys[n] for n in names}} if isinstance(found, dict) else {}
+    if left:
+        path.write_text(json.dumps(left, indent=2) + "\n")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _stop_locked(root: Path, names: Sequence[str] = (POSTGRESQL, REDIS)) -> None:
+    _forget(root, names)
     if REDIS in names:
         _stop_redis(root / "redis")
     if POSTGRESQL in names:
@@ -344,8 +364,8 @@ def _package_file(package: str, *parts: str) -> Path:
     spec = find_spec(package)
     if spec is None or spec.origin is None:
         raise ServiceError(
-            f"the Python package {package!r} is not installed: run `pip install -e .` "
-            "or set DATABASE_URL and REDIS_URL to existing servers",
+            f"the embedded servers need the Python package {package!r}, which is not installed: "
+            f"{INSTALL_HINT}; or set DATABASE_URL and REDIS_URL to existing servers",
             package=package,
         )
     return Path(spec.origin).parent.joinpath(*parts)
@@ -627,7 +647,7 @@ def _redis_config(folder: Path, sock: Path, pidfile: Path) -> str:
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     return "\n".join([
-        "# Written by loader/services.py on every start; edits are lost.",
+        "# Written by devstack/services.py on every start; edits are lost.",
         "daemonize yes",
         "port 0",  # no TCP: the Unix socket only
         f"unixsocket {q(sock)}",
@@ -691,18 +711,18 @@ def _stop_redis(folder: Path) -> None:
         _remove_short_socket_folder(folder, "redis.sock")
 
 
-# -- python -m loader.services -------------------------------------------------------------------
+# -- python -m devstack.services ------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m loader.services [--data-dir DIR] {start,stop,run -- CMD...}``.
+    """``python -m devstack.services [--data-dir DIR] {start,stop,run -- CMD...}``.
 
     ``start`` prints ``export`` lines for a shell (a comment, password masked, for a URL the
     environment already gives); ``run`` runs CMD with DATABASE_URL and
     REDIS_URL set (starting what the environment lacks) and stops the embedded servers after
     it unless another holder (a running ``dataloader up``) still uses them: this is ``make test``.
     """
-    parser = argparse.ArgumentParser(prog="python -m loader.services", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devstack.services", description=main.__doc__)
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where embedded servers keep their data (default: ETL_DATA_DIR or .data)")
     sub = parser.add_subparsers(dest="command", required=True)

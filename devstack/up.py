@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from .db import redact
-from .errors import ServiceError
-from .hosts import bind_warning
+from loader.db import redact
+from loader.errors import ServiceError
+from loader.hosts import bind_warning
+
 from .services import PROJECT_ROOT, Services, held_services
 
 #: Seconds the console may take to answer its health check after starting.
