@@ -298,7 +298,7 @@ def main() -> None:
     except LoaderError as exc:
         catalog_error = str(exc)
     with st.container(key="dl-layout"):
-        left, right = st.columns([1, 2.4], gap="large")
+        left, right = st.columns([1, 2.6], gap="large")
         with left:
             _config_panel(catalog, catalog_error)
         with right:
