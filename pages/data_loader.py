@@ -29,6 +29,8 @@ from ui.validation import (
 DEDUP_NOTE = "Deduplication uses source_id; ON CONFLICT upsert updates data and updated_at"
 #: Seconds between two reads of the job's run in progress for the left panel's warning.
 WARNING_SECONDS = 2.0
+#: Seconds between two reads of the job's recent runs (the list under the configuration).
+RUNS_SECONDS = 2.0
 ss = st.session_state
 
 
@@ -237,7 +239,8 @@ def _config_panel(catalog: loader.Catalog | None, catalog_error: str | None) -> 
     # Load asks the engine when clicked, and the page reruns when the monitored run ends.
     st.fragment(_start_area)(cfg)
     st.divider()
-    st.fragment(_runs_list)(job)
+    # Timed, like the Recent runs page: statuses and counts follow the ledger (a selection survives).
+    st.fragment(_runs_list, run_every=RUNS_SECONDS)(job)
 
 
 def _runs_list(job: str | None) -> None:

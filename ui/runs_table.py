@@ -50,7 +50,9 @@ def _row(run: dict[str, Any], zone: str | None) -> dict[str, Any]:
     return {
         "Open": run_path(job, run_id),
         "Job": job, "Run ID": run_id, "Status": fmt.run_badge(run["status"]).label,
-        "Started": fmt.local_time(run["started_at"], zone), "Batches": run["batches_total"],
+        "Started": fmt.local_time(run["started_at"], zone),
+        # Before planning a run has no batches yet: said in words, never "None".
+        "Batches": "not planned yet" if run["batches_total"] is None else fmt.fmt_int(run["batches_total"]),
         "Failed": run["batches_failed"], "Inserted": run["rows_inserted"], "Updated": run["rows_updated"],
         "Validation fails": run["validation_failures"],
     }
