@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .api import cancel_run, initdb, list_jobs, retry_run, start_run, wait_for_run, workers_alive
 from .catalog import Catalog, JobSpec, load_catalog
-from .contract import change_signature, ledger_version, list_runs, run_contract
+from .contract import active_run, change_signature, find_run, ledger_version, list_runs, run_contract
 from .errors import (
     CatalogError,
     ConfigError,
@@ -23,7 +23,8 @@ from .runs import RunRef
 __all__ = [
     "BatchStatus", "Catalog", "CatalogError", "ConfigError", "JobNotFound", "JobSpec", "LoaderError",
     "RunConflict", "RunNotFound", "RunRef", "RunStatus", "ServiceError", "SourceError", "TransientDbError",
-    "cancel_run", "change_signature", "initdb", "iter_logs_ndjson", "iter_metrics_csv", "iter_rejects_ndjson",
+    "active_run", "cancel_run", "change_signature", "find_run", "initdb", "iter_logs_ndjson",
+    "iter_metrics_csv", "iter_rejects_ndjson",
     "ledger_version", "list_jobs", "list_runs", "load_catalog", "retry_run", "run_contract", "start_run",
     "wait_for_run", "workers_alive",
 ]

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from . import config, db
 from .errors import RunNotFound
-from .ledger import attempts, batches, events, rejects, runs
+from .ledger import ACTIVE_RUN_STATES, attempts, batches, events, rejects, runs
 
 EXAMPLES_LIMIT = 10
 LOG_FRAGMENT_EVENTS = 5
@@ -243,6 +243,39 @@ def run_status(job: str, run: str) -> str:
     if status is None:
         raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
     return str(status)
+
+
+def find_run(job: str, run: str) -> dict[str, Any] | None:
+    """The run's id, status and start time, or None when the job has no run of that id (a primary-key lookup).
+
+    Example::
+
+        taken = find_run("orders", "nightly-1")  # {"etl_job_id": ..., "status": "success", "started_at": "...Z"}
+    """
+    with db.get_engine().connect() as conn:
+        row = conn.execute(sa.select(runs.c.etl_job_id, runs.c.etl_run_id, runs.c.status, runs.c.started_at)
+                           .where(_key(runs, job, run))).first()
+    if row is None:
+        return None
+    return {"etl_job_id": row.etl_job_id, "etl_run_id": row.etl_run_id, "status": row.status,
+            "started_at": iso(row.started_at)}
+
+
+def active_run(job: str) -> dict[str, Any] | None:
+    """The job's newest run in progress (queued, validating, loading, committing), or None.
+
+    One lookup in the partial index of active runs: cheap enough to poll, unlike :func:`list_runs`,
+    which sums the batches of every listed run.
+    """
+    q = (sa.select(runs.c.etl_job_id, runs.c.etl_run_id, runs.c.status, runs.c.started_at)
+         .where(runs.c.etl_job_id == job, runs.c.status.in_([s.value for s in ACTIVE_RUN_STATES]))
+         .order_by(runs.c.started_at.desc()).limit(1))
+    with db.get_engine().connect() as conn:
+        row = conn.execute(q).first()
+    if row is None:
+        return None
+    return {"etl_job_id": row.etl_job_id, "etl_run_id": row.etl_run_id, "status": row.status,
+            "started_at": iso(row.started_at)}
 
 
 #: How many of the run's newest batch change numbers :func:`change_signature` sums. A change number is

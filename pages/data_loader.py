@@ -14,11 +14,23 @@ from ui.errors import show_error
 from ui.grid_state import GridState, read_grid_state, rebuild_filters, rebuild_sort, url_value
 from ui.layout import inject_css
 from ui.monitor import empty_monitor, render_monitor
+from ui.routes import run_path
 from ui.runs_table import recent_runs, runs_frame
 from ui.text import alert, caption, md_code
-from ui.validation import RunConfig, check_config, default_batch_size, valid_job_param, valid_run_param
+from ui.validation import (
+    RunConfig,
+    batch_size_default,
+    check_config,
+    run_id_taken,
+    valid_job_param,
+    valid_run_param,
+)
 
 DEDUP_NOTE = "Deduplication uses source_id; ON CONFLICT upsert updates data and updated_at"
+#: Seconds between two reads of the job's run in progress for the left panel's warning.
+WARNING_SECONDS = 2.0
+#: Seconds between two reads of the job's recent runs (the list under the configuration).
+RUNS_SECONDS = 2.0
 ss = st.session_state
 
 
@@ -59,23 +71,36 @@ def _catalog() -> loader.Catalog:
     return _load_catalog(str(config.jobs_file().resolve()))
 
 
+def _job_batch_size(job: str | None) -> int | None:
+    """The job's own ``batch_size`` from the catalog (None when it sets none or the catalog is unreadable)."""
+    if not job:
+        return None
+    try:
+        spec = _catalog().jobs.get(job)
+    except LoaderError:
+        return None
+    return spec.batch_size if spec is not None else None
+
+
 def _on_job_change() -> None:
     ss.dl_job = ss.cfg_job
     ss.dl_run = None
-
-
-def _active_run(job: str) -> dict[str, Any] | None:
-    for r in loader.list_runs(job, limit=20):
-        if r["status"] in fmt.ACTIVE:
-            return r
-    return None
+    ss.dl_confirm = None
+    # The job's own batch size, as the CLI would use it (else ETL_BATCH_SIZE, else 1000).
+    ss.cfg_batch = batch_size_default(ss.cfg_job, _job_batch_size(ss.cfg_job)).value
 
 
 def _start(cfg: RunConfig, force: bool) -> bool:
+    """Start the run; the engine's own check (one transaction) decides whether a run is in progress."""
     try:
         ref = loader.start_run(cfg.job or "", run_id=cfg.run_id, batch_size=cfg.batch_size, force=force)
-    except RunConflict:
-        ss.dl_confirm = True
+    except RunConflict as exc:
+        if loader.find_run(cfg.job or "", cfg.run_id) is not None:
+            # The Run ID was taken meanwhile: said under the field by the full rerun, never the dialog.
+            ss.dl_confirm = None
+            ss.dl_start_error = str(exc)
+            st.rerun(scope="app")
+        ss.dl_confirm = cfg.job  # a run of the job is in progress: ask (the dialog shows it while it lasts)
         return False
     except LoaderError as exc:
         ss.dl_start_error = str(exc)
@@ -88,45 +113,66 @@ def _start(cfg: RunConfig, force: bool) -> bool:
 
 
 def _clear_confirm() -> None:
-    ss.dl_confirm = False
+    ss.dl_confirm = None
+
+
+#: What the force dialog says about two runs writing one table (README, "The job catalog").
+FORCE_NOTE = ("Starting another run now loads the same target table at the same time. Rows are upserted by "
+              "source_id; when both runs hold a record, the later-started run's wins (within a run, the later "
+              "position in the source), whatever order their batches commit in.")
 
 
 @st.dialog("A run of this job is in progress", on_dismiss=_clear_confirm)
-def _confirm_force(cfg: RunConfig, active: dict[str, Any] | None) -> None:
-    if active:
-        st.text(f"Run {active['etl_run_id']} of job {active['etl_job_id']} is still {active['status']}.")
-    st.write("Starting another run now loads the same target table at the same time. "
-             "Rows are upserted by source_id, so the later commit of a record wins.")
+def _confirm_force(cfg: RunConfig, active: dict[str, Any]) -> None:
+    st.text(f"Run {active['etl_run_id']} of job {active['etl_job_id']} is {active['status']}.")
+    st.write(FORCE_NOTE)
     with st.container(horizontal=True):
         if st.button("Start anyway", type="primary", key="dlg-force-yes"):
-            ss.dl_confirm = False
+            ss.dl_confirm = None
             _start(cfg, force=True)
             st.rerun()
         if st.button("Don't start", key="dlg-force-no"):
-            ss.dl_confirm = False
+            ss.dl_confirm = None
             st.rerun()
 
 
-def _start_area(cfg: RunConfig) -> None:
-    """The in-progress warning and Start Load: refreshed with the job's runs (a fragment)."""
-    active = None
-    if cfg.job and cfg.valid:
-        try:
-            active = _active_run(cfg.job)
-        except LoaderError as exc:
-            show_error(exc)
+def _active_run(job: str | None) -> dict[str, Any] | None:
+    """The job's run in progress, read from the ledger now (one index lookup)."""
+    if not job:
+        return None
+    try:
+        return loader.active_run(job)
+    except LoaderError as exc:
+        show_error(exc)
+        return None
+
+
+def _job_warning(job: str | None) -> None:
+    """'Run … of this job is <status>' as the ledger says now: a timed fragment of its own that holds no
+    control, so its redraws never move the keyboard focus."""
+    active = _active_run(job)
     if active:
         st.warning(f"Run {md_code(active['etl_run_id'])} of this job is {md_code(active['status'])}: "
                    "starting another one asks for confirmation.", icon=":material/warning:")
+
+
+def _start_area(cfg: RunConfig) -> None:
+    """Start Load and the confirmation dialog (a fragment: a click reruns only this)."""
     why = None if cfg.valid else fmt.md_text("Fix the configuration first: " + "; ".join(cfg.problems.values()))
     if st.button("Start Load", type="primary", disabled=not cfg.valid, key="start-load", icon=":material/play_arrow:",
                  help=why):
-        if active:
-            ss.dl_confirm = True
-        elif _start(cfg, force=False):
+        ss.dl_confirm = None
+        if _start(cfg, force=False):
             st.rerun()
-    if ss.get("dl_confirm"):  # stays open until answered or dismissed
-        _confirm_force(cfg, active)
+    if ss.get("dl_confirm"):
+        # Shown only while a run of the job really is in progress (read again at each redraw): a run
+        # that ended before the answer closes the dialog, and Start Load starts at the next click.
+        active = _active_run(cfg.job) if ss.dl_confirm == cfg.job and cfg.valid else None
+        if active:
+            _confirm_force(cfg, active)
+        else:
+            ss.dl_confirm = None
+            alert("The run in progress has ended: nothing was started. Start Load starts the run now.", "info")
     if error := ss.pop("dl_start_error", None):
         alert(error, prefix="Start Load: ")
 
@@ -157,28 +203,44 @@ def _config_panel(catalog: loader.Catalog | None, catalog_error: str | None) -> 
     run_id = st.text_input("Run ID", key="cfg_run_id", max_chars=80, live=True,
                            help="A UUID (pre-filled) or a slug: a-z, 0-9, '-' and '_', at most 63 characters")
     run_id_message = st.empty()
-    size_default, size_note = default_batch_size()
+    size_default = batch_size_default(job, _job_batch_size(job))
     if "cfg_batch" not in ss:
-        ss.cfg_batch = size_default
-    size = st.number_input("Batch Size", min_value=100, max_value=10_000, step=100, key="cfg_batch",
+        ss.cfg_batch = size_default.value
+    # No min/max on the widget: it would keep the last valid value and start with it. Every value
+    # reaches check_config, which disables Start and says why under the field.
+    size = st.number_input("Batch Size", value=None, step=100, key="cfg_batch", placeholder="100 to 10000",
                            help="Env: ETL_BATCH_SIZE")
+    caption(size_default.helper)
     batch_size_message = st.empty()
     cfg = check_config(job, run_id, size, jobs)
+    if cfg.job and "run_id" not in cfg.problems and "job" not in cfg.problems:
+        try:
+            found = loader.find_run(cfg.job, cfg.run_id)
+        except LoaderError as exc:
+            show_error(exc)
+            found = None
+        started = fmt.local_time(found["started_at"], st.context.timezone) if found else ""
+        cfg = run_id_taken(cfg, found, started)
+        taken_link = ("Open that run", run_path(cfg.job, cfg.run_id)) if found else None
+    else:
+        taken_link = None
     # Each message right under its field (a missing job is said by the disabled Start's help).
     for field, slot in (("run_id", run_id_message), ("batch_size", batch_size_message)):
         if field in cfg.problems:
             with slot:
-                alert(cfg.problems[field])
+                alert(cfg.problems[field], link=taken_link if field == "run_id" else None)
     if job is not None and "job" in cfg.problems:
         alert(cfg.problems["job"])
-    if size_note:
-        caption(f"ETL_BATCH_SIZE ignored: {size_note}")
+    if size_default.env_note:
+        caption(f"ETL_BATCH_SIZE ignored: {size_default.env_note}")
     st.info(DEDUP_NOTE, icon=":material/info:")
+    st.fragment(_job_warning, run_every=WARNING_SECONDS)(cfg.job if "job" not in cfg.problems else None)
     # Not on a timer: a fragment redrawn every few seconds would take the keyboard focus away. Start
-    # Load checks for a run in progress when clicked, and the page reruns when the monitored run ends.
+    # Load asks the engine when clicked, and the page reruns when the monitored run ends.
     st.fragment(_start_area)(cfg)
     st.divider()
-    st.fragment(_runs_list)(job)
+    # Timed, like the Recent runs page: statuses and counts follow the ledger (a selection survives).
+    st.fragment(_runs_list, run_every=RUNS_SECONDS)(job)
 
 
 def _runs_list(job: str | None) -> None:
@@ -239,7 +301,7 @@ def main() -> None:
     except LoaderError as exc:
         catalog_error = str(exc)
     with st.container(key="dl-layout"):
-        left, right = st.columns([1, 2.4], gap="large")
+        left, right = st.columns([1, 2.6], gap="large")
         with left:
             _config_panel(catalog, catalog_error)
         with right:

@@ -12,7 +12,7 @@ st.title("Recent runs", anchor=False)
 st.page_link("pages/data_loader.py", label="Start a load in the Data Loader", icon=":material/database_upload:")
 
 
-@st.fragment(run_every=3)
+@st.fragment(run_every=2)
 def recent() -> None:
     runs = recent_runs(None, limit=100, empty="No runs yet. Start one from the Data Loader page.")
     if not runs:

@@ -30,18 +30,21 @@ BLOCK_ROWS = 100
 MAX_BLOCKS = 10
 POLL_MS = 1000
 
+#: Compact widths: at 1280 px every column fits without scrolling (headers wrap onto two lines, Error
+#: takes the rest). Below that, Batch # and Status are pinned left (ON_SIZE) and the rest scrolls.
 COLUMNS: list[dict[str, Any]] = [
-    {"field": "index", "headerName": "Batch #", "filter": "agNumberColumnFilter", "width": 105, "pinned": "left"},
-    {"field": "attempts", "headerName": "Attempt(s)", "filter": "agNumberColumnFilter", "width": 115},
-    {"field": "rows_attempted", "headerName": "Rows attempted", "filter": "agNumberColumnFilter", "width": 140},
-    {"field": "rows_inserted", "headerName": "Inserted", "filter": "agNumberColumnFilter", "width": 110},
-    {"field": "rows_updated", "headerName": "Updated", "filter": "agNumberColumnFilter", "width": 110},
+    {"field": "index", "headerName": "Batch #", "filter": "agNumberColumnFilter", "width": 60, "pinned": "left"},
+    {"field": "attempts", "headerName": "Attempt(s)", "filter": "agNumberColumnFilter", "width": 70,
+     "headerTooltip": "Attempts made so far (1 = first try); retried(n) in Status is the same number"},
+    {"field": "rows_attempted", "headerName": "Rows attempted", "filter": "agNumberColumnFilter", "width": 72},
+    {"field": "rows_inserted", "headerName": "Inserted", "filter": "agNumberColumnFilter", "width": 72},
+    {"field": "rows_updated", "headerName": "Updated", "filter": "agNumberColumnFilter", "width": 70},
     {"field": "validation_failures", "headerName": "Validation fails", "filter": "agNumberColumnFilter",
-     "width": 140},
-    {"field": "duration_ms", "headerName": "Duration", "filter": "agNumberColumnFilter", "width": 115,
+     "width": 72},
+    {"field": "duration_ms", "headerName": "Duration", "filter": "agNumberColumnFilter", "width": 76,
      "valueFormatter": JsCode("function(p){ if (p.value == null) return '—'; return p.value < 1000"
                               " ? p.value.toFixed(1) + ' ms' : (p.value/1000).toFixed(2) + ' s'; }")},
-    {"field": "status", "headerName": "Status", "filter": "agTextColumnFilter", "width": 135,
+    {"field": "status", "headerName": "Status", "filter": "agTextColumnFilter", "width": 100,
      "valueGetter": JsCode("function(p){ return p.data ? p.data.status_label : null; }"),
      "cellRenderer": JsCode("""class StatusCell {
         init(p) {
@@ -54,15 +57,22 @@ COLUMNS: list[dict[str, Any]] = [
         getGui() { return this.e; }
         refresh() { return false; }
      }""")},
-    {"field": "committed_at", "headerName": "Committed at", "sortable": True, "filter": False, "width": 185,
+    {"field": "committed_at", "headerName": "Committed at", "sortable": True, "filter": False, "width": 92,
      "valueFormatter": JsCode("function(p){ if (!p.value) return '—'; const d = new Date(p.value);"
-                              " return d.toLocaleString(); }"),
-     "tooltipValueGetter": JsCode("function(p){ return p.value ? p.value + ' (UTC)' : null; }")},
-    {"field": "error_message", "headerName": "Error", "filter": "agTextColumnFilter", "flex": 1, "minWidth": 220,
+                              " const t = d.toLocaleTimeString([], {hour: '2-digit', minute: '2-digit',"
+                              " second: '2-digit', hour12: false});"
+                              " return d.toDateString() === new Date().toDateString() ? t"
+                              " : d.toLocaleDateString([], {month: 'short', day: 'numeric'}) + ' ' + t; }"),
+     "tooltipValueGetter": JsCode("function(p){ if (!p.value) return null; return new Date(p.value).toLocaleString()"
+                                  " + ' (local); UTC: ' + p.value; }")},
+    {"field": "error_message", "headerName": "Error", "filter": "agTextColumnFilter", "flex": 1, "minWidth": 80,
      "tooltipField": "error_message",
      "valueGetter": JsCode("function(p){ if (!p.data || !p.data.error_message) return null; return"
                            " (p.data.error_code ? '[' + p.data.error_code + '] ' : '') + p.data.error_message; }")},
 ]
+
+#: Below this grid width (the ten columns' widths plus Error's minimum) Status is pinned next to Batch #.
+FULL_WIDTH = sum(int(c.get("width", 0)) for c in COLUMNS) + 80
 
 CSS = {
     ".dl-failed": {"color": "#b91c1c", "font-weight": "600"},
@@ -70,6 +80,16 @@ CSS = {
     ".dl-retried": {"color": "#9a3412"},
     ".dl-running": {"color": "#1e40af"},
     ".ag-cell-focus, .ag-header-cell:focus-visible, .ag-row-focus": {"outline": "2px solid #1d4ed8 !important"},
+    ".ag-header-cell, .ag-cell": {"padding-left": "6px !important", "padding-right": "6px !important"},
+    # The sideways scrollbar is always drawn (AG Grid hides overlay scrollbars until hovered).
+    ".ag-body-horizontal-scroll.ag-scrollbar-invisible": {"opacity": "1 !important", "visibility": "visible !important",
+                                                          "position": "relative !important",
+                                                          "pointer-events": "auto !important"},
+    ".ag-body-horizontal-scroll, .ag-body-horizontal-scroll-viewport, .ag-horizontal-left-spacer,"
+    " .ag-horizontal-right-spacer": {"min-height": "14px !important", "height": "14px !important",
+                                     "max-height": "14px !important"},
+    ".ag-body-horizontal-scroll-viewport": {"overflow-x": "scroll !important", "scrollbar-width": "auto",
+                                            "scrollbar-color": "#64748b #e2e8f0"},
 }
 
 # Constant code: the values come from the grid's context (built in grid_options), never from formatting.
@@ -91,6 +111,29 @@ _ON_READY = """function(params) {
     }
   };
   api.setGridOption('datasource', datasource);
+  // Tab and Shift+Tab leave the grid from any cell or header (arrow keys move inside it). The grid's
+  // rows and headers are tabbable in AG Grid 34, so the browser alone would step through every row:
+  // the focus goes to the page's next (previous) control after (before) the grid's frame instead.
+  if (!window.dlTabOut && window.frameElement) {
+    window.dlTabOut = true;
+    document.addEventListener('keydown', function(e) {
+      if (e.key !== 'Tab' || e.altKey || e.ctrlKey || e.metaKey) return;
+      const t = e.target;
+      if (!t.closest || !t.closest('.ag-root-wrapper') || t.closest('.ag-popup, .ag-filter, .ag-menu')) return;
+      const frame = window.frameElement;
+      const doc = frame.ownerDocument;
+      const all = Array.from(doc.querySelectorAll(
+        'a[href], button, input, select, textarea, iframe, summary, [tabindex]')).filter(function(el) {
+          return el === frame || (el.tabIndex >= 0 && !el.disabled && el.getClientRects().length > 0
+                                  && !el.closest('[inert], [aria-hidden="true"]'));
+        });
+      const i = all.indexOf(frame);
+      const next = i < 0 ? null : all[e.shiftKey ? i - 1 : i + 1];
+      e.preventDefault();
+      e.stopPropagation();
+      if (next) { next.focus(); } else { frame.blur(); }
+    }, true);
+  }
   const timer = setInterval(function() {
     if (api.isDestroyed && api.isDestroyed()) { clearInterval(timer); return; }
     fetch(base + '/version', {cache: 'no-store', credentials: 'same-origin'})
@@ -112,7 +155,23 @@ _RETURN = """function(r) {
 }"""
 
 
+# Tab and Shift+Tab never step from cell to cell (AG Grid: returning false from tabToNextCell leaves Tab to
+# the browser); the keydown listener of _ON_READY then moves the focus out of the grid's frame.
+_TAB_OUT = "function(params) { return false; }"
+
+# Batch # always pinned; Status pinned next to it when the grid is too narrow for every column.
+_ON_SIZE = """function(params) {
+  const narrow = params.clientWidth < params.context.fullWidth;
+  const col = params.api.getColumn('status');
+  const want = narrow ? 'left' : null;
+  if (col && (col.getPinned() || null) !== want) {
+    params.api.applyColumnState({state: [{colId: 'status', pinned: want}]});
+  }
+}"""
+
 ON_READY = JsCode(_ON_READY)
+TAB_OUT = JsCode(_TAB_OUT)
+ON_SIZE = JsCode(_ON_SIZE)
 ROW_ID = JsCode("function(p){ return String(p.data.index); }")
 RETURN = JsCode(_RETURN)
 
@@ -133,7 +192,7 @@ def grid_options(job: str, run: str, statuses: list[str], sort: list[dict[str, s
         # A copy: streamlit-aggrid replaces the JsCode objects of the options it is given by marked
         # strings, in place; the module's constants must stay objects for refuse_foreign_code.
         "columnDefs": copy.deepcopy(COLUMNS),
-        "defaultColDef": {"sortable": True, "resizable": True,
+        "defaultColDef": {"sortable": True, "resizable": True, "wrapHeaderText": True, "autoHeaderHeight": True,
                           "filterParams": {"maxNumConditions": 1, "buttons": ["reset", "apply"]}},
         "rowModelType": "infinite",
         "cacheBlockSize": BLOCK_ROWS,
@@ -154,8 +213,11 @@ def grid_options(job: str, run: str, statuses: list[str], sort: list[dict[str, s
         "overlayNoRowsTemplate": "<span>No batches match.</span>",
         "overlayLoadingTemplate": "<span>Loading batches…</span>",
         "initialState": initial,
-        "context": {"base": api_base(job, run), "statuses": ",".join(statuses), "pollMs": POLL_MS},
+        "context": {"base": api_base(job, run), "statuses": ",".join(statuses), "pollMs": POLL_MS,
+                    "fullWidth": FULL_WIDTH},
         "onGridReady": ON_READY,
+        "onGridSizeChanged": ON_SIZE,
+        "tabToNextCell": TAB_OUT,
     }
 
 

@@ -27,8 +27,9 @@ from .text import alert, caption, md_code
 #: less and a change on screen within 2 s: a 2 s timer alone waits up to 2 s, so 1.5 s leaves room for
 #: the query and the render (BENCHMARKS.md, "Console").
 REFRESH_SECONDS = 1.5
-#: Seconds between two refreshes of the duration chart.
-CHART_SECONDS = 5.0
+#: Seconds between two refreshes of the duration chart while the run is active (its query runs only when
+#: the run's change signature moved).
+CHART_SECONDS = 2.0
 BATCH_STATUSES = ("pending", "running", "retried", "succeeded", "failed")
 
 
@@ -303,6 +304,10 @@ def _live(job: str, run: str) -> None:
     _cards(c)
     _live_region(c)
     _validation(c, job, run)
+    if c["metrics"]["batches_total"] == 0 and c["status"] in ("queued", "validating"):
+        # Here, not beside the grid: it follows the run at each tick and goes once batches exist.
+        st.info("No batches yet: they appear once the source has been read and split.",
+                icon=":material/hourglass_top:")
     st.session_state[_key(job, run, "status")] = c["status"]
 
 
@@ -358,11 +363,18 @@ def _chart_specs(points: int, p95: float | None) -> tuple[dict[str, Any], dict[s
 
 
 def _detail(job: str, run: str, index: int) -> None:
-    try:
-        d = browse.batch_detail(job, run, index)
-    except (LoaderError, sa.exc.OperationalError) as exc:
-        show_error(exc, where=f"Batch {index}")
-        return
+    c = st.session_state.get(_key(job, run, "contract"))
+    version = (index, c.get("_signature")) if c else None  # the live fragment's: moves with any change
+    cached = st.session_state.get(_key(job, run, "detail"))
+    if cached is not None and version is not None and cached[0] == version:
+        d = cached[1]  # nothing changed since the last draw: skip the three queries
+    else:
+        try:
+            d = browse.batch_detail(job, run, index)
+        except (LoaderError, sa.exc.OperationalError) as exc:
+            show_error(exc, where=f"Batch {index}")
+            return
+        st.session_state[_key(job, run, "detail")] = (version, d)
     if d is None:
         st.info(f"Batch {index} is not part of this run.")
         return
@@ -375,9 +387,12 @@ def _detail(job: str, run: str, index: int) -> None:
             if st.button("Retry this batch", icon=":material/replay:", key=_key(job, run, f"retry-{index}")):
                 try:
                     loader.retry_run(job, run, [index])
-                    st.toast(f"Batch {index} queued again", icon=":material/replay:")
                 except LoaderError as exc:
                     show_error(exc, where="Retry")
+                else:
+                    # The whole page follows at once: status, actions, this batch's attempts and timeline.
+                    st.session_state["dl_toast"] = (f"Batch {index} queued again", ":material/replay:")
+                    st.rerun(scope="app")
     if d["error_message"]:
         text = d["error_message"]
         st.text(f"Error [{d.get('error_code') or 'error'}]: {text[:300]}{'…' if len(text) > 300 else ''}")
@@ -419,8 +434,6 @@ def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str,
     # and _toasts reruns the whole page then.
     _actions(c, job, run)
     st.markdown("##### Batches")
-    if c["metrics"]["batches_total"] == 0 and c["status"] in ("queued", "validating"):
-        st.info("No batches yet: they appear once the source has been read and split.", icon=":material/hourglass_top:")
     chosen = st.pills("Show batches", BATCH_STATUSES, selection_mode="multi", default=statuses or None,
                       key=f"dl-status:{job}:{run}", help="Filter the table by batch status (kept in the URL)")
     chosen_list = [s for s in BATCH_STATUSES if s in (chosen or [])]
@@ -432,7 +445,9 @@ def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str,
         state = batches_grid(job, run, chosen_list, init_sort, init_filters, key=grid_key)
     selected = state.get("selected") or []
     if selected:
-        _detail(job, run, int(selected[0]))
+        # Follows the ledger while the run is active (attempts, retry timeline); drawn once otherwise.
+        st.fragment(_detail, run_every=REFRESH_SECONDS if c["status"] in fmt.ACTIVE else None)(
+            job, run, int(selected[0]))
     else:
         st.caption("Select a row to see its structured logs, error stack and retry timeline.")
     st.markdown("##### Batch durations")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import orjson
 import psycopg
@@ -40,6 +40,12 @@ from .grid_state import has_js_code_marker
 PAGE_PATH = "/etl/data-loader"
 API_PATH = f"{PAGE_PATH}/api/runs"
 NO_STORE = {"Cache-Control": "no-store"}
+
+
+def run_path(job: str, run: str) -> str:
+    """The deep link of one run's monitor, each id percent-encoded: ``/etl/data-loader/<job>/<run>``."""
+    return f"{PAGE_PATH}/{quote(job, safe='')}/{quote(run, safe='')}"
+
 #: Seconds a client is told to wait (``Retry-After``) when the console is busy or a query timed out.
 RETRY_AFTER = 1
 #: Bytes gathered from a download's lines before they are sent (one thread hop per chunk, not per line).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote
 
 import pandas as pd
 import streamlit as st
@@ -14,7 +13,7 @@ from loader import LoaderError
 
 from . import format as fmt
 from .errors import show_error
-from .routes import PAGE_PATH
+from .routes import run_path
 
 
 def recent_runs(job: str | None, *, limit: int, empty: str) -> list[dict[str, Any]]:
@@ -49,9 +48,11 @@ def runs_frame(runs: Sequence[dict[str, Any]], columns: Sequence[str]) -> pd.Dat
 def _row(run: dict[str, Any], zone: str | None) -> dict[str, Any]:
     job, run_id = run["etl_job_id"], run["etl_run_id"]
     return {
-        "Open": f"{PAGE_PATH}/{quote(job, safe='')}/{quote(run_id, safe='')}",
+        "Open": run_path(job, run_id),
         "Job": job, "Run ID": run_id, "Status": fmt.run_badge(run["status"]).label,
-        "Started": fmt.local_time(run["started_at"], zone), "Batches": run["batches_total"],
+        "Started": fmt.local_time(run["started_at"], zone),
+        # Before planning a run has no batches yet: said in words, never "None".
+        "Batches": "not planned yet" if run["batches_total"] is None else fmt.fmt_int(run["batches_total"]),
         "Failed": run["batches_failed"], "Inserted": run["rows_inserted"], "Updated": run["rows_updated"],
         "Validation fails": run["validation_failures"],
     }

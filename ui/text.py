@@ -35,13 +35,19 @@ CSS = """
 .dl-alert-warning { background: #fff6e0; color: #713f12; }
 .dl-alert-info { background: #e8f1fd; color: #1e3a8a; }
 .dl-alert-success { background: #e9f7ee; color: #14532d; }
+.dl-alert-link { color: inherit; font-weight: 600; text-decoration: underline; }
 .dl-caption { font-size: 0.875rem; color: #475569; margin: 0 0 0.5rem 0; white-space: pre-wrap;
   overflow-wrap: anywhere; }
 """
 
 
-def alert_html(text: object, kind: Kind = "error", *, prefix: str = "") -> str:
+def alert_html(text: object, kind: Kind = "error", *, prefix: str = "", link: tuple[str, str] | None = None,
+               element_id: str | None = None) -> str:
     """The HTML of an alert box: ``prefix`` (ours, plain) then ``text`` (anyone's), both escaped.
+
+    ``link`` is ``(label, path)``: a link after the text, both escaped; the path must be one the
+    console built (``ui.routes.run_path``), never one from outside. ``element_id`` names the box (for
+    ``aria-describedby``).
 
     Example::
 
@@ -50,18 +56,25 @@ def alert_html(text: object, kind: Kind = "error", *, prefix: str = "") -> str:
     """
     icon, word = _KINDS[kind]
     role = ' role="alert"' if kind == "error" else ""
-    return (f'<div class="dl-alert dl-alert-{kind}"{role}><span class="dl-alert-icon" aria-hidden="true">{icon}'
-            f'</span><span><span class="dl-sr-only">{word}: </span>{html.escape(prefix + str(text))}</span></div>')
+    ident = f' id="{html.escape(element_id)}"' if element_id else ""
+    after = ""
+    if link is not None:
+        label, href = link
+        after = f' <a class="dl-alert-link" href="{html.escape(href)}" target="_self">{html.escape(label)}</a>'
+    return (f'<div class="dl-alert dl-alert-{kind}"{ident}{role}><span class="dl-alert-icon" aria-hidden="true">'
+            f'{icon}</span><span><span class="dl-sr-only">{word}: </span>{html.escape(prefix + str(text))}{after}'
+            '</span></div>')
 
 
-def alert(text: object, kind: Kind = "error", *, prefix: str = "") -> None:
+def alert(text: object, kind: Kind = "error", *, prefix: str = "", link: tuple[str, str] | None = None) -> None:
     """An error, warning, note or success box whose text is shown exactly as given.
 
     Example::
 
         alert(str(exc), prefix="Start Load: ")
+        alert("Run ID x is already used", link=("Open run x", run_path(job, "x")))
     """
-    st.html(alert_html(text, kind, prefix=prefix))
+    st.html(alert_html(text, kind, prefix=prefix, link=link))
 
 
 def caption(text: object) -> None:

@@ -67,6 +67,46 @@ def default_batch_size() -> tuple[int, str | None]:
         return config.DEFAULT_BATCH_SIZE, str(exc)
 
 
+@dataclass(frozen=True)
+class SizeDefault:
+    """The Batch Size field's default and the helper text shown under it (the CLI's rule: job, env, 1000)."""
+
+    value: int
+    helper: str
+    env_note: str | None
+
+
+def batch_size_default(job: str | None, job_batch_size: int | None) -> SizeDefault:
+    """The job's catalog ``batch_size``, else ETL_BATCH_SIZE, else 1000; the helper names the env value in force.
+
+    Example::
+
+        >>> batch_size_default("orders", 500).value
+        500
+    """
+    env_value, env_note = default_batch_size()
+    helper = f"Env: ETL_BATCH_SIZE = {env_value}"
+    if job and job_batch_size is not None:
+        return SizeDefault(job_batch_size, f"{helper}; job {job} sets batch_size = {job_batch_size} in the catalog, "
+                                           f"which comes first. Allowed: {config.BATCH_SIZE_MIN} to "
+                                           f"{config.BATCH_SIZE_MAX}.", env_note)
+    return SizeDefault(env_value, f"{helper} (in force). Allowed: {config.BATCH_SIZE_MIN} to "
+                                  f"{config.BATCH_SIZE_MAX}.", env_note)
+
+
+def run_id_taken(cfg: RunConfig, found: dict[str, object] | None, started: str) -> RunConfig:
+    """``cfg`` with a Run ID problem when ``found`` (the job's run of that id) exists; ``started`` is its local time.
+
+    Example::
+
+        cfg = run_id_taken(cfg, loader.find_run(cfg.job, cfg.run_id), "2026-11-27 17:03:04 CET")
+    """
+    if found is None:
+        return cfg
+    message = f"Run ID {cfg.run_id} is already used by a run started {started} ({found['status']}): choose another"
+    return RunConfig(cfg.job, cfg.run_id, cfg.batch_size, {**cfg.problems, "run_id": message})
+
+
 def valid_job_param(value: str | None) -> str | None:
     return value if value and JOB_NAME_RE.match(value) else None
 

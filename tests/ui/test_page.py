@@ -59,18 +59,91 @@ def test_run_id_that_is_neither_uuid_nor_slug_shows_why_and_disables_start(page,
     assert "Run ID" not in errors(at)
 
 
-def test_batch_size_defaults_to_1000_with_env_helper(page):
+def captions(at) -> str:
+    """The text of the page's captions written by ui.text.caption (escaped HTML)."""
+    import html
+    import re
+
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", "", h.proto.body)) for h in at.get("html")
+                    if 'class="dl-caption"' in h.proto.body)
+
+
+def test_batch_size_defaults_to_1000_with_the_env_helper_visible_under_the_field(page):
     at = page.run()
     size = at.number_input(key="cfg_batch")
     assert size.value == 1000
-    assert size.min == 100 and size.max == 10_000
     assert size.help == "Env: ETL_BATCH_SIZE"
+    assert "Env: ETL_BATCH_SIZE = 1000 (in force)" in captions(at)  # on the page, not only in a tooltip
 
 
 def test_batch_size_default_comes_from_etl_batch_size(page, monkeypatch):
     monkeypatch.setenv("ETL_BATCH_SIZE", "2500")
     at = page.run()
     assert at.number_input(key="cfg_batch").value == 2500
+    assert "Env: ETL_BATCH_SIZE = 2500 (in force)" in captions(at)
+
+
+def test_batch_size_default_is_the_jobs_own_batch_size_from_the_catalog(page, demo, monkeypatch, tmp_path):
+    from ..helpers import write_catalog
+
+    folder = tmp_path / "sized"
+    folder.mkdir()
+    catalog = write_catalog(folder, {
+        demo.job: {"source": "x.ndjson", "target_table": "staging.x", "source_id": "id", "batch_size": 300},
+        "other": {"source": "x.ndjson", "target_table": "staging.y", "source_id": "id"}})
+    monkeypatch.setenv("ETL_JOBS_FILE", str(catalog))
+    monkeypatch.setenv("ETL_BATCH_SIZE", "2500")
+    at = page.run()
+    at.selectbox(key="cfg_job").select(demo.job).run()
+    assert at.number_input(key="cfg_batch").value == 300
+    assert "batch_size = 300 in the catalog" in captions(at) and "ETL_BATCH_SIZE = 2500" in captions(at)
+    at.selectbox(key="cfg_job").select("other").run()
+    assert at.number_input(key="cfg_batch").value == 2500
+
+
+@pytest.mark.parametrize("value, message", [
+    (10_001, "Batch size must be from 100 to 10000, found 10001"),
+    (99, "Batch size must be from 100 to 10000, found 99"),
+    (None, "Batch size is required (100 to 10000)"),
+])
+def test_a_batch_size_out_of_range_or_empty_disables_start_with_the_message_under_the_field(page, demo, value,
+                                                                                            message):
+    at = page.run()
+    at.selectbox(key="cfg_job").select(demo.job).run()
+    at.number_input(key="cfg_batch").set_value(value).run()
+    assert not at.exception
+    assert start_button(at).disabled
+    assert message in errors(at)
+    at.number_input(key="cfg_batch").set_value(10_000).run()
+    assert not start_button(at).disabled and "Batch size" not in errors(at)
+
+
+def test_a_reused_run_id_is_an_error_under_the_field_with_a_link_to_that_run(page, demo, idle_queue):
+    loader.start_run(demo.job, run_id="used-once")
+    loader.cancel_run(demo.job, "used-once")
+    at = page.run()
+    at.selectbox(key="cfg_job").select(demo.job).run()
+    at.text_input(key="cfg_run_id").input("used-once").run()
+    assert start_button(at).disabled
+    assert "Run ID used-once is already used by a run started" in errors(at)
+    box = next(h.proto.body for h in at.get("html") if "already used" in h.proto.body)
+    assert f'href="/etl/data-loader/{demo.job}/used-once"' in box
+    assert not at.get("dialog") or all("in progress" not in d.proto.title for d in at.get("dialog"))
+
+
+def test_a_run_id_taken_after_the_check_is_said_under_the_field_not_by_the_in_progress_dialog(page, demo,
+                                                                                             idle_queue):
+    at = page.run()
+    at.selectbox(key="cfg_job").select(demo.job).run()
+    at.text_input(key="cfg_run_id").input("raced").run()
+    assert not start_button(at).disabled
+    loader.start_run(demo.job, run_id="raced")  # someone else (the CLI) takes it and finishes
+    loader.cancel_run(demo.job, "raced")
+    start_button(at).click().run()
+    assert not at.exception
+    assert "already used" in errors(at)
+    assert not any(b.key == "dlg-force-yes" for b in at.button)
+    assert len(loader.list_runs(demo.job)) == 1
 
 
 def test_dedup_callout_is_shown(page):
@@ -106,10 +179,38 @@ def test_start_while_a_run_is_in_progress_asks_for_confirmation(page, demo, idle
     start_button(at).click().run()
     assert not at.exception
     assert len(loader.list_runs(demo.job)) == 1  # nothing started without confirmation
+    assert any("in-progress" in t.value for t in at.text)  # the dialog names the run in progress
     at.button(key="dlg-force-yes").click().run()
+    assert not at.exception
     assert len(loader.list_runs(demo.job)) == 2
+    assert not any(b.key == "dlg-force-yes" for b in at.button)  # and closes
     for r in loader.list_runs(demo.job):
         loader.cancel_run(demo.job, r["etl_run_id"])
+
+
+def test_the_in_progress_dialog_closes_when_the_run_ends_before_the_answer(page, demo, idle_queue):
+    loader.start_run(demo.job, run_id="ends-soon")
+    at = page.run()
+    at.selectbox(key="cfg_job").select(demo.job).run()
+    start_button(at).click().run()
+    assert any(b.key == "dlg-force-yes" for b in at.button)
+    loader.cancel_run(demo.job, "ends-soon")
+    at.run()
+    assert not any(b.key == "dlg-force-yes" for b in at.button)
+    assert "nothing was started" in alerts(at, "info")
+    assert not any("ends-soon" in plain(w.value) for w in at.warning)  # the left panel's warning follows
+    start_button(at).click().run()  # now nothing runs: the next click starts
+    assert len(loader.list_runs(demo.job)) == 2
+    loader.cancel_run(demo.job, loader.list_runs(demo.job)[0]["etl_run_id"])
+
+
+def test_the_force_dialog_states_the_loaders_rule_for_the_later_record():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "later-started run first" in readme and "its place in the source" in readme
+    source = Path(__file__).resolve().parents[2].joinpath("pages", "data_loader.py").read_text()
+    assert "the later commit of a record wins" not in source and "later-started run's wins" in source
 
 
 def test_query_params_open_the_monitor_of_a_deep_linked_run(page, demo, idle_queue):

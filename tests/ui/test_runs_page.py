@@ -41,3 +41,12 @@ def test_the_data_loader_lists_the_chosen_jobs_runs_under_its_configuration(page
                                 "Validation fails"]
     assert df.to_dict("records")[0]["Run ID"] == "listed" and df.to_dict("records")[0]["Status"] == "Queued"
     loader.cancel_run(demo.job, "listed")
+
+
+def test_a_run_not_planned_yet_says_so_instead_of_none(page, demo, idle_queue):
+    loader.start_run(demo.job, run_id="unplanned")  # nobody plans it: no batches yet
+    at = page.run()
+    at.selectbox(key="cfg_job").select(demo.job).run()
+    row = at.dataframe(key=f"dl-runs:{demo.job}").value.to_dict("records")[0]
+    assert row["Batches"] == "not planned yet"
+    loader.cancel_run(demo.job, "unplanned")
