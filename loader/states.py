@@ -8,23 +8,31 @@ The ledger's CHECK constraints (migration 0002) refuse any status not named here
 
 Runs (``idle`` is what the console shows before a run exists; it is never stored)::
 
-    (start) ──create──▶ queued ──plan──▶ validating ──planned──▶ loading ──drained──▶ committing
-                          │                 │  │ (no records)      ▲  ▲                 │  │
-                          │ queue_failed    │  └──▶ success         │  └──resume────────┘  │ finalize
-                          ▼                 ▼ plan_failed           │ retry                ▼
-                        failed ◀────────────┘                       │        success | partial_success | failed
-                                                                    └───── failed | partial_success
-    queued | validating | loading | committing ──cancel──▶ canceled
+    create       (new)                                  -> queued
+    plan         queued | validating                    -> validating   (a lost planner is replaced)
+    planned      validating                             -> loading | success (no records)
+    plan_failed  queued | validating                    -> failed
+    queue_failed queued                                 -> failed       (Redis down at start)
+    cancel       queued | validating | loading | committing -> canceled
+    drained      loading, no batch open                 -> committing   (one caller wins)
+    finalize     committing                             -> success | partial_success | failed
+    resume       committing                             -> loading      (the finisher died; reconciler)
+    retry        failed | partial_success               -> loading
+
+    the usual path: queued -> validating -> loading -> committing -> success
 
 Batches (each attempt is a row of ``attempts``: running, then succeeded | retrying | failed |
 abandoned | skipped)::
 
-    (plan) ──▶ pending ──claim──▶ running ──commit──▶ succeeded
-                  ▲ ▲               │ ▲ │
-                  │ │     abandon   │ │ └──fail_attempt──▶ retried ──claim──▶ running
-                  │ └───────────────┘ │                     │  abandon ──▶ pending
-                  │                   └──claim (a redelivery takes over)
-                  └──requeue (retry)── failed ◀──fail_attempt / fail_unstarted── running | pending | retried
+    plan           (new)                      -> pending
+    claim          pending | retried | running -> running  (run loading; a new attempt takes over)
+    commit         running, by its attempt    -> succeeded
+    fail_attempt   running, by its attempt    -> retried | failed
+    fail_unstarted pending | retried | running -> failed   (the database stayed unreachable)
+    abandon        running | retried          -> pending   (its worker stopped beating)
+    requeue        failed                     -> pending   (retry)
+
+    the usual path: pending -> running -> succeeded (or running -> retried -> running -> succeeded)
 
 Example::
 

@@ -176,3 +176,12 @@ def test_every_state_has_a_label_and_an_icon():
     for batch in BatchStatus:
         assert states.BATCH_LOOKS[batch].label == batch.value and states.BATCH_LOOKS[batch].icon
     assert states.batch_status_label("retried", 2) == "retried(2)"
+
+
+def test_the_diagram_in_the_state_module_names_every_transition():
+    runs_part, batches_part = (states.__doc__ or "").split("Batches (", 1)
+    for doc, transitions in ((runs_part, states.RUN_TRANSITIONS), (batches_part, states.BATCH_TRANSITIONS)):
+        for t in transitions:
+            line = next((x for x in doc.splitlines() if x.strip().startswith(t.name + " ")), None)
+            assert line is not None, t.name
+            assert all(target.value in line for target in t.targets), line
