@@ -33,6 +33,16 @@ def schema(monkeypatch: pytest.MonkeyPatch, pg: psycopg.Connection) -> Iterator[
     pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
+@pytest.fixture
+def own_queue(monkeypatch: pytest.MonkeyPatch, redis_conn) -> Iterator[str]:
+    """A queue of this test's own: the session's workers (on the session's ledger) never take its jobs."""
+    name = f"migrations-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("ETL_QUEUE", name)
+    yield name
+    for key in redis_conn.scan_iter(f"rq:*{name}*"):
+        redis_conn.delete(key)
+
+
 def load_0_1_0(schema: str) -> None:
     """The ledger 0.1.0 wrote (scripts/make_ledger_fixture.py), in ``schema``."""
     text = FIXTURE.read_text().replace("__LEDGER_SCHEMA__", schema)
@@ -74,7 +84,7 @@ def test_initdb_check_says_missing_behind_and_up_to_date_with_exit_codes(schema,
 
 
 def test_a_0_1_0_ledger_upgrades_in_place_keeping_its_runs_readable_and_its_jobs_runnable(
-        schema, pg, redis_conn, own_workers, target_schema, tmp_path):
+        schema, pg, own_queue, own_workers, target_schema, tmp_path):
     load_0_1_0(schema)
     before = {run: loader.run_contract("orders", run) for run in ("fixture-success", "fixture-partial")}
     assert before["fixture-success"]["status"] == "success"
