@@ -28,7 +28,7 @@ else:  # imported by the ASGI server, once, before any session
 
     from loader.hosts import bind_warning
     from ui.hosts import HostCheck
-    from ui.routes import configure_process, routes
+    from ui.routes import configure_process, refuse_a_ledger_behind, routes
 
     # The pages come from st.navigation above. Without this, the first session after a start runs
     # in Streamlit's legacy pages/-directory mode and shows a spurious "Page not found" dialog.
@@ -37,6 +37,7 @@ else:  # imported by the ASGI server, once, before any session
     warning = bind_warning(st.config.get_option("server.address") or "")
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    refuse_a_ledger_behind()  # exits, naming `dataloader initdb`, when the ledger is missing or behind
     configure_process()  # the console's reads run under ETL_CONSOLE_STATEMENT_TIMEOUT (workers' do not)
     # HostCheck runs before Streamlit's own middleware: page, websocket and data routes alike.
     app = st.App("Home.py", routes=routes(), middleware=[Middleware(HostCheck)])

@@ -19,8 +19,8 @@ from rq.exceptions import StopRequested
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.worker_pool import WorkerPool
 
-from loader import config, db
-from loader.errors import JobTimeout
+from loader import config, db, ledger
+from loader.errors import JobTimeout, TransientDbError
 from loader.events import setup_process_logging
 from loader.queue import get_queue, get_redis
 from loader.reconcile import beat, forget
@@ -160,6 +160,7 @@ def run_worker(*, burst: bool = False, concurrency: int = 1) -> int:
     """
     setup_worker_logging()
     logging.getLogger("rq.worker").setLevel(logging.WARNING)
+    _refuse_a_ledger_behind()
     redis = get_redis()
     if concurrency <= 1:
         return _work_until_stopped(redis, burst)
@@ -167,6 +168,18 @@ def run_worker(*, burst: bool = False, concurrency: int = 1) -> int:
                       worker_class=LedgerWorker)
     pool.start(burst=burst, logging_level="WARNING")
     return 0
+
+
+def _refuse_a_ledger_behind() -> None:
+    """Raise LedgerNotReady (the CLI prints it, exit 1) when the ledger is missing or behind this code.
+
+    A worker newer than its ledger would write states the ledger's CHECK constraints refuse, or miss
+    columns. An unreachable database is not a refusal: the worker starts and waits for it, as before.
+    """
+    try:
+        ledger.check_ready()
+    except TransientDbError as exc:
+        _log("ledger_not_checked", error=str(exc), note="the database is unreachable; starting anyway")
 
 
 def _log(event: str, **fields: object) -> None:

@@ -25,6 +25,7 @@ from .contract import (
 )
 from .errors import ConfigError
 from .ledger import attempts, batches, events
+from .states import BatchStatus
 
 #: Largest page one query may ask for.
 MAX_PAGE_ROWS = 500
@@ -57,7 +58,7 @@ TEXT_COLUMNS = frozenset({"status", "error_code", "error_message"})
 NUMBER_COLUMNS = frozenset(COLUMNS) - TEXT_COLUMNS - {"committed_at"}
 #: Columns a condition may test (every one but committed_at).
 FILTERABLE = tuple(c for c in COLUMNS if c != "committed_at")
-STATUSES = ("pending", "running", "retried", "succeeded", "failed")
+STATUSES = tuple(s.value for s in BatchStatus)
 
 _Op = Callable[[sa.ColumnElement[Any], Any], sa.ColumnElement[bool]]
 
@@ -331,7 +332,7 @@ def duration_series(job: str, run: str, limit: int = 1000) -> list[dict[str, Any
     ranked = (sa.select(b.batch_index, b.duration_ms, b.rows_attempted, b.committed_at,
                         sa.func.row_number().over(order_by=b.committed_at).label("n"),
                         sa.func.count().over().label("total"))
-              .where(b.etl_job_id == job, b.etl_run_id == run, b.status == "succeeded",
+              .where(b.etl_job_id == job, b.etl_run_id == run, b.status == BatchStatus.SUCCEEDED.value,
                      b.committed_at.is_not(None)).subquery())
     step = sa.func.greatest(1, ranked.c.total / limit)
     q = sa.select(ranked).where((ranked.c.n - 1) % step == 0).order_by(ranked.c.n).limit(limit)

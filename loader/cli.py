@@ -12,14 +12,14 @@ from typing import Any
 
 import orjson
 
-from . import api, config, db
+from . import api, config, db, ledger
 from .contract import list_runs, run_contract
 from .errors import LoaderError, ServiceError
 from .exports import iter_logs_ndjson, iter_metrics_csv, iter_rejects_ndjson
 from .runs import QUEUE_DRAINS_ITSELF, cancel
+from .states import RUN_LOOKS, RunStatus
 
-STATUS_ICONS = {"queued": "…", "validating": "🔎", "loading": "⏳", "committing": "⏳", "success": "✔",
-                "partial_success": "⚠", "failed": "✖", "canceled": "⊘"}
+STATUS_ICONS = {s.value: look.glyph for s, look in RUN_LOOKS.items() if s is not RunStatus.IDLE}
 
 
 def _print_json(value: Any) -> None:
@@ -96,6 +96,14 @@ def _wait(job: str, run: str, as_json: bool) -> int:
 
 
 def cmd_initdb(args: argparse.Namespace) -> int:
+    if args.check:
+        state = ledger.check()
+        problem = state.problem()
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
+        print(f"ledger schema '{state.schema}' is up to date (revision {state.current})")
+        return 0
     version = api.initdb()
     print(f"ledger schema '{config.get('ETL_LEDGER_SCHEMA')}' is at version {version}")
     return 0
@@ -229,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("initdb", help="create or upgrade the ledger schema (idempotent)")
+    s.add_argument("--check", action="store_true",
+                   help="change nothing: exit 0 when the ledger is up to date, 1 (saying why) when missing or behind")
     s.set_defaults(func=cmd_initdb)
     s = sub.add_parser("jobs", help="list the configured ETL jobs")
     s.add_argument("--json", action="store_true")

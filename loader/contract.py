@@ -10,7 +10,8 @@ import sqlalchemy as sa
 
 from . import config, db
 from .errors import RunNotFound
-from .ledger import ACTIVE_RUN_STATES, attempts, batches, events, rejects, runs
+from .ledger import attempts, batches, events, rejects, runs
+from .states import ACTIVE_RUN_STATES, AttemptStatus, BatchStatus, batch_status_label
 
 EXAMPLES_LIMIT = 10
 LOG_FRAGMENT_EVENTS = 5
@@ -42,7 +43,7 @@ def _key(table: sa.Table, job: str, run: str) -> sa.ColumnElement[bool]:
 
 def _metrics_query(job: str, run: str) -> sa.Select[Any]:
     b = batches.c
-    ok = b.status == "succeeded"
+    ok = b.status == BatchStatus.SUCCEEDED.value
     return sa.select(
         sa.func.coalesce(sa.func.sum(b.rows_inserted), 0).label("rows_inserted"),
         sa.func.coalesce(sa.func.sum(b.rows_updated), 0).label("rows_updated"),
@@ -55,10 +56,10 @@ def _metrics_query(job: str, run: str) -> sa.Select[Any]:
         sa.func.coalesce(sa.func.sum(b.json_shape_errors), 0).label("json_shape_errors"),
         sa.func.count().label("batches_total"),
         sa.func.count().filter(ok).label("batches_succeeded"),
-        sa.func.count().filter(b.status == "failed").label("batches_failed"),
-        sa.func.count().filter(b.status == "running").label("batches_running"),
-        sa.func.count().filter(b.status == "pending").label("batches_pending"),
-        sa.func.count().filter(b.status == "retried").label("batches_retried"),
+        sa.func.count().filter(b.status == BatchStatus.FAILED.value).label("batches_failed"),
+        sa.func.count().filter(b.status == BatchStatus.RUNNING.value).label("batches_running"),
+        sa.func.count().filter(b.status == BatchStatus.PENDING.value).label("batches_pending"),
+        sa.func.count().filter(b.status == BatchStatus.RETRIED.value).label("batches_retried"),
         sa.func.coalesce(sa.func.sum(sa.func.greatest(b.attempts - 1, 0)), 0).label("retries"),
         sa.func.avg(b.duration_ms).filter(ok).label("avg_ms"),
         sa.func.percentile_cont(0.95).within_group(b.duration_ms).filter(ok).label("p95_ms"),
@@ -74,9 +75,6 @@ def get_run_row(conn: sa.Connection, job: str, run: str) -> sa.Row[Any]:
     return row
 
 
-def batch_status_label(status: str, attempts: int) -> str:
-    """``retried(n)`` for a batch waiting for its next attempt, else the status itself."""
-    return f"retried({max(attempts, 1)})" if status == "retried" else status
 
 
 def build_metrics(run_row: sa.Row[Any], m: sa.Row[Any], now: datetime) -> dict[str, Any]:
@@ -122,7 +120,8 @@ def batch_dict(r: sa.Row[Any], fragment: list[dict[str, Any]] | None) -> dict[st
     return {
         "index": r.batch_index,
         "status": r.status,
-        "status_label": batch_status_label(r.status, r.attempts - 1 if r.status == "retried" else r.attempts),
+        "status_label": batch_status_label(
+            r.status, r.attempts - 1 if r.status == BatchStatus.RETRIED.value else r.attempts),
         "attempts": r.attempts,
         "rows_attempted": r.rows_attempted,
         "rows_inserted": r.rows_inserted,
@@ -192,7 +191,7 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
         m = conn.execute(_metrics_query(job, run)).one()
         a = attempts.c
         transient = conn.execute(sa.select(sa.func.count()).where(
-            _key(attempts, job, run), a.status == "retrying")).scalar_one()
+            _key(attempts, job, run), a.status == AttemptStatus.RETRYING.value)).scalar_one()
         now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
         examples = validation_examples(conn, job, run)
         batch_list: list[dict[str, Any]] = []
@@ -328,7 +327,7 @@ def list_runs(job: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     counts = (sa.select(sa.func.sum(b.rows_inserted).label("rows_inserted"),
                         sa.func.sum(b.rows_updated).label("rows_updated"),
                         sa.func.sum(b.validation_failures).label("validation_failures"),
-                        sa.func.count().filter(b.status == "failed").label("batches_failed"))
+                        sa.func.count().filter(b.status == BatchStatus.FAILED.value).label("batches_failed"))
               .where(b.etl_job_id == r.c.etl_job_id, b.etl_run_id == r.c.etl_run_id).lateral("c"))
     q = (sa.select(r.c.etl_job_id, r.c.etl_run_id, r.c.status, r.c.batch_size, r.c.started_at, r.c.completed_at,
                    r.c.batches_total, counts.c.rows_inserted, counts.c.rows_updated, counts.c.validation_failures,

@@ -1,58 +1,43 @@
 """The ledger: runs, batches, attempts, rejected records and log events, in PostgreSQL.
 
 Tables are declared once here with SQLAlchemy Core (schema-less; the engine maps them into
-ETL_LEDGER_SCHEMA). The batch hot path writes the same tables with plain psycopg (loading.py).
+ETL_LEDGER_SCHEMA): this is the model the code reads and writes. The database gets it through the
+Alembic migrations in loader/migrations (``initdb``); a change here needs a revision there. Statuses
+change only through loader/states.py, whose guarded SQL the batch hot path runs with plain psycopg.
 """
 
 from __future__ import annotations
 
-from enum import Enum
+from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
 
 from . import db
 from .errors import LedgerNotReady
+from .states import (
+    ACTIVE_RUN_STATES,
+    FINAL_RUN_STATES,
+    STORED_RUN_STATES,
+    AttemptStatus,
+    BatchStatus,
+    RunStatus,
+    check_constraint,
+)
 
-#: Bump with a migration in MIGRATIONS when a table changes.
-SCHEMA_VERSION = 1
-
-
-class RunStatus(str, Enum):
-    """Where a run is. Final states: success, partial_success, failed, canceled."""
-
-    IDLE = "idle"  # shown by the console before any run exists; never stored
-    QUEUED = "queued"
-    VALIDATING = "validating"
-    LOADING = "loading"
-    COMMITTING = "committing"
-    SUCCESS = "success"
-    PARTIAL_SUCCESS = "partial_success"
-    FAILED = "failed"
-    CANCELED = "canceled"
+#: The Alembic migrations of the ledger: a table change here needs a revision there.
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
-ACTIVE_RUN_STATES = (RunStatus.QUEUED, RunStatus.VALIDATING, RunStatus.LOADING, RunStatus.COMMITTING)
-FINAL_RUN_STATES = (RunStatus.SUCCESS, RunStatus.PARTIAL_SUCCESS, RunStatus.FAILED, RunStatus.CANCELED)
-
-
-class BatchStatus(str, Enum):
-    """Where a batch is; ``retried`` means an attempt failed transiently and another is due."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    RETRIED = "retried"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-class AttemptStatus(str, Enum):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"  # the batch failed for good with this attempt
-    RETRYING = "retrying"  # transient failure; another attempt follows
-    ABANDONED = "abandoned"  # the worker died during the attempt
-    SKIPPED = "skipped"  # a duplicate delivery of an already committed batch: nothing done
+# The states live in states.py (the state machine); imported here for the table definitions and for
+# code written against 0.1.0 (``from loader.ledger import RunStatus``).
+__all__ = ["ACTIVE_RUN_STATES", "FINAL_RUN_STATES", "AttemptStatus", "BatchStatus", "RunStatus"]
 
 
 metadata = sa.MetaData()
@@ -95,6 +80,7 @@ runs = sa.Table(
     sa.Column("plan_worker", sa.Text),
     sa.Column("queue", sa.Text, nullable=False),
     sa.Column("change_seq", sa.BigInteger, change_seq, nullable=False, server_default=change_seq.next_value()),
+    sa.CheckConstraint(check_constraint("status", STORED_RUN_STATES), name="runs_status_check"),
     sa.Index("runs_job_started_idx", "etl_job_id", sa.text("started_at DESC")),
     sa.Index("runs_active_idx", "etl_job_id", postgresql_where=sa.text(
         "status IN ('queued', 'validating', 'loading', 'committing')")),
@@ -134,6 +120,7 @@ batches = sa.Table(
     sa.Column("worker", sa.Text),
     sa.Column("queued_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("change_seq", sa.BigInteger, change_seq, nullable=False, server_default=change_seq.next_value()),
+    sa.CheckConstraint(check_constraint("status", tuple(BatchStatus)), name="batches_status_check"),
     _run_fk("batches"),
     sa.Index("batches_change_idx", "etl_job_id", "etl_run_id", "change_seq"),
     sa.Index("batches_status_idx", "etl_job_id", "etl_run_id", "status"),
@@ -163,6 +150,7 @@ attempts = sa.Table(
     sa.Column("error_code", sa.Text),
     sa.Column("error_message", sa.Text),
     sa.Column("error_stack", sa.Text),
+    sa.CheckConstraint(check_constraint("status", tuple(AttemptStatus)), name="attempts_status_check"),
     _run_fk("attempts"),
 )
 
@@ -213,10 +201,74 @@ workers = sa.Table(
 )
 
 
-def initdb(url: str | None = None) -> int:
-    """Create or upgrade the ledger schema; idempotent (a second call changes nothing).
+def _alembic_config(conn: sa.Connection | None = None) -> Config:
+    """Alembic's configuration, built here: no alembic.ini is needed at run time."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    return cfg
 
-    Returns the schema version now in the database.
+
+def head_revision() -> str:
+    """The newest migration this code ships (``0002``...)."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None, f"no migration in {MIGRATIONS}"
+    return head
+
+
+@dataclass(frozen=True)
+class LedgerState:
+    """Where the ledger schema stands against this code's migrations."""
+
+    schema: str
+    current: str | None  # the Alembic revision recorded in the ledger; None: none recorded
+    head: str
+    tables: bool  # the ledger's tables exist (a 0.1.0 ledger has them but no revision)
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+    def problem(self) -> str | None:
+        """What is wrong, in words that say what to run; None when the ledger is up to date."""
+        if self.up_to_date:
+            return None
+        if self.current is None and not self.tables:
+            return f"the ledger schema {self.schema!r} does not exist yet: run `dataloader initdb`"
+        if self.current is None:
+            return (f"the ledger schema {self.schema!r} was created by dataloader 0.1.0 and is behind this code "
+                    f"(revision {self.head}): run `dataloader initdb` to upgrade it")
+        script = ScriptDirectory.from_config(_alembic_config())
+        try:
+            script.get_revision(self.current)
+        except CommandError:
+            return (f"the ledger schema {self.schema!r} is at revision {self.current}, newer than this code "
+                    f"({self.head}): upgrade the dataloader package")
+        return (f"the ledger schema {self.schema!r} is at revision {self.current}, behind this code "
+                f"({self.head}): run `dataloader initdb` to upgrade it")
+
+
+def ledger_state(conn: sa.Connection) -> LedgerState:
+    """Read the ledger's revision (one catalog lookup and one row): cheap enough for every process start."""
+    schema = db.ledger_schema()
+    found = conn.execute(sa.text("SELECT to_regclass(:v), to_regclass(:r)"), {
+        "v": _qualified(schema, "alembic_version"), "r": _qualified(schema, "runs")}).one()
+    current = None
+    if found[0] is not None:
+        current = MigrationContext.configure(conn, opts={"version_table_schema": schema}).get_current_revision()
+    return LedgerState(schema, current, head_revision(), found[1] is not None)
+
+
+def _qualified(schema: str, table: str) -> str:
+    return '"{}"."{}"'.format(schema.replace('"', '""'), table)
+
+
+def initdb(url: str | None = None) -> int:
+    """Create the ledger schema or upgrade it to this code's newest migration; idempotent.
+
+    Runs the Alembic migrations (loader/migrations) in one transaction under an advisory lock, so
+    two processes starting together neither race on CREATE nor migrate twice. A ledger created by
+    0.1.0 is upgraded in place. Returns the revision now in the database, as a number.
 
     Example::
 
@@ -227,14 +279,39 @@ def initdb(url: str | None = None) -> int:
     with engine.begin() as conn:
         # One initdb at a time (two workers starting together must not race on CREATE).
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('dataloader.initdb'))"))
+        state = ledger_state(conn)
+        if state.current is not None and not state.up_to_date:
+            problem = state.problem()
+            if problem and "newer than this code" in problem:
+                raise LedgerNotReady(problem, found=state.current, expected=state.head)
         conn.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
-        metadata.create_all(conn, checkfirst=True)
-        current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
-        if current is None:
-            conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
-            return SCHEMA_VERSION
-        if current > SCHEMA_VERSION:
-            raise LedgerNotReady(
-                f"the ledger schema {schema!r} is version {current}, newer than this code ({SCHEMA_VERSION}): "
-                "upgrade the dataloader package", found=current, expected=SCHEMA_VERSION)
-        return int(current)
+        command.upgrade(_alembic_config(conn), "head")
+        return int(head_revision())
+
+
+def check(url: str | None = None) -> LedgerState:
+    """The ledger's state against this code (``dataloader initdb --check``).
+
+    Raises TransientDbError / PermanentDbError when the database cannot be asked.
+    """
+    try:
+        with db.get_engine(url).connect() as conn:
+            return ledger_state(conn)
+    except sa.exc.DBAPIError as exc:
+        raise db.wrap_db_error(exc) from exc
+
+
+def check_ready(url: str | None = None) -> None:
+    """Raise LedgerNotReady, saying which command to run, when the ledger is missing or behind.
+
+    Workers and the console call it before they start: code newer than its ledger would write
+    states or columns the ledger does not have.
+
+    Example::
+
+        check_ready()  # LedgerNotReady: ... run `dataloader initdb` to upgrade it
+    """
+    state = check(url)
+    problem = state.problem()
+    if problem is not None:
+        raise LedgerNotReady(problem, found=state.current, expected=state.head)

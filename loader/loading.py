@@ -11,17 +11,16 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from . import config, db
+from . import config, db, states
 from .catalog import JobSpec
-from .db import ledger_table, next_change
+from .db import ledger_table
 from .errors import JobTimeout, LoaderError, TransientDbError
 from .events import log_event
-from .ledger import AttemptStatus, BatchStatus, RunStatus
 from .retrying import backoff_delay
 from .sources import OversizedRecord, PlannedBatch, read_batch
+from .states import AttemptStatus, BatchStatus, RunStatus
 from .upsert import StageRow, ensure_stage, is_record_refusal, stage_isolating, staging, upsert_stage
 from .validation import ErrorClass, RecordChecker, RecordProblem, sample_raw
 
@@ -40,43 +39,6 @@ class BatchOutcome:
     validation_failures: int = 0
     reason: str = ""
 
-
-BEGIN = sql.SQL("""
-    WITH b AS (
-        UPDATE {batches} b SET status = 'running', attempts = b.attempts + 1, started_at = clock_timestamp(),
-               worker = %(worker)s, change_seq = {next}
-        FROM {runs} r
-        WHERE b.etl_job_id = %(job)s AND b.etl_run_id = %(run)s AND b.batch_index = %(batch)s
-          AND r.etl_job_id = b.etl_job_id AND r.etl_run_id = b.etl_run_id
-          AND r.status = 'loading' AND b.status IN ('pending', 'retried', 'running')
-        RETURNING b.attempts, b.started_at, b.source_file, b.file_size, b.file_mtime_ns, b.byte_start,
-                  b.byte_end, b.line_start, b.line_count, b.ord_start, b.has_payload, b.rows_attempted,
-                  r.run_seq, r.max_attempts
-    ), a AS (
-        INSERT INTO {attempts} (etl_job_id, etl_run_id, batch_index, attempt, status, trigger, worker, started_at)
-        SELECT %(job)s, %(run)s, %(batch)s, attempts, 'running', %(trigger)s, %(worker)s, started_at FROM b
-    )
-    SELECT * FROM b""")
-
-COMMIT_BATCH = sql.SQL("""
-    UPDATE {batches} SET status = 'succeeded', rows_inserted = %(ins)s, rows_updated = %(upd)s,
-        rows_validated = %(valid)s, rows_superseded = %(superseded)s, validation_failures = %(rejected)s,
-        required_field_errors = %(req)s, json_shape_errors = %(shape)s, duration_ms = %(ms)s,
-        committed_at = clock_timestamp(), ended_at = clock_timestamp(), error_code = NULL,
-        error_message = NULL, error_stack = NULL, change_seq = {next}
-    WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND batch_index = %(batch)s""")
-
-END_ATTEMPT = sql.SQL("""
-    UPDATE {attempts} SET status = %(status)s, ended_at = clock_timestamp(), duration_ms = %(ms)s,
-        error_code = %(code)s, error_message = %(message)s, error_stack = %(stack)s
-    WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND batch_index = %(batch)s AND attempt = %(attempt)s
-      AND status = 'running'""")
-
-FAIL_BATCH = sql.SQL("""
-    UPDATE {batches} SET status = %(status)s, duration_ms = %(ms)s, ended_at = clock_timestamp(),
-        error_code = %(code)s, error_message = %(message)s, error_stack = %(stack)s, change_seq = {next}
-    WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND batch_index = %(batch)s
-      AND attempts = %(attempt)s AND status = 'running'""")
 
 COPY_REJECTS = sql.SQL(
     "COPY {} (etl_job_id, etl_run_id, batch_index, source_file, line_no, error_class, path, message, "
@@ -123,7 +85,7 @@ def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, tri
             spec, spec_json = _spec(job, run)
             max_attempts = spec.max_attempts or max_attempts
             with db.connection() as conn:
-                began = _begin(conn, job, run, batch, worker, trigger)
+                began = states.claim_batch(conn, job, run, batch, worker=worker, trigger=trigger)
                 if began is None:
                     return _not_started(conn, job, run, batch)
                 attempt = int(began["attempts"])
@@ -186,15 +148,6 @@ def _error_code(exc: BaseException, error: LoaderError | None) -> str:
     return "internal"
 
 
-def _begin(conn: psycopg.Connection[Any], job: str, run: str, batch: int, worker: str | None,
-           trigger: str) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(BEGIN.format(batches=ledger_table("batches"), runs=ledger_table("runs"),
-                                 attempts=ledger_table("attempts"), next=next_change()),
-                    {"job": job, "run": run, "batch": batch, "worker": worker, "trigger": trigger})
-        return cur.fetchone()
-
-
 def _not_started(conn: psycopg.Connection[Any], job: str, run: str, batch: int) -> BatchOutcome:
     row = conn.execute(sql.SQL(
         "SELECT r.status, b.status FROM {} r LEFT JOIN {} b ON b.etl_job_id = r.etl_job_id "
@@ -227,7 +180,6 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
     checker = _checker(spec_json)
     rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
     ord_base = planned.ord_start - planned.line_start
-    batches = ledger_table("batches")
     ensure_stage(conn)  # outside the transaction, so that the connection remembers it has the stage
     with conn.transaction():
         # Validate while copying: accepted records stream into the temp stage in chunks, so
@@ -251,10 +203,7 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
             # validation's numeric check). They become json_shape rejects with its message.
             rejected, valid = _stage_refusing(conn, planned, checker, ord_base)
         attempted = valid + len(rejected)
-        row = conn.execute(sql.SQL(
-            "SELECT status, attempts FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = %s "
-            "FOR UPDATE").format(batches), [job, run, batch]).fetchone()
-        if row is None or row[0] != BatchStatus.RUNNING.value or row[1] != attempt:
+        if not states.holds_batch(conn, job, run, batch, attempt):
             # Another execution took this batch over (or committed it) while we were reading.
             _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SKIPPED, started)
             log_event(conn, job, run, "batch_skipped", batch=batch, attempt=attempt,
@@ -268,10 +217,8 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
             _write_rejects(conn, job, run, batch, planned.file, rejected)
         required = sum(1 for _, _, p in rejected if p[0].error_class == ErrorClass.REQUIRED_FIELD)
         ms = (time.perf_counter() - started) * 1000
-        conn.execute(COMMIT_BATCH.format(batches=batches, next=next_change()), {
-            "ins": inserted, "upd": updated, "valid": valid, "superseded": valid - inserted - updated,
-            "rejected": len(rejected), "req": required, "shape": len(rejected) - required, "ms": ms,
-            "job": job, "run": run, "batch": batch})
+        states.commit_batch(conn, job, run, batch, attempt, inserted=inserted, updated=updated, valid=valid,
+                            rejected=len(rejected), required=required, ms=ms)
         _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SUCCEEDED, started)
         log_event(conn, job, run, "batch_committed", batch=batch, attempt=attempt, rows_attempted=attempted,
                   rows_inserted=inserted, rows_updated=updated, rows_validated=valid,
@@ -304,9 +251,8 @@ def _stage_refusing(conn: psycopg.Connection[Any], planned: PlannedBatch, checke
 def _end_attempt(conn: psycopg.Connection[Any], job: str, run: str, batch: int, attempt: int,
                  status: AttemptStatus, started: float, code: str | None = None, message: str | None = None,
                  stack: str | None = None) -> None:
-    conn.execute(END_ATTEMPT.format(attempts=ledger_table("attempts")), {
-        "status": status.value, "ms": (time.perf_counter() - started) * 1000, "code": code,
-        "message": message, "stack": stack, "job": job, "run": run, "batch": batch, "attempt": attempt})
+    states.end_attempt(conn, job, run, batch, attempt, status, ms=(time.perf_counter() - started) * 1000,
+                       code=code, message=message, stack=stack)
 
 
 def _write_rejects(conn: psycopg.Connection[Any], job: str, run: str, batch: int, file: str,
@@ -330,21 +276,11 @@ def _record_failure(job: str, run: str, batch: int, attempt: int | None, *, retr
     try:
         with db.connection() as conn, conn.transaction():
             if attempt is not None:
-                conn.execute(END_ATTEMPT.format(attempts=ledger_table("attempts")), {
-                    "status": (AttemptStatus.RETRYING if retry else AttemptStatus.FAILED).value, "ms": ms,
-                    "code": code, "message": message, "stack": stack, "job": job, "run": run, "batch": batch,
-                    "attempt": attempt})
-                conn.execute(FAIL_BATCH.format(batches=ledger_table("batches"), next=next_change()), {
-                    "status": (BatchStatus.RETRIED if retry else BatchStatus.FAILED).value, "ms": ms,
-                    "code": code, "message": message, "stack": stack, "job": job, "run": run, "batch": batch,
-                    "attempt": attempt})
+                states.fail_attempt(conn, job, run, batch, attempt, retry=retry, code=code, message=message,
+                                    stack=stack, ms=ms)
             elif not retry:
                 # The attempt never started (the database was unreachable): fail the batch as it stands.
-                conn.execute(sql.SQL(
-                    "UPDATE {} SET status = 'failed', ended_at = clock_timestamp(), error_code = %s, "
-                    "error_message = %s, error_stack = %s, change_seq = {} WHERE etl_job_id = %s "
-                    "AND etl_run_id = %s AND batch_index = %s AND status IN ('pending', 'retried', 'running')"
-                ).format(ledger_table("batches"), next_change()), [code, message, stack, job, run, batch])
+                states.fail_unstarted(conn, job, run, batch, code=code, message=message, stack=stack)
             log_event(conn, job, run, event, level=level, batch=batch, attempt=attempt, error_code=code,
                       error=message)
         return True
@@ -354,26 +290,6 @@ def _record_failure(job: str, run: str, batch: int, attempt: int | None, *, retr
         return False
 
 
-FINISH = sql.SQL("""
-    UPDATE {runs} SET status = 'committing', change_seq = {next}
-    WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND status = 'loading'
-      AND NOT EXISTS (SELECT 1 FROM {batches} WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s
-                      AND status IN ('pending', 'running', 'retried'))
-    RETURNING 1""")  # IN, not NOT IN: three index probes instead of a scan of every batch of the run
-
-FINAL = sql.SQL("""
-    WITH c AS (
-        SELECT count(*) FILTER (WHERE status = 'succeeded') AS ok, count(*) FILTER (WHERE status = 'failed') AS bad,
-               max(committed_at) AS loaded_at
-        FROM {batches} WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s
-    )
-    UPDATE {runs} r SET status = CASE WHEN c.bad = 0 THEN 'success' WHEN c.ok = 0 THEN 'failed'
-                                      ELSE 'partial_success' END,
-           completed_at = clock_timestamp(), loaded_at = c.loaded_at, change_seq = {next}
-    FROM c WHERE r.etl_job_id = %(job)s AND r.etl_run_id = %(run)s AND r.status = 'committing'
-    RETURNING r.status, c.ok, c.bad""")
-
-
 def finish_run_if_done(job: str, run: str) -> str | None:
     """Move a run whose batches have all ended to committing, then to its final state.
 
@@ -381,14 +297,10 @@ def finish_run_if_done(job: str, run: str) -> str | None:
     Returns the final status when this call finished the run.
     """
     with db.connection() as conn:
-        params = {"job": job, "run": run}
-        done = conn.execute(FINISH.format(runs=ledger_table("runs"), batches=ledger_table("batches"),
-                                          next=next_change()), params).fetchone()
-        if done is None:
+        if not states.start_committing(conn, job, run):
             return None
         with conn.transaction():
-            row = conn.execute(FINAL.format(runs=ledger_table("runs"), batches=ledger_table("batches"),
-                                            next=next_change()), params).fetchone()
+            row = states.finalize_run(conn, job, run)
             if row is None:
                 return None
             status = str(row[0])

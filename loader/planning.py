@@ -8,14 +8,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import db
+from . import db, states
 from .catalog import JobSpec
 from .db import ledger_table
 from .errors import LoaderError, TransientDbError
 from .events import log_event
-from .ledger import BatchStatus, RunStatus
 from .retrying import backoff_delay
 from .sources import plan_batches, resolve_source
+from .states import BatchStatus
 from .upsert import ensure_target
 
 BATCH_COLUMNS = ("etl_job_id", "etl_run_id", "batch_index", "status", "source_file", "file_size", "file_mtime_ns",
@@ -48,13 +48,8 @@ def plan_run(job: str, run: str, worker: str | None = None) -> list[int]:
 
 
 def _plan_once(job: str, run: str, worker: str | None) -> list[int]:
-    runs = ledger_table("runs")
     with db.connection() as conn:
-        row = conn.execute(sql.SQL(
-            "UPDATE {} SET status = %s, plan_worker = %s, change_seq = {} WHERE etl_job_id = %s "
-            "AND etl_run_id = %s AND status IN ('queued', 'validating') RETURNING spec, batch_size").format(
-                runs, db.next_change()),
-            [RunStatus.VALIDATING.value, worker, job, run]).fetchone()
+        row = states.start_planning(conn, job, run, worker)
         if row is None:
             return []  # canceled, or planned already by an earlier delivery of this job
         spec = JobSpec.from_dict(row[0])
@@ -64,10 +59,7 @@ def _plan_once(job: str, run: str, worker: str | None) -> list[int]:
         ensure_target(conn, spec.target_schema, spec.target_table)
 
         with conn.transaction():
-            locked = conn.execute(sql.SQL(
-                "SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR UPDATE").format(runs),
-                [job, run]).fetchone()
-            if locked is None or locked[0] != RunStatus.VALIDATING.value:
+            if not states.holds_planning(conn, job, run):
                 # Another delivery of this planning job got here first and committed (the run is
                 # loading, or canceled): its batches may be loading already; never replan them.
                 return []
@@ -75,13 +67,7 @@ def _plan_once(job: str, run: str, worker: str | None) -> list[int]:
                 conn.execute(sql.SQL("DELETE FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
                     ledger_table(name)), [job, run])
             total, rows = _write_batches(conn, job, run, files, batch_size)
-            status = RunStatus.LOADING if total else RunStatus.SUCCESS
-            conn.execute(sql.SQL(
-                "UPDATE {} SET status = %s, batches_total = %s, rows_planned = %s, planned_at = clock_timestamp(), "
-                "completed_at = CASE WHEN %s THEN clock_timestamp() END, change_seq = {} "
-                "WHERE etl_job_id = %s AND etl_run_id = %s AND status = 'validating'").format(
-                    runs, db.next_change()),
-                [status.value, total, rows, total == 0, job, run])
+            status = states.finish_planning(conn, job, run, batches=total, rows=rows)
             log_event(conn, job, run, "plan_completed", batches=total, records=rows,
                       files=[str(f) for f in files])
             if total == 0:
@@ -115,13 +101,7 @@ def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: lis
 def _fail_run(job: str, run: str, exc: LoaderError) -> None:
     try:
         with db.connection() as conn, conn.transaction():
-            conn.execute(sql.SQL(
-                "UPDATE {} SET status = 'failed', error_code = %s, error_message = %s, "
-                "completed_at = clock_timestamp(), "
-                "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s "
-                "AND status IN ('queued', 'validating')").format(
-                    ledger_table("runs"), db.next_change()),
-                [exc.code, db.redact(str(exc)), job, run])
+            states.fail_planning(conn, job, run, code=exc.code, message=db.redact(str(exc)))
             log_event(conn, job, run, "run_failed", level="error", error_code=exc.code, error=str(exc))
     except psycopg.Error:
         log_event(None, job, run, "run_failed", level="error", error_code=exc.code, error=str(exc))

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import config, db
+from . import config, db, states
 from .db import ledger_table, next_change
 from .events import log_event
 from .loading import finish_run_if_done
@@ -64,37 +64,6 @@ def live_workers(conn: psycopg.Connection[Any] | None = None) -> int:
     return int(row[0]) if row else 0
 
 
-ABANDON = sql.SQL("""
-    WITH stale AS (
-        SELECT b.etl_job_id, b.etl_run_id, b.batch_index, b.attempts, b.worker, b.attempts >= r.max_attempts AS spent
-        FROM {batches} b JOIN {runs} r USING (etl_job_id, etl_run_id)
-        WHERE r.status = 'loading' AND r.queue = %(queue)s AND b.status IN ('running', 'retried')
-          AND NOT EXISTS (SELECT 1 FROM {workers} w WHERE w.name = b.worker
-                          AND w.heartbeat_at > now() - make_interval(secs => %(stale)s))
-          AND b.started_at < now() - make_interval(secs => %(stale)s)
-        FOR UPDATE OF b SKIP LOCKED
-    ), reset AS (
-        -- Every attempt counts: a batch whose worker was lost in its last allowed attempt fails for good
-        -- (a batch that kills every worker that takes it must not loop); the others are queued again.
-        UPDATE {batches} b SET status = CASE WHEN s.spent THEN 'failed' ELSE 'pending' END,
-            queued_at = now(), change_seq = {next},
-            ended_at = CASE WHEN s.spent THEN clock_timestamp() ELSE b.ended_at END,
-            error_code = CASE WHEN s.spent THEN 'worker_lost' ELSE b.error_code END,
-            error_message = CASE WHEN s.spent THEN format(
-                'the worker stopped beating during attempt %%s of %%s (killed, out of memory, or its host was '
-                'lost): no attempt left; retry the batch once the cause is found', s.attempts, r.max_attempts)
-                ELSE b.error_message END
-        FROM stale s JOIN {runs} r USING (etl_job_id, etl_run_id)
-        WHERE (b.etl_job_id, b.etl_run_id, b.batch_index) = (s.etl_job_id, s.etl_run_id, s.batch_index)
-        RETURNING b.etl_job_id, b.etl_run_id, b.batch_index, s.attempts, s.worker, s.spent
-    ), gone AS (
-        UPDATE {attempts} a SET status = 'abandoned', ended_at = clock_timestamp(),
-            error_code = 'worker_lost', error_message = 'the worker stopped beating during this attempt'
-        FROM reset r WHERE (a.etl_job_id, a.etl_run_id, a.batch_index, a.attempt)
-                         = (r.etl_job_id, r.etl_run_id, r.batch_index, r.attempts) AND a.status = 'running'
-    )
-    SELECT etl_job_id, etl_run_id, batch_index, attempts, worker, spent FROM reset""")
-
 #: Batches not yet ended; the caller re-queues those whose RQ job is gone (a flushed Redis, or an
 #: execution that gave up while the database was unreachable and could not record it).
 PENDING = sql.SQL("""
@@ -136,8 +105,8 @@ def reconcile(*, stale_after: float = STALE_AFTER_SECONDS, grace: float = ORPHAN
             return None
         try:
             with conn.transaction():
-                for job, run, batch, attempt, worker, spent in conn.execute(
-                        ABANDON.format(**tables), {"stale": stale_after, "queue": queue}).fetchall():
+                for job, run, batch, attempt, worker, spent in states.abandon_stale_batches(
+                        conn, queue=queue, stale_after=stale_after):
                     if spent:  # failed for good: the run ends below (UNFINISHED) once its other batches have
                         log_event(conn, job, run, "batch_failed", level="error", batch=batch, attempt=attempt,
                                   worker=worker, error_code="worker_lost",
@@ -154,10 +123,9 @@ def reconcile(*, stale_after: float = STALE_AFTER_SECONDS, grace: float = ORPHAN
                 PLANNABLE.format(**tables), {"grace": grace, "stale": stale_after, "queue": queue})]
             for job, run in conn.execute(UNFINISHED.format(**tables), {"queue": queue}).fetchall():
                 if conn.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
-                        tables["runs"]), [job, run]).fetchone() == ("committing",):
+                        tables["runs"]), [job, run]).fetchone() == (states.RunStatus.COMMITTING.value,):
                     # A finisher died between 'committing' and the final state: finish it again.
-                    conn.execute(sql.SQL("UPDATE {} SET status = 'loading' WHERE etl_job_id = %s AND etl_run_id = %s "
-                                         "AND status = 'committing'").format(tables["runs"]), [job, run])
+                    states.resume_committing(conn, job, run)
                 status = finish_run_if_done(job, run)
                 if status:
                     out.finished.append((job, run, status))

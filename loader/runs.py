@@ -8,14 +8,13 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
-from . import config, db
+from . import config, db, states
 from .catalog import JobSpec
-from .db import ledger_table, next_change
+from .db import ledger_table
 from .errors import ConfigError, RunConflict, RunNotFound, ServiceError
 from .events import log_event
-from .ledger import ACTIVE_RUN_STATES, RunStatus
+from .states import ACTIVE_RUN_STATES, RETRYABLE_RUN_STATES, RunStatus
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
@@ -75,11 +74,8 @@ def create_run(spec: JobSpec, *, run_id: str | None = None, batch_size: int | No
                     "wait for it, cancel it, or force a concurrent run", job=spec.name, run=active[0])
         try:
             with conn.transaction():
-                conn.execute(sql.SQL(
-                    "INSERT INTO {} (etl_job_id, etl_run_id, status, batch_size, max_attempts, target_table, "
-                    "spec, forced, queue) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s)").format(runs),
-                    [spec.name, run, size, max_attempts, spec.target, Jsonb(spec.to_dict()), force,
-                     config.get("ETL_QUEUE")])
+                states.create_run(conn, spec.name, run, batch_size=size, max_attempts=max_attempts,
+                                  target=spec.target, spec=spec.to_dict(), forced=force, queue=config.get("ETL_QUEUE"))
         except psycopg.errors.UniqueViolation:
             raise RunConflict(f"run id {run!r} is already used by job {spec.name!r}; choose another",
                               job=spec.name, run=run) from None
@@ -90,10 +86,7 @@ def create_run(spec: JobSpec, *, run_id: str | None = None, batch_size: int | No
 def fail_queued_run(job: str, run: str, message: str) -> None:
     """A run that could not even be queued (Redis down) must not stay 'queued' for ever."""
     with db.connection() as conn, conn.transaction():
-        conn.execute(sql.SQL(
-            "UPDATE {} SET status = 'failed', error_code = 'queue', error_message = %s, "
-            "completed_at = clock_timestamp(), change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s "
-            "AND status = 'queued'").format(ledger_table("runs"), next_change()), [message, job, run])
+        states.fail_queued(conn, job, run, message)
         log_event(conn, job, run, "run_failed", level="error", error_code="queue", error=message)
 
 
@@ -140,9 +133,7 @@ def cancel(job: str, run: str) -> Cancellation:
         if status not in {s.value for s in ACTIVE_RUN_STATES}:
             raise RunConflict(f"run {job}/{run} is {status}: only a queued, validating or loading run can be "
                               "canceled", job=job, run=run, status=status)
-        conn.execute(sql.SQL(
-            "UPDATE {} SET status = 'canceled', canceled_at = clock_timestamp(), completed_at = clock_timestamp(), "
-            "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s").format(runs, next_change()), [job, run])
+        states.cancel_run(conn, job, run)
         pending = [r[0] for r in conn.execute(sql.SQL(
             "SELECT batch_index FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND status = 'pending' "
             "ORDER BY batch_index").format(batches), [job, run])]
@@ -169,7 +160,7 @@ def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -
         if row is None:
             raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
         status, total, run_error = row
-        if status not in (RunStatus.FAILED.value, RunStatus.PARTIAL_SUCCESS.value):
+        if status not in {s.value for s in RETRYABLE_RUN_STATES}:
             raise RunConflict(f"run {job}/{run} is {status}: only a failed or partial_success run can be retried",
                               job=job, run=run, status=status)
         failed = [r[0] for r in conn.execute(sql.SQL(
@@ -188,13 +179,7 @@ def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -
             failed = wanted
         if not failed:
             raise RunConflict(f"run {job}/{run} has no failed batch to retry", job=job, run=run)
-        conn.execute(sql.SQL(
-            "UPDATE {} SET status = 'pending', queued_at = now(), error_code = NULL, error_message = NULL, "
-            "error_stack = NULL, "
-            "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = ANY(%s)").format(
-                b_table, next_change()), [job, run, failed])
-        conn.execute(sql.SQL(
-            "UPDATE {} SET status = 'loading', completed_at = NULL, change_seq = {} "
-            "WHERE etl_job_id = %s AND etl_run_id = %s").format(ledger_table("runs"), next_change()), [job, run])
+        states.requeue_failed_batches(conn, job, run, failed)
+        states.reopen_for_retry(conn, job, run)
         log_event(conn, job, run, "retry_requested", batches=failed)
     return failed

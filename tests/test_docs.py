@@ -8,7 +8,7 @@ import pytest
 
 from loader.cli import build_parser
 from loader.config import SETTINGS
-from loader.ledger import BatchStatus, RunStatus
+from loader.states import BatchStatus, RunStatus
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

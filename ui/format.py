@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from loader.states import ACTIVE_RUN_STATES, FINAL_RUN_STATES, RETRYABLE_RUN_STATES, RUN_LOOKS, UNKNOWN_LOOK, Look
 
-@dataclass(frozen=True)
-class Badge:
-    """How a status looks: never colour alone, always an icon and a word."""
-
-    label: str
-    icon: str
-    color: str
-
-
-RUN_BADGES: dict[str, Badge] = {
-    "idle": Badge("Idle", ":material/radio_button_unchecked:", "gray"),
-    "queued": Badge("Queued", ":material/schedule:", "gray"),
-    "validating": Badge("Validating", ":material/fact_check:", "blue"),
-    "loading": Badge("Loading", ":material/sync:", "blue"),
-    "committing": Badge("Committing", ":material/save:", "blue"),
-    "success": Badge("Success", ":material/check_circle:", "green"),
-    "partial_success": Badge("Partial success", ":material/warning:", "orange"),
-    "failed": Badge("Failed", ":material/cancel:", "red"),
-    "canceled": Badge("Canceled", ":material/block:", "gray"),
-}
-UNKNOWN_BADGE = Badge("Unknown", ":material/help:", "gray")
-ACTIVE = frozenset({"queued", "validating", "loading", "committing"})
-FINAL = frozenset({"success", "partial_success", "failed", "canceled"})
+#: How a status looks (label, icon, colour): the state machine's own look (loader/states.py).
+Badge = Look
+RUN_BADGES: dict[str, Badge] = {s.value: look for s, look in RUN_LOOKS.items()}
+UNKNOWN_BADGE = UNKNOWN_LOOK
+ACTIVE = frozenset(s.value for s in ACTIVE_RUN_STATES)
+FINAL = frozenset(s.value for s in FINAL_RUN_STATES)
+RETRYABLE = frozenset(s.value for s in RETRYABLE_RUN_STATES)
 
 #: Every ASCII punctuation character: CommonMark lets each be backslash-escaped, and escaping them all
 #: leaves no link, image, autolink (``https://``, ``www.``, e-mail), HTML, LaTeX, emoji shortcode or

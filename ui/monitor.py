@@ -16,6 +16,7 @@ import streamlit as st
 import loader
 from loader import LoaderError, browse
 from loader.runs import cancel
+from loader.states import BatchStatus, RunStatus
 
 from . import format as fmt
 from .errors import show_error, user_message
@@ -30,7 +31,7 @@ REFRESH_SECONDS = 1.5
 #: Seconds between two refreshes of the duration chart while the run is active (its query runs only when
 #: the run's change signature moved).
 CHART_SECONDS = 2.0
-BATCH_STATUSES = ("pending", "running", "retried", "succeeded", "failed")
+BATCH_STATUSES = browse.STATUSES
 
 
 def _key(job: str, run: str, name: str) -> str:
@@ -106,7 +107,7 @@ def _toasts(job: str, run: str, c: dict[str, Any], stale: str | None) -> None:
         # the runs list and the chart's timer follow the run again, in one full run.
         st.rerun(scope="app")
     if now["status"] != seen["status"] and now["status"] in fmt.FINAL:
-        if now["status"] in ("success", "partial_success"):
+        if now["status"] in (RunStatus.SUCCESS.value, RunStatus.PARTIAL_SUCCESS.value):
             message = (f"Run completed: {fmt.run_badge(now['status']).label}", ":material/check_circle:")
         elif now["status"] == "failed":
             message = ("Run failed", ":material/error:")
@@ -268,7 +269,7 @@ def _confirm_cancel(job: str, run: str) -> None:
 
 def _actions(c: dict[str, Any], job: str, run: str) -> None:
     m = c["metrics"]
-    can_retry = c["status"] in ("failed", "partial_success") and m["batches_failed"] > 0
+    can_retry = c["status"] in fmt.RETRYABLE and m["batches_failed"] > 0
     with st.container(horizontal=True, wrap=True, gap="small"):
         if st.button("Retry failed batches", icon=":material/replay:", disabled=not can_retry,
                      key=_key(job, run, "retry"),
@@ -383,7 +384,7 @@ def _detail(job: str, run: str, index: int) -> None:
         st.text(f"Status: {d['status_label']} · attempts {d['attempts']} · rows {d['rows_attempted']} "
                 f"(lines {d['first_line']}–{d['first_line'] + d['line_count'] - 1} of {d['source_file']})")
         status = st.session_state.get(_key(job, run, "status"))
-        if d["status"] == "failed" and status in ("failed", "partial_success"):
+        if d["status"] == BatchStatus.FAILED.value and status in fmt.RETRYABLE:
             if st.button("Retry this batch", icon=":material/replay:", key=_key(job, run, f"retry-{index}")):
                 try:
                     loader.retry_run(job, run, [index])

@@ -28,10 +28,10 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import BaseRoute, Route
 
 import loader
-from loader import config, db
+from loader import config, db, ledger
 from loader.catalog import JOB_NAME_RE
 from loader.contract import signature_token
-from loader.errors import ConfigError, LoaderError, RunNotFound
+from loader.errors import ConfigError, LedgerNotReady, LoaderError, RunNotFound, TransientDbError
 from loader.runs import SLUG_RE, UUID_RE
 
 from .grid_state import has_js_code_marker
@@ -70,6 +70,23 @@ def configure_process() -> None:
     ledger.
     """
     db.set_read_timeout(config.get_float("ETL_CONSOLE_STATEMENT_TIMEOUT"))
+
+
+def refuse_a_ledger_behind() -> None:
+    """Exit the console's server, naming the command to run, when the ledger is missing or behind this code.
+
+    Called by ``Home.py`` once when the server starts: code newer than its ledger would fail on every
+    page. An unreachable database is not a refusal: the pages say so and keep trying, as before.
+    """
+    import sys
+
+    try:
+        ledger.check_ready()
+    except TransientDbError:
+        return
+    except LedgerNotReady as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 class Limiter:
