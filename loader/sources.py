@@ -49,20 +49,31 @@ def max_record_bytes() -> int:
 
 def _lines(f: IO[bytes], limit: int) -> Iterator[tuple[bytes, int]]:
     """The lines of ``f`` (with their newline) and their length in bytes, never holding more than ``limit``
-    (+1) bytes of one: a longer line comes as an OversizedRecord of its first bytes, its rest read past.
+    bytes of one: a longer record comes as an OversizedRecord of its first bytes, its rest read past.
+
+    Read in pieces of _SKIP_CHUNK: a line over the limit costs at most ``limit`` bytes of memory (one
+    ``readline(limit + 1)`` peaked at twice that, while it joined its own pieces).
     """
-    while line := f.readline(limit + 1):
-        size = len(line)
-        if size <= limit or line.endswith(b"\n"):
-            yield line, size
+    while piece := f.readline(_SKIP_CHUNK):
+        if piece.endswith(b"\n") or len(piece) < _SKIP_CHUNK:  # the whole line (the last may lack "\n")
+            yield piece, len(piece)
             continue
-        head = line[:OVERSIZED_HEAD_BYTES]
-        del line
+        parts, size, over = [piece], len(piece), False
         while more := f.readline(_SKIP_CHUNK):
             size += len(more)
-            if more.endswith(b"\n"):
+            ended = more.endswith(b"\n")
+            if not over:
+                parts.append(more)
+                over = size - ended > limit
+                if over:
+                    head = parts[0][:OVERSIZED_HEAD_BYTES]
+                    parts.clear()
+            if ended:
                 break
-        yield OversizedRecord(head, size), size
+        if over:
+            yield OversizedRecord(head, size), size
+        else:
+            yield b"".join(parts), size
 
 
 @dataclass(frozen=True)
