@@ -18,8 +18,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.usefixtures("le
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-START_ENABLED = ("() => { const b = [...document.querySelectorAll('button')].find("
-                 "b => b.innerText.includes('Start Load')); return !!b && !b.disabled; }")
+#: One Start Load on the page, enabled (while Streamlit redraws, the old button can stand beside the new one).
+START_ENABLED = ("() => { const b = [...document.querySelectorAll('button')].filter("
+                 "b => b.innerText.includes('Start Load')); return b.length === 1 && !b[0].disabled; }")
 
 
 def metric(page, label: str):
@@ -44,10 +45,8 @@ def start_from_the_ui(page, console, demo, batch_size: int = 100, screenshot: st
     size.fill(str(batch_size))
     size.press("Enter")
     run_id = page.get_by_label("Run ID", exact=True).input_value()
-    start = page.get_by_role("button", name="Start Load")
-    start.wait_for()
     page.wait_for_function(START_ENABLED, timeout=10_000)
-    start.click()
+    page.get_by_role("button", name="Start Load").click()
     return run_id
 
 
