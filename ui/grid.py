@@ -34,7 +34,7 @@ POLL_MS = 1000
 #: takes the rest). Below that, Batch # and Status are pinned left (ON_SIZE) and the rest scrolls.
 COLUMNS: list[dict[str, Any]] = [
     {"field": "index", "headerName": "Batch #", "filter": "agNumberColumnFilter", "width": 60, "pinned": "left"},
-    {"field": "attempts", "headerName": "Attempt(s)", "filter": "agNumberColumnFilter", "width": 70,
+    {"field": "attempts", "headerName": "Attempt(s)", "filter": "agNumberColumnFilter", "width": 74,
      "headerTooltip": "Attempts made so far (1 = first try); retried(n) in Status is the same number"},
     {"field": "rows_attempted", "headerName": "Rows attempted", "filter": "agNumberColumnFilter", "width": 72},
     {"field": "rows_inserted", "headerName": "Inserted", "filter": "agNumberColumnFilter", "width": 72},
@@ -81,6 +81,18 @@ CSS = {
     ".dl-running": {"color": "#1e40af"},
     ".ag-cell-focus, .ag-header-cell:focus-visible, .ag-row-focus": {"outline": "2px solid #1d4ed8 !important"},
     ".ag-header-cell, .ag-cell": {"padding-left": "6px !important", "padding-right": "6px !important"},
+    # Narrow headers wrap between words, never inside one ("Batc h #"), in the whole header cell: the
+    # filter button floats over its top right corner, shown on hover, on keyboard focus and while the
+    # column is filtered (AG Grid Community has no column menu: the button is the way to a filter).
+    ".ag-header-cell-text": {"word-break": "normal !important", "overflow-wrap": "normal !important",
+                             "white-space": "normal !important", "text-overflow": "clip !important",
+                             "font-size": "12px", "line-height": "1.25"},
+    ".ag-header-cell-comp-wrapper": {"position": "relative"},
+    ".ag-header-cell-filter-button": {"position": "absolute", "right": "-4px", "top": "-2px", "opacity": "0",
+                                      "background": "#ffffff", "border-radius": "3px", "z-index": "1"},
+    ".ag-header-cell:hover .ag-header-cell-filter-button, .ag-header-cell:focus-within .ag-header-cell-filter-button,"
+    " .ag-header-cell-filtered .ag-header-cell-filter-button, .ag-header-cell-filter-button:focus-visible":
+        {"opacity": "1"},
     # The sideways scrollbar is always drawn (AG Grid hides overlay scrollbars until hovered).
     ".ag-body-horizontal-scroll.ag-scrollbar-invisible": {"opacity": "1 !important", "visibility": "visible !important",
                                                           "position": "relative !important",
