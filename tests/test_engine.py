@@ -272,7 +272,8 @@ def test_transient_error_is_retried_and_recorded(tmp_path, target_schema, pg, wo
         deadline = time.monotonic() + 30
         while victim is None and time.monotonic() < deadline:
             victim = pg.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'dataloader' "
-                                "AND wait_event_type = 'Lock' AND query LIKE %s LIMIT 1", ["%INSERT INTO%"]).fetchone()
+                                "AND wait_event_type = 'Lock' AND query LIKE %s AND query LIKE %s LIMIT 1",
+                                ["%INSERT INTO%", f'%"{schema}"%']).fetchone()
             time.sleep(0.05)
         assert victim is not None, "no batch blocked on the table lock"
         pg.execute("SELECT pg_terminate_backend(%s)", [victim[0]])

@@ -49,11 +49,13 @@ def check_table(pg, target_schema: str, job: str, run: str, n: int) -> None:
     assert rows == (n, n, n)
 
 
-def wait_blocked(pg, timeout: float = 30) -> int:
+def wait_blocked(pg, target_schema: str, timeout: float = 30) -> int:
+    """The pid of a batch of this test blocked on its target table (never another test session's)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = pg.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'dataloader' "
-                         "AND wait_event_type = 'Lock' AND query LIKE %s LIMIT 1", ["%INSERT INTO%"]).fetchone()
+                         "AND wait_event_type = 'Lock' AND query LIKE %s AND query LIKE %s LIMIT 1",
+                         ["%INSERT INTO%", f'%"{target_schema}"%']).fetchone()
         if row:
             return int(row[0])
         time.sleep(0.05)
@@ -68,7 +70,7 @@ def test_a_worker_killed_mid_batch_is_noticed_and_its_batch_finished_by_another(
     with psycopg.connect(pg.info.dsn) as blocker:
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(target_schema, "t")))
         ref = loader.start_run(job, catalog=catalog, batch_size=100)
-        wait_blocked(pg)
+        wait_blocked(pg, target_schema)
         os.killpg(victim.pid, signal.SIGKILL)
         killed_at = time.monotonic()
     own_workers.start(1)
@@ -91,7 +93,7 @@ def test_redis_flushed_during_a_run_is_recovered_from_the_ledger(
     with psycopg.connect(pg.info.dsn) as blocker:
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(target_schema, "t")))
         ref = loader.start_run(job, catalog=catalog, batch_size=100)
-        wait_blocked(pg)
+        wait_blocked(pg, target_schema)
         for key in redis_conn.scan_iter(f"rq:*{own_queue}*"):
             redis_conn.delete(key)
         # This run's job records only: the machine's Redis may serve other runs (a benchmark, `make run`).
@@ -180,7 +182,7 @@ def test_redis_restarted_empty_during_a_run_is_survived(tmp_path, target_schema,
             blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
                 sql.Identifier(target_schema, "t")))
             ref = loader.start_run(job, catalog=catalog, batch_size=100)
-            wait_blocked(pg)
+            wait_blocked(pg, target_schema)
             own_redis.stop()
         # The lock is gone: the blocked batches commit while Redis is down, and their workers cannot
         # tell RQ: wait until one of them noticed (or died of it), then start Redis again, empty.
@@ -237,7 +239,7 @@ def test_cancel_takes_the_runs_waiting_jobs_off_the_queue_and_keeps_committed_ba
         time.sleep(0.05)
     with psycopg.connect(pg.info.dsn) as blocker:
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(target_schema, "t")))
-        wait_blocked(pg)  # the only worker holds a batch: the rest of the run waits in the queue
+        wait_blocked(pg, target_schema)  # the only worker holds a batch: the rest of the run waits in the queue
         assert len(run_jobs_in_queue(redis_conn, own_queue, job, run, 200)) > 100
         assert loader.cancel_run(job, run) == "canceled"
         assert run_jobs_in_queue(redis_conn, own_queue, job, run, 200) == set()
