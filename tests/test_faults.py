@@ -361,26 +361,33 @@ def test_postgresql_restarted_during_a_run_is_survived(tmp_path, target_schema, 
         stop_services(data_dir)
 
 
-def _hold_row_lock(pg_url: str, table: str, source_id: str, seconds: float) -> threading.Thread:
-    """Lock one target row (SELECT ... FOR UPDATE) from another session for ``seconds``, in a thread."""
-    import psycopg
-    from psycopg import sql
+class _RowLock:
+    """One target row locked (SELECT ... FOR UPDATE) by another session, from a thread, until ``seconds`` pass
+    or :meth:`release` is called."""
 
-    ready = threading.Event()
+    def __init__(self, pg_url: str, table: str, source_id: str, seconds: float) -> None:
+        self._release = threading.Event()
+        ready = threading.Event()
 
-    def hold() -> None:
-        schema, name = table.split(".")
-        with psycopg.connect(pg_url) as conn:
-            conn.execute(sql.SQL("SELECT 1 FROM {} WHERE source_id = %s FOR UPDATE").format(
-                sql.Identifier(schema, name)), [source_id])
-            ready.set()
-            time.sleep(seconds)
-            conn.rollback()
+        def hold() -> None:
+            schema, name = table.split(".")
+            with psycopg.connect(pg_url) as conn:
+                conn.execute(sql.SQL("SELECT 1 FROM {} WHERE source_id = %s FOR UPDATE").format(
+                    sql.Identifier(schema, name)), [source_id])
+                ready.set()
+                self._release.wait(seconds)
+                conn.rollback()
 
-    thread = threading.Thread(target=hold, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    return thread
+        self._thread = threading.Thread(target=hold, daemon=True)
+        self._thread.start()
+        assert ready.wait(10)
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(10)
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 def _locked_run(tmp_path, target_schema, pg) -> tuple[str, str, object]:
@@ -401,7 +408,7 @@ def test_a_batch_blocked_on_a_lock_fails_its_attempt_at_the_lock_timeout_and_is_
         tmp_path, target_schema, pg, own_workers, own_queue, monkeypatch):
     monkeypatch.setenv("ETL_LOCK_TIMEOUT", "1")
     job, table, catalog = _locked_run(tmp_path, target_schema, pg)
-    holder = _hold_row_lock(os.environ["DATABASE_URL"], table, "r150", 2.5)
+    holder = _RowLock(os.environ["DATABASE_URL"], table, "r150", 2.5)
     own_workers.start(1)
     ref = loader.start_run(job, catalog=catalog, batch_size=100)
     c = loader.wait_for_run(job, ref.etl_run_id, timeout=90)
@@ -421,7 +428,7 @@ def test_an_rq_job_timeout_is_its_own_transient_error_and_the_batch_is_queued_ag
     monkeypatch.setenv("ETL_LOCK_TIMEOUT", "0")
     monkeypatch.setenv("ETL_JOB_TIMEOUT", "10")
     job, table, catalog = _locked_run(tmp_path, target_schema, pg)
-    holder = _hold_row_lock(os.environ["DATABASE_URL"], table, "r150", 14)
+    holder = _RowLock(os.environ["DATABASE_URL"], table, "r150", 14)
     own_workers.start(1)
     ref = loader.start_run(job, catalog=catalog, batch_size=100)
     c = loader.wait_for_run(job, ref.etl_run_id, timeout=120)
@@ -441,7 +448,7 @@ def test_a_batch_whose_worker_is_killed_in_every_attempt_fails_as_worker_lost_af
     job, table, catalog = _locked_run(tmp_path, target_schema, pg)
     spec = catalog.read_text().replace("max_attempts = 6", "max_attempts = 3")
     catalog.write_text(spec)
-    holder = _hold_row_lock(os.environ["DATABASE_URL"], table, "r150", 600)
+    holder = _RowLock(os.environ["DATABASE_URL"], table, "r150", 600)
     schema = os.environ["ETL_LEDGER_SCHEMA"]
     own_workers.start(1)
     ref = loader.start_run(job, catalog=catalog, batch_size=100)
@@ -469,9 +476,7 @@ def test_a_batch_whose_worker_is_killed_in_every_attempt_fails_as_worker_lost_af
     assert "attempt 3 of 3" in b1["error_message"]
     assert c["metrics"]["batches_succeeded"] == 2
     # The cause found and gone: a retry loads the batch.
-    pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
-               ["%FOR UPDATE%"])
-    holder.join(10)
+    holder.release()
     loader.retry_run(job, ref.etl_run_id)
     c = loader.wait_for_run(job, ref.etl_run_id, timeout=90)
     assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 299
