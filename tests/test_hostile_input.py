@@ -317,5 +317,7 @@ def test_a_one_gigabyte_line_is_one_rejected_record_read_past_with_flat_worker_m
     finally:
         for key in redis_conn.scan_iter(f"rq:*{os.environ['ETL_QUEUE']}*"):
             redis_conn.delete(key)
+        for name in ("huge.ndjson", "huge.ndjson.gz"):  # 1.3 GB: not left for pytest's kept temp folders
+            (tmp_path / name).unlink(missing_ok=True)
     count = pg.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(target_schema, "t"))).fetchone()
     assert count == (40,)
