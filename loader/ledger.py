@@ -120,6 +120,10 @@ batches = sa.Table(
     sa.Column("worker", sa.Text),
     sa.Column("queued_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("change_seq", sa.BigInteger, change_seq, nullable=False, server_default=change_seq.next_value()),
+    # 0003: the number of the batch's current RQ delivery (its job id ends with it), and the digest of
+    # its bytes taken at planning (NULL: planned before 0003).
+    sa.Column("deliveries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("checksum", sa.Text),
     sa.CheckConstraint(check_constraint("status", tuple(BatchStatus)), name="batches_status_check"),
     _run_fk("batches"),
     sa.Index("batches_change_idx", "etl_job_id", "etl_run_id", "change_seq"),

@@ -22,7 +22,7 @@ Runs (``idle`` is what the console shows before a run exists; it is never stored
     the usual path: queued -> validating -> loading -> committing -> success
 
 Batches (each attempt is a row of ``attempts``: running, then succeeded | retrying | failed |
-abandoned | skipped)::
+abandoned | skipped | canceled)::
 
     plan           (new)                      -> pending
     claim          pending | retried | running -> running  (run loading; a new attempt takes over)
@@ -32,6 +32,10 @@ abandoned | skipped)::
     abandon        running | retried          -> pending | failed (its worker stopped beating; failed
                                                          as worker_lost in its last allowed attempt)
     requeue        failed                     -> pending   (retry)
+    cancel         pending | retried          -> canceled  (with the run's cancel: never to run)
+    cancel_attempt running, by its attempt    -> canceled  (its commit found the run canceled: rolled back)
+    abandon_canceled pending | retried | running -> canceled (of a canceled run that nobody will end:
+                                                         the reconciler; running only once its worker is lost)
 
     the usual path: pending -> running -> succeeded (or running -> retried -> running -> succeeded)
 
@@ -78,6 +82,7 @@ class BatchStatus(str, Enum):
     RETRIED = "retried"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELED = "canceled"  # never ran, or its commit was refused: the run was canceled (migration 0003)
 
 
 class AttemptStatus(str, Enum):
@@ -89,6 +94,7 @@ class AttemptStatus(str, Enum):
     RETRYING = "retrying"  # transient failure; another attempt follows
     ABANDONED = "abandoned"  # the worker died during the attempt
     SKIPPED = "skipped"  # a duplicate delivery of an already committed batch: nothing done
+    CANCELED = "canceled"  # reached its commit after the run was canceled: rolled back (migration 0003)
 
 
 ACTIVE_RUN_STATES = (RunStatus.QUEUED, RunStatus.VALIDATING, RunStatus.LOADING, RunStatus.COMMITTING)
@@ -135,6 +141,9 @@ BATCH_TRANSITIONS = (
     _t("fail_unstarted", (B.PENDING, B.RETRIED, B.RUNNING), (B.FAILED,)),
     _t("abandon", (B.RUNNING, B.RETRIED), (B.PENDING, B.FAILED)),
     _t("requeue", (B.FAILED,), (B.PENDING,)),
+    _t("cancel", (B.PENDING, B.RETRIED), (B.CANCELED,)),
+    _t("cancel_attempt", (B.RUNNING,), (B.CANCELED,)),
+    _t("abandon_canceled", (B.PENDING, B.RETRIED, B.RUNNING), (B.CANCELED,)),
 )
 del R, B
 
@@ -173,13 +182,15 @@ RUN_LOOKS: dict[RunStatus, Look] = {
     RunStatus.FAILED: Look("Failed", ":material/cancel:", "red", "✖"),
     RunStatus.CANCELED: Look("Canceled", ":material/block:", "gray", "⊘"),
 }
-#: Batch labels are the status words themselves (the grid and the contract's ``status_label`` show them).
+#: Batch labels are the status words themselves (the grid and the contract's ``status_label`` show them),
+#: except ``canceled``, which says why the batch never ran.
 BATCH_LOOKS: dict[BatchStatus, Look] = {
     BatchStatus.PENDING: Look("pending", ":material/schedule:", "gray", "…"),
     BatchStatus.RUNNING: Look("running", ":material/sync:", "blue", "⏳"),
     BatchStatus.RETRIED: Look("retried", ":material/replay:", "orange", "↻"),
     BatchStatus.SUCCEEDED: Look("succeeded", ":material/check_circle:", "green", "✔"),
     BatchStatus.FAILED: Look("failed", ":material/cancel:", "red", "✖"),
+    BatchStatus.CANCELED: Look("not started (run canceled)", ":material/block:", "gray", "⊘"),
 }
 UNKNOWN_LOOK = Look("Unknown", ":material/help:", "gray", "?")
 
@@ -405,19 +416,29 @@ def holds_batch(conn: Conn, job: str, run: str, batch: int, attempt: int) -> boo
 
 
 _COMMIT = sql.SQL("""
+    WITH r AS (  -- the cancel barrier: held to this transaction's end; cancel_run's FOR UPDATE waits for it
+        SELECT 1 FROM {runs} WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND status = 'loading'
+        FOR KEY SHARE
+    )
     UPDATE {batches} SET status = 'succeeded', rows_inserted = %(ins)s, rows_updated = %(upd)s,
         rows_validated = %(valid)s, rows_superseded = %(superseded)s, validation_failures = %(rejected)s,
         required_field_errors = %(req)s, json_shape_errors = %(shape)s, duration_ms = %(ms)s,
         committed_at = clock_timestamp(), ended_at = clock_timestamp(), error_code = NULL,
         error_message = NULL, error_stack = NULL, change_seq = {next}
     WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND batch_index = %(batch)s
-      AND status = 'running' AND attempts = %(attempt)s""")
+      AND status = 'running' AND attempts = %(attempt)s AND EXISTS (SELECT 1 FROM r)""")
 
 
 def commit_batch(conn: Conn, job: str, run: str, batch: int, attempt: int, *, inserted: int, updated: int,
                  valid: int, rejected: int, required: int, ms: float) -> bool:
-    """running (by ``attempt``) -> succeeded, with its counts; in the transaction that upserted its rows."""
-    return conn.execute(_COMMIT.format(batches=ledger_table("batches"), next=next_change()), {
+    """running (by ``attempt``) -> succeeded, with its counts; in the transaction that upserted its rows.
+
+    Only while the run is ``loading``: the run row stays key-share locked until the transaction ends, so a
+    cancel (which locks the run FOR UPDATE) waits for commits in flight and no batch commits after it.
+    False: the run is no longer loading (canceled); the caller rolls back and calls :func:`cancel_attempt`.
+    """
+    return conn.execute(_COMMIT.format(batches=ledger_table("batches"), runs=ledger_table("runs"),
+                                       next=next_change()), {
         "ins": inserted, "upd": updated, "valid": valid, "superseded": valid - inserted - updated,
         "rejected": rejected, "req": required, "shape": rejected - required, "ms": ms,
         "job": job, "run": run, "batch": batch, "attempt": attempt}).rowcount > 0
@@ -494,6 +515,77 @@ def abandon_stale_batches(conn: Conn, *, queue: str, stale_after: float) -> list
     return conn.execute(_ABANDON.format(batches=ledger_table("batches"), runs=ledger_table("runs"),
                                         attempts=ledger_table("attempts"), workers=ledger_table("workers"),
                                         next=next_change()), {"stale": stale_after, "queue": queue}).fetchall()
+
+
+_CANCEL_BATCHES = sql.SQL("""
+    UPDATE {batches} b SET status = 'canceled', ended_at = clock_timestamp(), change_seq = {next}
+    FROM {runs} r
+    WHERE b.etl_job_id = %(job)s AND b.etl_run_id = %(run)s AND b.status IN ('pending', 'retried')
+      AND (%(batch)s::int IS NULL OR b.batch_index = %(batch)s)
+      AND r.etl_job_id = b.etl_job_id AND r.etl_run_id = b.etl_run_id AND r.status = 'canceled'
+    RETURNING b.batch_index, b.deliveries""")
+
+
+def cancel_batches(conn: Conn, job: str, run: str, batch: int | None = None) -> list[tuple[int, int]]:
+    """pending | retried -> canceled for a canceled run (or one ``batch`` of it): recorded as never to run.
+
+    Returns (batch, delivery) of each, to take their RQ jobs off the queue.
+    """
+    return [(int(r[0]), int(r[1])) for r in conn.execute(
+        _CANCEL_BATCHES.format(batches=ledger_table("batches"), runs=ledger_table("runs"), next=next_change()),
+        {"job": job, "run": run, "batch": batch}).fetchall()]
+
+
+_CANCEL_ATTEMPT = sql.SQL(
+    "UPDATE {} SET status = 'canceled', ended_at = clock_timestamp(), duration_ms = %s, change_seq = {} "
+    "WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = %s AND attempts = %s AND status = 'running' "
+    "AND EXISTS (SELECT 1 FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND status = 'canceled')")
+
+
+def cancel_attempt(conn: Conn, job: str, run: str, batch: int, attempt: int, *, ms: float) -> bool:
+    """running (by ``attempt``) -> canceled: the attempt reached its commit after the run was canceled.
+
+    Its rows were rolled back; the attempt ends ``canceled`` too.
+    """
+    moved = conn.execute(_CANCEL_ATTEMPT.format(ledger_table("batches"), next_change(), ledger_table("runs")),
+                         [ms, job, run, batch, attempt, job, run]).rowcount > 0
+    if moved:
+        end_attempt(conn, job, run, batch, attempt, AttemptStatus.CANCELED, ms=ms, code="canceled",
+                    message="the run was canceled before this batch committed: its rows were rolled back")
+    return moved
+
+
+_ABANDON_CANCELED = sql.SQL("""
+    WITH stale AS (
+        SELECT b.etl_job_id, b.etl_run_id, b.batch_index, b.attempts
+        FROM {batches} b JOIN {runs} r USING (etl_job_id, etl_run_id)
+        WHERE r.status = 'canceled' AND r.queue = %(queue)s AND (b.status IN ('pending', 'retried') OR (
+            b.status = 'running'
+            AND NOT EXISTS (SELECT 1 FROM {workers} w WHERE w.name = b.worker
+                            AND w.heartbeat_at > now() - make_interval(secs => %(stale)s))
+            AND b.started_at < now() - make_interval(secs => %(stale)s)))
+        FOR UPDATE OF b SKIP LOCKED
+    ), gone AS (
+        UPDATE {attempts} a SET status = 'abandoned', ended_at = clock_timestamp(),
+            error_code = 'worker_lost', error_message = 'the worker stopped beating during this attempt'
+        FROM stale s WHERE (a.etl_job_id, a.etl_run_id, a.batch_index, a.attempt)
+                         = (s.etl_job_id, s.etl_run_id, s.batch_index, s.attempts) AND a.status = 'running'
+    )
+    UPDATE {batches} b SET status = 'canceled', ended_at = clock_timestamp(), change_seq = {next}
+    FROM stale s WHERE (b.etl_job_id, b.etl_run_id, b.batch_index) = (s.etl_job_id, s.etl_run_id, s.batch_index)
+    RETURNING b.etl_job_id, b.etl_run_id, b.batch_index""")
+
+
+def abandon_canceled_batches(conn: Conn, *, queue: str, stale_after: float) -> list[tuple[Any, ...]]:
+    """Batches of canceled runs that nobody will end, -> canceled: running ones whose worker stopped beating,
+    and pending or retried ones (an attempt that failed while the cancel committed).
+
+    A live worker ends its own at the commit (:func:`cancel_attempt`). Returns (job, run, batch) per batch.
+    """
+    return conn.execute(_ABANDON_CANCELED.format(batches=ledger_table("batches"), runs=ledger_table("runs"),
+                                                 attempts=ledger_table("attempts"), workers=ledger_table("workers"),
+                                                 next=next_change()),
+                        {"stale": stale_after, "queue": queue}).fetchall()
 
 
 _REQUEUE = sql.SQL(

@@ -66,7 +66,7 @@ RUN_MOVES: list[tuple[str, list[str], Call]] = [
     ("resume", [], states.resume_committing),
     ("retry", ["failed"], states.reopen_for_retry),
 ]
-BATCH_MOVES: list[tuple[str, Call]] = [
+BATCH_MOVES: list[tuple[str, Call] | tuple[str, Call, str]] = [
     ("claim", lambda c, j, r: states.claim_batch(c, j, r, 0, worker="w", trigger="auto")),
     ("commit", lambda c, j, r: states.commit_batch(c, j, r, 0, 1, inserted=1, updated=0, valid=1, rejected=0,
                                                    required=0, ms=1.0)),
@@ -77,6 +77,10 @@ BATCH_MOVES: list[tuple[str, Call]] = [
     ("fail_unstarted", lambda c, j, r: states.fail_unstarted(c, j, r, 0, code="x", message="m", stack="s")),
     ("abandon", lambda c, j, r: states.abandon_stale_batches(c, queue=QUEUE, stale_after=1.0)),
     ("requeue", lambda c, j, r: states.requeue_failed_batches(c, j, r, [0])),
+    # The cancel transitions happen in a canceled run (the third item: the run's status).
+    ("cancel", lambda c, j, r: states.cancel_batches(c, j, r), "canceled"),
+    ("cancel_attempt", lambda c, j, r: states.cancel_attempt(c, j, r, 0, 1, ms=1.0), "canceled"),
+    ("abandon_canceled", lambda c, j, r: states.abandon_canceled_batches(c, queue=QUEUE, stale_after=1.0), "canceled"),
 ]
 
 
@@ -121,10 +125,10 @@ def test_every_batch_transition_moves_only_from_its_allowed_states(ledger, pg):
     """Each guarded batch change is tried from every batch state (its run loading): it moves from its sources only."""
     by_name = {t.name: t for t in states.BATCH_TRANSITIONS}
     seen: set[tuple[Any, Any]] = set()
-    for name, call in BATCH_MOVES:
+    for name, call, *in_run in BATCH_MOVES:
         t = by_name[name]
         for start in BatchStatus:
-            job, run = make_run(pg, "loading", [start.value])
+            job, run = make_run(pg, in_run[0] if in_run else "loading", [start.value])
             call(pg, job, run)
             end = BatchStatus(batch_status(pg, job, run))
             if start in t.sources:
@@ -134,7 +138,7 @@ def test_every_batch_transition_moves_only_from_its_allowed_states(ledger, pg):
                 assert end == start, f"{name} moved a {start.value} batch to {end.value}"
     allowed = {(a, b) for a, targets in ALLOWED_BATCH.items() if a is not None for b in targets}
     assert seen == allowed
-    assert {name for name, _ in BATCH_MOVES} | {"plan"} == set(by_name)
+    assert {move[0] for move in BATCH_MOVES} | {"plan"} == set(by_name)
 
 
 def test_a_batch_is_claimed_only_while_its_run_is_loading(ledger, pg):
@@ -159,6 +163,26 @@ def test_only_the_attempt_that_holds_a_batch_commits_or_fails_it(ledger, pg):
     assert batch_status(pg, job, run) == "succeeded"
 
 
+def test_no_batch_commits_once_its_run_is_canceled(ledger, pg):
+    """The cancel barrier: a batch that reaches its commit after the cancel commits nothing."""
+    job, run = make_run(pg, "canceled", ["running"])
+    assert not states.commit_batch(pg, job, run, 0, 1, inserted=1, updated=0, valid=1, rejected=0, required=0,
+                                   ms=1.0)
+    assert states.cancel_attempt(pg, job, run, 0, 1, ms=1.0)
+    assert batch_status(pg, job, run) == "canceled"
+    attempt = pg.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
+        _table("attempts")), [job, run]).fetchone()[0]
+    assert attempt == "canceled"
+
+
+def test_a_batch_transition_in_a_loading_run_never_cancels_a_batch(ledger, pg):
+    for start in BatchStatus:
+        job, run = make_run(pg, "loading", [start.value])
+        states.cancel_batches(pg, job, run)
+        states.abandon_canceled_batches(pg, queue=QUEUE, stale_after=1.0)
+        assert batch_status(pg, job, run) == start.value
+
+
 @pytest.mark.parametrize("table", ["runs", "batches", "attempts"])
 def test_the_ledger_refuses_a_status_the_state_machine_does_not_know(ledger, pg, table):
     job, run = make_run(pg, "loading", ["pending"])
@@ -174,7 +198,11 @@ def test_every_state_has_a_label_and_an_icon():
         assert look.label and look.icon.startswith(":material/") and look is not states.UNKNOWN_LOOK
     assert states.run_look("no-such-state") is states.UNKNOWN_LOOK and states.run_look(None).label == "Idle"
     for batch in BatchStatus:
-        assert states.BATCH_LOOKS[batch].label == batch.value and states.BATCH_LOOKS[batch].icon
+        if batch is BatchStatus.CANCELED:  # says why it never ran
+            assert states.BATCH_LOOKS[batch].label == "not started (run canceled)"
+        else:
+            assert states.BATCH_LOOKS[batch].label == batch.value
+        assert states.BATCH_LOOKS[batch].icon
     assert states.batch_status_label("retried", 2) == "retried(2)"
 
 
