@@ -32,7 +32,7 @@ REJECT_RECORD_MAX_BYTES = 64 * 1024
 class BatchOutcome:
     """What one execution of a batch job did (the ledger has the details)."""
 
-    status: str  # succeeded, failed, skipped
+    status: str  # succeeded, failed, skipped, canceled
     attempts: int = 0
     rows_inserted: int = 0
     rows_updated: int = 0
@@ -91,7 +91,7 @@ def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, tri
                 attempt = int(began["attempts"])
                 max_attempts = int(began["max_attempts"])
                 outcome = _attempt(conn, spec, spec_json, job, run, batch, attempt, began, started)
-            if outcome.status != "skipped":
+            if outcome.status not in ("skipped", "canceled"):
                 finish_run_if_done(job, run)
             return outcome
         except Exception as exc:  # noqa: BLE001 - every failure is recorded in the ledger, then handled
@@ -158,6 +158,11 @@ def _not_started(conn: psycopg.Connection[Any], job: str, run: str, batch: int) 
         reason = "already committed (duplicate delivery): nothing done"
         finish_run_if_done(job, run)  # in case the execution that committed it died before finishing
     elif run_status == RunStatus.CANCELED.value:
+        # The cancel recorded its unstarted batches already and logged once for all of them: a queued job
+        # of a canceled run ends here quietly, unless its batch was still open (it failed an attempt while
+        # the cancel committed): that one is recorded as never to run now.
+        if not states.cancel_batches(conn, job, run, batch):
+            return BatchOutcome("skipped", reason="run canceled: batch not started")
         reason = "run canceled: batch not started"
     else:
         reason = f"not startable (run {run_status}, batch {batch_status})"
@@ -178,9 +183,27 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
                            began["rows_attempted"], began["ord_start"], payload)
 
     checker = _checker(spec_json)
-    rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
     ord_base = planned.ord_start - planned.line_start
     ensure_stage(conn)  # outside the transaction, so that the connection remembers it has the stage
+    try:
+        return _load_in_transaction(conn, spec, job, run, batch, attempt, began, started, planned, checker,
+                                    ord_base)
+    except _RunCanceledAtCommit:
+        with conn.transaction():
+            states.cancel_attempt(conn, job, run, batch, attempt, ms=(time.perf_counter() - started) * 1000)
+            log_event(conn, job, run, "batch_canceled", level="warning", batch=batch, attempt=attempt,
+                      reason="the run was canceled before this batch committed: its rows were rolled back")
+        return BatchOutcome("canceled", attempts=attempt, reason="run canceled at commit")
+
+
+class _RunCanceledAtCommit(Exception):
+    """The batch's commit found its run canceled: the transaction rolls back."""
+
+
+def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str, run: str, batch: int,
+                         attempt: int, began: dict[str, Any], started: float, planned: PlannedBatch,
+                         checker: RecordChecker, ord_base: int) -> BatchOutcome:
+    rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
     with conn.transaction():
         # Validate while copying: accepted records stream into the temp stage in chunks, so
         # PostgreSQL parses one chunk into jsonb while this process checks the next (one worker
@@ -217,8 +240,11 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
             _write_rejects(conn, job, run, batch, planned.file, rejected)
         required = sum(1 for _, _, p in rejected if p[0].error_class == ErrorClass.REQUIRED_FIELD)
         ms = (time.perf_counter() - started) * 1000
-        states.commit_batch(conn, job, run, batch, attempt, inserted=inserted, updated=updated, valid=valid,
-                            rejected=len(rejected), required=required, ms=ms)
+        if not states.commit_batch(conn, job, run, batch, attempt, inserted=inserted, updated=updated,
+                                   valid=valid, rejected=len(rejected), required=required, ms=ms):
+            # holds_batch proved the attempt holds the batch, so the run is no longer loading: it was
+            # canceled while this batch loaded. Roll its rows back (the cancel is a barrier).
+            raise _RunCanceledAtCommit
         _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SUCCEEDED, started)
         log_event(conn, job, run, "batch_committed", batch=batch, attempt=attempt, rows_attempted=attempted,
                   rows_inserted=inserted, rows_updated=updated, rows_validated=valid,
