@@ -202,6 +202,11 @@ workers = sa.Table(
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # 0003: the batch the worker is executing now, written with each heartbeat (NULL: none). The
+    # reconciler never queues again a batch that a live worker says it is executing.
+    sa.Column("batch_job", sa.Text),
+    sa.Column("batch_run", sa.Text),
+    sa.Column("batch_index", sa.Integer),
 )
 
 

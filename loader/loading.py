@@ -63,6 +63,16 @@ def _spec(job: str, run: str) -> tuple[JobSpec, bytes]:
     return JobSpec.from_dict(row[0]), raw
 
 
+#: The batch this process is executing now (job, run, batch), or None: the worker's heartbeat writes
+#: it to the ledger, and the reconciler never queues again a batch a live worker is executing.
+_executing: tuple[str, str, int] | None = None
+
+
+def executing() -> tuple[str, str, int] | None:
+    """The batch this process is loading right now, or None."""
+    return _executing
+
+
 def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, trigger: str = "auto") -> BatchOutcome:
     """Load batch ``batch`` of a run, retrying transient database errors with backoff.
 
@@ -74,6 +84,15 @@ def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, tri
 
         load_batch("orders", "2f1c...", 0)
     """
+    global _executing
+    _executing = (job, run, batch)
+    try:
+        return _load_batch(job, run, batch, worker=worker, trigger=trigger)
+    finally:
+        _executing = None
+
+
+def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: str) -> BatchOutcome:
     failures = 0  # consecutive failures, for the backoff
     used = 0  # attempts that started and failed transiently: bounded by max_attempts
     outage_since: float | None = None  # the database unreachable before an attempt could start
