@@ -21,7 +21,15 @@ from .events import log_event
 from .retrying import backoff_delay
 from .sources import OversizedRecord, PlannedBatch, read_batch
 from .states import AttemptStatus, BatchStatus, RunStatus
-from .upsert import StageRow, ensure_stage, is_record_refusal, stage_isolating, staging, upsert_stage
+from .upsert import (
+    StageRow,
+    ensure_stage,
+    is_record_refusal,
+    stage_isolating,
+    staging,
+    upsert_isolating,
+    upsert_stage,
+)
 from .validation import ErrorClass, RecordChecker, RecordProblem, sample_raw
 
 #: Raw text kept for a rejected record (bytes); longer records are cut and flagged.
@@ -205,8 +213,14 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
     ord_base = planned.ord_start - planned.line_start
     ensure_stage(conn)  # outside the transaction, so that the connection remembers it has the stage
     try:
-        return _load_in_transaction(conn, spec, job, run, batch, attempt, began, started, planned, checker,
-                                    ord_base)
+        try:
+            return _load_in_transaction(conn, spec, job, run, batch, attempt, began, started, planned, checker,
+                                        ord_base)
+        except _UpsertRefused:
+            # The target refused a record's data in the upsert (a generated column, an expression index):
+            # the batch again, in one transaction, upserting its keys in halves to find the records at fault.
+            return _load_in_transaction(conn, spec, job, run, batch, attempt, began, started, planned, checker,
+                                        ord_base, isolate=True)
     except _RunCanceledAtCommit:
         with conn.transaction():
             states.cancel_attempt(conn, job, run, batch, attempt, ms=(time.perf_counter() - started) * 1000)
@@ -219,16 +233,25 @@ class _RunCanceledAtCommit(Exception):
     """The batch's commit found its run canceled: the transaction rolls back."""
 
 
+class _UpsertRefused(Exception):
+    """The upsert hit a record's data error: the transaction rolls back and the batch goes again, isolating."""
+
+
 def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str, run: str, batch: int,
                          attempt: int, began: dict[str, Any], started: float, planned: PlannedBatch,
-                         checker: RecordChecker, ord_base: int) -> BatchOutcome:
+                         checker: RecordChecker, ord_base: int, *, isolate: bool = False) -> BatchOutcome:
+    """One try at the batch in one transaction. ``isolate``: the rare path where the records PostgreSQL
+    refuses (in the stage or in the upsert) are found and rejected one by one."""
     rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
+    raws: dict[int, bytes] = {}
     with conn.transaction():
         # Validate while copying: accepted records stream into the temp stage in chunks, so
         # PostgreSQL parses one chunk into jsonb while this process checks the next (one worker
         # keeps two cores busy). The stage is this session's own temp table: no lock is taken and
         # nothing is visible to anyone until the upsert below, and a rollback empties it.
         try:
+            if isolate:
+                raise _Isolate
             with conn.transaction(), staging(conn) as stage:  # a savepoint: a refused record undoes only this
                 for line_no, raw in read_batch(planned):
                     record, problems = checker.check(raw)
@@ -237,13 +260,13 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
                     else:
                         stage.add(ord_base + line_no, record.source_id, record.text)
             valid = stage.rows
-        except psycopg.Error as exc:
-            if not is_record_refusal(exc):
+        except (psycopg.Error, _Isolate) as exc:
+            if not isinstance(exc, _Isolate) and not is_record_refusal(exc):
                 raise
             # PostgreSQL is the last validator: it refused a record our checks accepted. Read the batch
             # again and stage it in halves, leaving out only the records it refuses (rare: see
             # validation's numeric check). They become json_shape rejects with its message.
-            rejected, valid = _stage_refusing(conn, planned, checker, ord_base)
+            rejected, valid, raws = _stage_refusing(conn, planned, checker, ord_base)
         attempted = valid + len(rejected)
         if not states.holds_batch(conn, job, run, batch, attempt):
             # Another execution took this batch over (or committed it) while we were reading.
@@ -252,9 +275,23 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
                       reason="another execution of this batch took over")
             return BatchOutcome("skipped", attempts=attempt, reason="taken over")
         inserted = updated = 0
-        if valid:
-            inserted, updated = upsert_stage(conn, spec.target_schema, spec.target_table, job=job, run=run,
-                                             run_seq=int(began["run_seq"]))
+        if valid and isolate:
+            inserted, updated, refused = upsert_isolating(conn, spec.target_schema, spec.target_table, job=job,
+                                                          run=run, run_seq=int(began["run_seq"]))
+            for r in refused:
+                raw = raws[r.pos - ord_base]
+                rejected.append((r.pos - ord_base, raw,
+                                 [RecordProblem(ErrorClass.JSON_SHAPE, "$", r.message, sample_raw(raw))]))
+            rejected.sort(key=lambda x: x[0])
+            valid -= len(refused)
+        elif valid:
+            try:
+                inserted, updated = upsert_stage(conn, spec.target_schema, spec.target_table, job=job, run=run,
+                                                 run_seq=int(began["run_seq"]))
+            except psycopg.Error as exc:
+                if is_record_refusal(exc):
+                    raise _UpsertRefused from exc
+                raise
         if rejected:
             _write_rejects(conn, job, run, batch, planned.file, rejected)
         required = sum(1 for _, _, p in rejected if p[0].error_class == ErrorClass.REQUIRED_FIELD)
@@ -272,9 +309,14 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
                         validation_failures=len(rejected))
 
 
-def _stage_refusing(conn: psycopg.Connection[Any], planned: PlannedBatch, checker: RecordChecker,
-                    ord_base: int) -> tuple[list[tuple[int, bytes, list[RecordProblem]]], int]:
-    """The batch staged again without the records PostgreSQL refuses: (rejected records, rows staged)."""
+class _Isolate(Exception):
+    """Stage the batch the slow way from the start (see _load_in_transaction's ``isolate``)."""
+
+
+def _stage_refusing(conn: psycopg.Connection[Any], planned: PlannedBatch, checker: RecordChecker, ord_base: int
+                    ) -> tuple[list[tuple[int, bytes, list[RecordProblem]]], int, dict[int, bytes]]:
+    """The batch staged again without the records PostgreSQL refuses: (rejected records, rows staged, the
+    staged records' raw text by line number)."""
     rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
     rows: list[StageRow] = []
     raws: dict[int, bytes] = {}
@@ -290,7 +332,7 @@ def _stage_refusing(conn: psycopg.Connection[Any], planned: PlannedBatch, checke
         raw = raws[row.line_no]
         rejected.append((row.line_no, raw, [RecordProblem(ErrorClass.JSON_SHAPE, "$", message, sample_raw(raw))]))
     rejected.sort(key=lambda r: r[0])
-    return rejected, len(rows) - len(refused)
+    return rejected, len(rows) - len(refused), raws
 
 
 def _end_attempt(conn: psycopg.Connection[Any], job: str, run: str, batch: int, attempt: int,
