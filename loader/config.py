@@ -55,6 +55,9 @@ SETTINGS: tuple[Setting, ...] = (
             "retried as a transient error"),
     Setting("ETL_IDLE_IN_TRANSACTION_TIMEOUT", "300",
             "seconds a loader connection may sit idle inside a transaction before PostgreSQL ends its session"),
+    Setting("ETL_WORKER_STALE_SECONDS", "15",
+            "seconds without a heartbeat (workers beat every 3 s) after which a worker is presumed lost: its "
+            "batch is queued again, or fails as worker_lost in its last attempt (at least 6)"),
     Setting("ETL_JOB_TIMEOUT", "1800", "seconds an RQ job (planning or one batch) may run before it is killed"),
     Setting("ETL_CONSOLE_URL", "http://localhost:8501",
             "public base URL of the console; logs_url and metrics_download_url start with it"),

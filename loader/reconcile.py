@@ -21,8 +21,15 @@ from .db import ledger_table, next_change
 from .events import log_event
 from .loading import finish_run_if_done
 
-#: A worker that has not beaten for this long is presumed dead.
+#: A worker that has not beaten for this long is presumed dead (the default of ETL_WORKER_STALE_SECONDS).
 STALE_AFTER_SECONDS = 15.0
+#: The shortest stale window allowed: two heartbeats (3 s apart) may be missed under load.
+MIN_STALE_SECONDS = 6.0
+
+
+def stale_seconds() -> float:
+    """Seconds without a heartbeat after which a worker is presumed lost (ETL_WORKER_STALE_SECONDS)."""
+    return max(MIN_STALE_SECONDS, config.get_float("ETL_WORKER_STALE_SECONDS"))
 #: A pending batch or queued run is only "orphaned" once it has waited this long for its RQ job.
 ORPHAN_GRACE_SECONDS = 10.0
 #: Reconcilers take this advisory lock so only one runs at a time, whichever worker holds it.
@@ -56,10 +63,10 @@ def forget(conn: psycopg.Connection[Any], name: str) -> None:
 
 
 def live_workers(conn: psycopg.Connection[Any] | None = None) -> int:
-    """Workers of this queue that beat within STALE_AFTER_SECONDS (from the ledger, not Redis)."""
+    """Workers of this queue that beat within the stale window (from the ledger, not Redis)."""
     query = sql.SQL("SELECT count(*) FROM {} WHERE queue = %s AND heartbeat_at > now() - make_interval(secs => %s)"
                     ).format(ledger_table("workers"))
-    params = [config.get("ETL_QUEUE"), STALE_AFTER_SECONDS]
+    params = [config.get("ETL_QUEUE"), stale_seconds()]
     if conn is not None:
         row = conn.execute(query, params).fetchone()
     else:
@@ -99,13 +106,17 @@ UNFINISHED = sql.SQL("""
         AND b.status NOT IN ('succeeded', 'failed'))""")
 
 
-def reconcile(*, stale_after: float = STALE_AFTER_SECONDS, grace: float = ORPHAN_GRACE_SECONDS) -> Reconciled | None:
+def reconcile(*, stale_after: float | None = None, grace: float = ORPHAN_GRACE_SECONDS) -> Reconciled | None:
     """One pass over the runs of this process's queue; None when another process is reconciling.
+
+    ``stale_after`` defaults to ETL_WORKER_STALE_SECONDS.
 
     ``pending`` and ``plannable`` are candidates: the caller re-queues those whose RQ job is gone.
     """
     out = Reconciled()
     queue = config.get("ETL_QUEUE")
+    if stale_after is None:
+        stale_after = stale_seconds()
     tables = {"batches": ledger_table("batches"), "runs": ledger_table("runs"), "attempts": ledger_table("attempts"),
               "workers": ledger_table("workers"), "next": next_change()}
     with db.connection() as conn:

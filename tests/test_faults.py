@@ -448,10 +448,11 @@ def test_an_rq_job_timeout_is_its_own_transient_error_and_the_batch_is_queued_ag
 
 
 def test_a_batch_whose_worker_is_killed_in_every_attempt_fails_as_worker_lost_after_max_attempts(
-        tmp_path, target_schema, pg, own_workers, own_queue):
+        tmp_path, target_schema, pg, own_workers, own_queue, monkeypatch):
     """The same batch kills its worker again and again (here: its worker is SIGKILLed while the batch waits on a
     row lock): each lost attempt counts, and after max_attempts (3) it fails for good as worker_lost instead of
     being handed out forever; the run ends partial_success, and a retry once the cause is gone completes it."""
+    monkeypatch.setenv("ETL_WORKER_STALE_SECONDS", "6")  # the workers notice a lost one sooner than the default 15 s
     job, table, catalog = _locked_run(tmp_path, target_schema, pg)
     spec = catalog.read_text().replace("max_attempts = 6", "max_attempts = 3")
     catalog.write_text(spec)
