@@ -207,7 +207,7 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
         payload = bytes(row[0]) if row else None
     planned = PlannedBatch(batch, began["source_file"], began["file_size"], began["file_mtime_ns"],
                            began["byte_start"], began["byte_end"], began["line_start"], began["line_count"],
-                           began["rows_attempted"], began["ord_start"], payload)
+                           began["rows_attempted"], began["ord_start"], payload, began["checksum"])
 
     checker = _checker(spec_json)
     ord_base = planned.ord_start - planned.line_start

@@ -20,7 +20,7 @@ from .upsert import ensure_target
 
 BATCH_COLUMNS = ("etl_job_id", "etl_run_id", "batch_index", "status", "source_file", "file_size", "file_mtime_ns",
                  "byte_start", "byte_end", "line_start", "line_count", "ord_start", "has_payload",
-                 "rows_attempted")
+                 "rows_attempted", "checksum")
 
 
 def plan_run(job: str, run: str, worker: str | None = None) -> list[int]:
@@ -108,7 +108,7 @@ def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: lis
             next_check = time.monotonic() + CANCEL_CHECK_SECONDS
         batch_rows.append((job, run, b.index, BatchStatus.PENDING.value, b.file, b.file_size, b.file_mtime_ns,
                            b.byte_start, b.byte_end, b.line_start, b.line_count, b.ord_start,
-                           b.payload is not None, b.records))
+                           b.payload is not None, b.records, b.checksum))
         if b.payload is not None:
             conn.execute(insert_payload, [job, run, b.index, b.payload])
         total += 1

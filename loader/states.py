@@ -389,7 +389,7 @@ _CLAIM = sql.SQL("""
           AND r.status = 'loading' AND b.status IN ('pending', 'retried', 'running')
         RETURNING b.attempts, b.started_at, b.source_file, b.file_size, b.file_mtime_ns, b.byte_start,
                   b.byte_end, b.line_start, b.line_count, b.ord_start, b.has_payload, b.rows_attempted,
-                  r.run_seq, r.max_attempts
+                  b.checksum, r.run_seq, r.max_attempts
     ), a AS (
         INSERT INTO {attempts} (etl_job_id, etl_run_id, batch_index, attempt, status, trigger, worker, started_at)
         SELECT %(job)s, %(run)s, %(batch)s, attempts, 'running', %(trigger)s, %(worker)s, started_at FROM b
