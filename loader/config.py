@@ -58,7 +58,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ETL_JOB_TIMEOUT", "1800", "seconds an RQ job (planning or one batch) may run before it is killed"),
     Setting("ETL_CONSOLE_URL", "http://localhost:8501",
             "public base URL of the console; logs_url and metrics_download_url start with it"),
-    Setting("ETL_DB_POOL_SIZE", "4", "largest number of pooled PostgreSQL connections per process"),
+    Setting("ETL_DB_POOL_SIZE", "4", "largest number of pooled PostgreSQL connections per process (the "
+            "psycopg hot path and SQLAlchemy's reads share them; a download opens one of its own)"),
     Setting("ETL_ALLOWED_HOSTS", "",
             "more Host names the console answers (comma-separated), besides localhost, 127.0.0.1, [::1] and "
             "the host of ETL_CONSOLE_URL; any other Host gets 400"),
