@@ -67,14 +67,28 @@ def ledger_schema() -> str:
 
 
 def ledger_table(name: str) -> sql.Identifier:
-    """``sql.Identifier(<ledger schema>, name)`` for the psycopg hot path."""
-    return sql.Identifier(ledger_schema(), name)
+    """``sql.Identifier(<ledger schema>, name)`` of a table declared in :mod:`loader.ledger`, for the
+    hand-written SQL of the psycopg hot path; a name the ledger does not declare raises ValueError.
+
+    Example::
+
+        sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s").format(ledger_table("runs"))
+    """
+    from . import ledger  # ledger imports this module (and states, which imports it too)
+
+    table = ledger.metadata.tables.get(name)
+    if table is None:
+        raise ValueError(f"no ledger table {name!r}: loader/ledger.py declares "
+                         f"{', '.join(sorted(ledger.metadata.tables))}")
+    return sql.Identifier(ledger_schema(), table.name)
 
 
 def next_change() -> sql.Composed:
     """``nextval(...)`` of the ledger's change sequence: every ledger write takes a new number, so
     "what changed since N" (the console's cheap poll) is one index lookup."""
-    return sql.SQL("nextval({})").format(sql.Literal(f'"{ledger_schema()}".ledger_change_seq'))
+    from . import ledger
+
+    return sql.SQL("nextval({})").format(sql.Literal(f'"{ledger_schema()}".{ledger.change_seq.name}'))
 
 
 def set_read_timeout(seconds: float | None) -> None:

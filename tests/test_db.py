@@ -1,4 +1,4 @@
-"""One way to the database per process: the pool SQLAlchemy borrows from and its session limits."""
+"""One way to the database per process: the pool SQLAlchemy borrows from, its session limits, the ledger's names."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 from psycopg import sql
 
-from loader import db
-from loader.ledger import runs
+from loader import db, planning
+from loader.ledger import batches, metadata, runs
 
 
 @pytest.fixture
@@ -101,3 +101,17 @@ def test_a_read_gives_its_connection_back_idle_and_a_write_borrowing_it_runs_wit
     with db.get_engine().connect() as conn, pytest.raises(sa.exc.OperationalError) as info:
         conn.execute(sa.text("SELECT pg_sleep(2)"))
     assert "statement timeout" in str(db.wrap_db_error(info.value))
+
+
+def test_ledger_table_names_only_the_tables_loader_ledger_declares(ledger: str) -> None:
+    for name in metadata.tables:
+        assert db.ledger_table(name) == sql.Identifier(ledger, name)
+    with pytest.raises(ValueError, match="no ledger table 'run': loader/ledger.py declares attempts, "):
+        db.ledger_table("run")
+
+
+def test_planning_writes_only_batch_columns_the_ledger_declares_and_every_one_it_requires() -> None:
+    columns = batches.c
+    assert set(planning.BATCH_COLUMNS) <= set(columns.keys())
+    required = {c.name for c in columns if not c.nullable and c.server_default is None}
+    assert required <= set(planning.BATCH_COLUMNS)
