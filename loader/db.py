@@ -187,7 +187,7 @@ def get_pool(url: str | None = None) -> ConnectionPool:
 def connection(url: str | None = None) -> Iterator[psycopg.Connection[Any]]:
     """A pooled autocommit connection under the writes' limits; use ``with conn.transaction():`` for atomic work."""
     with get_pool(url).connection() as conn:
-        if not conn.autocommit:  # SQLAlchemy's last borrow left it in transaction mode (idle)
+        if not conn.autocommit:  # its last user left it out of autocommit
             conn.autocommit = True
         _limit_reads(conn, 0)
         yield conn
@@ -230,6 +230,16 @@ class PooledDialect(PGDialect_psycopg):
     def on_connect(self) -> None:
         return None
 
+    def do_close(self, dbapi_connection: Any) -> None:
+        """Give the connection back to the pool (``close_returns``) in autocommit, as it was lent.
+
+        SQLAlchemy has rolled back by now; a connection still in a transaction (a failed rollback) goes
+        back as it is, and the pool rolls it back or discards it.
+        """
+        if dbapi_connection.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            dbapi_connection.autocommit = True
+        dbapi_connection.close()
+
 
 sa.dialects.registry.register("postgresql.dataloader", __name__, "PooledDialect")
 
@@ -238,12 +248,12 @@ def _borrow(url: str) -> psycopg.Connection[Any]:
     """A connection of the pool, for SQLAlchemy: under the read limit, out of autocommit.
 
     SQLAlchemy opens its transactions itself (BEGIN at the first statement) and rolls back when it
-    gives the connection back; ``close()`` then returns it to the pool (``close_returns``).
+    gives the connection back; :meth:`PooledDialect.do_close` then returns it to the pool.
     """
-    pool = get_pool(url)
+    pool = _pools.get((os.getpid(), url)) or get_pool(url)  # ``url`` is libpq's already
     conn = pool.getconn()
     try:
-        if not conn.autocommit:
+        if not conn.autocommit:  # a user of connection() left it out of autocommit
             conn.autocommit = True
         _limit_reads(conn, _read_timeout_ms)
         conn.autocommit = False

@@ -90,6 +90,12 @@ def test_a_read_gives_its_connection_back_idle_and_a_write_borrowing_it_runs_wit
     assert (timeout, parallel) == ("250ms", "0")
     state = pg.execute("SELECT state, xact_start FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
     assert state == ("idle", None)
+    pool = db.get_pool()
+    lent = pool.getconn()
+    try:
+        assert lent.autocommit  # given back as the pool lends it
+    finally:
+        pool.putconn(lent)
     with db.connection() as conn:
         assert conn.autocommit
         same, timeout, parallel = _session(conn)
