@@ -30,7 +30,7 @@ $(PY):
 		{ rm -rf $(VENV); echo "python3 -m venv failed: on Debian/Ubuntu, apt-get install python3-venv"; exit 1; }
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e '.[test,local]'
+	$(PY) -m pip install -e '.[test,local,lineage]'
 	@touch $(STAMP)
 
 install: $(STAMP)

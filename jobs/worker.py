@@ -19,7 +19,7 @@ from rq.exceptions import StopRequested
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.worker_pool import WorkerPool
 
-from loader import config, db, ledger, loading
+from loader import config, db, ledger, lineage, loading
 from loader.errors import JobTimeout, TransientDbError
 from loader.events import setup_process_logging
 from loader.queue import get_queue, get_redis
@@ -177,6 +177,7 @@ def run_worker(*, burst: bool = False, concurrency: int = 1) -> int:
     setup_worker_logging()
     logging.getLogger("rq.worker").setLevel(logging.WARNING)
     _refuse_a_ledger_behind()
+    lineage.prepare()
     redis = get_redis()
     if concurrency <= 1:
         return _work_until_stopped(redis, burst)

@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import config, db, states
+from . import config, db, lineage, states
 from .catalog import JobSpec
 from .db import ledger_table
 from .errors import JobTimeout, LoaderError, TransientDbError
@@ -393,4 +393,5 @@ def finish_run_if_done(job: str, run: str) -> str | None:
             status = str(row[0])
             log_event(conn, job, run, "run_completed", level="info" if status == "success" else "warning",
                       status=status, batches_succeeded=row[1], batches_failed=row[2])
+        lineage.run_event(job, run, status)
         return status

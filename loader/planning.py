@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import db, states
+from . import db, lineage, states
 from .catalog import JobSpec
 from .db import ledger_table
 from .errors import LoaderError, TransientDbError
@@ -80,6 +80,7 @@ def _plan_once(job: str, run: str, worker: str | None) -> list[int]:
             # The run was canceled while its source was read: nothing planned is kept (rolled back).
             log_event(conn, job, run, "plan_stopped", level="warning", reason="run canceled during planning")
             return []
+    lineage.run_event(job, run, status.value)
     return list(range(total))
 
 
@@ -123,8 +124,9 @@ def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: lis
 def _fail_run(job: str, run: str, exc: LoaderError) -> None:
     try:
         with db.connection() as conn, conn.transaction():
-            states.fail_planning(conn, job, run, code=exc.code, message=db.redact(str(exc)))
+            moved = states.fail_planning(conn, job, run, code=exc.code, message=db.redact(str(exc)))
             log_event(conn, job, run, "run_failed", level="error", error_code=exc.code, error=str(exc))
     except psycopg.Error:
         log_event(None, job, run, "run_failed", level="error", error_code=exc.code, error=str(exc))
         raise
+    lineage.run_event(job, run, states.RunStatus.FAILED.value, moved=moved)

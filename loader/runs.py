@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import config, db, states
+from . import config, db, lineage, states
 from .catalog import JobSpec
 from .db import ledger_table
 from .errors import ConfigError, RunConflict, RunNotFound, ServiceError
@@ -81,14 +81,16 @@ def create_run(spec: JobSpec, *, run_id: str | None = None, batch_size: int | No
             raise RunConflict(f"run id {run!r} is already used by job {spec.name!r}; choose another",
                               job=spec.name, run=run) from None
         log_event(conn, spec.name, run, "run_queued", batch_size=size, forced=force, target=spec.target)
+    lineage.run_event(spec.name, run, RunStatus.QUEUED.value)
     return RunRef(spec.name, run, RunStatus.QUEUED.value, size)
 
 
 def fail_queued_run(job: str, run: str, message: str) -> None:
     """A run that could not even be queued (Redis down) must not stay 'queued' for ever."""
     with db.connection() as conn, conn.transaction():
-        states.fail_queued(conn, job, run, message)
+        moved = states.fail_queued(conn, job, run, message)
         log_event(conn, job, run, "run_failed", level="error", error_code="queue", error=message)
+    lineage.run_event(job, run, RunStatus.FAILED.value, moved=moved)
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def cancel(job: str, run: str) -> Cancellation:
     from .queue import remove_run_jobs
 
     runs = ledger_table("runs")
-    with db.connection() as conn, conn.transaction():
+    with db.connection() as conn, lineage.after_commit(job, run) as lineage_run, conn.transaction():
         row = conn.execute(sql.SQL(
             "SELECT status, queue, batches_total FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR UPDATE"
         ).format(runs), [job, run]).fetchone()
@@ -151,10 +153,12 @@ def cancel(job: str, run: str) -> Cancellation:
             note = f"every batch of the run had already ended: the run finished as {final_status}, not canceled"
             log_event(conn, job, run, "cancel_too_late", level="warning", status=final_status, note=note)
             if final:
+                lineage_run.moved_to(final_status)
                 log_event(conn, job, run, "run_completed", status=final_status, batches_succeeded=final[1],
                           batches_failed=final[2])
             return Cancellation(final_status, 0, note=note)
         states.cancel_run(conn, job, run)
+        lineage_run.moved_to(RunStatus.CANCELED.value)
         unstarted = states.cancel_batches(conn, job, run)
         log_event(conn, job, run, "run_canceled", level="warning", unstarted_batches=len(unstarted),
                   batches_planned=total)
@@ -220,4 +224,5 @@ def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -
         deliveries = states.requeue_failed_batches(conn, job, run, failed)
         states.reopen_for_retry(conn, job, run)
         log_event(conn, job, run, "retry_requested", batches=failed)
+    lineage.run_event(job, run, RunStatus.LOADING.value, retry=True)
     return deliveries

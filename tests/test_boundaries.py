@@ -65,7 +65,19 @@ def test_a_production_install_requires_none_of_the_local_stack_and_make_installs
     local = {re.split(r"[\[<>=!~; ]", dep, maxsplit=1)[0].lower() for dep in project["optional-dependencies"]["local"]}
     assert set(LOCAL_STACK) <= local
     makefile = (ROOT / "Makefile").read_text()
-    assert "pip install -e '.[test,local]'" in makefile  # `make run` and `make test` both install it
+    extras = re.search(r"pip install -e '\.\[([a-z,]+)\]'", makefile)
+    assert extras and "local" in extras[1].split(",")  # `make run` and `make test` both install it
+
+
+def test_openlineage_is_an_optional_extra_that_make_installs():
+    """No production dependency on the client; CI (make install) has it. That loader/ imports it only when
+    lineage is configured: tests/test_lineage.py, in a subprocess."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[\[<>=!~; ]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
+    assert "openlineage-python" not in names
+    assert any(dep.startswith("openlineage-python") for dep in project["optional-dependencies"]["lineage"])
+    extras = re.search(r"pip install -e '\.\[([a-z,]+)\]'", (ROOT / "Makefile").read_text())
+    assert extras and "lineage" in extras[1].split(",")
 
 
 def test_the_engine_does_not_speak_ag_grids_filter_dialect():
