@@ -254,7 +254,7 @@ class ScriptRuns:
                 shown = element.WhichOneof("type") if element is not None else None
                 if shown == "metric":
                     self.current["metrics"][element.metric.label] = element.metric.body
-                elif shown == "html" and 'class="dl-cards"' in element.html.body:  # ui/monitor.py _cards
+                elif shown == "html" and 'class="dl-cards"' in element.html.body:  # ui/run_header.py cards
                     self.current["metrics"].update(CARD.findall(element.html.body))
             elif kind == "script_finished":
                 run, self.current = self.current, None

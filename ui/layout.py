@@ -23,7 +23,7 @@ CSS = """
 a:focus-visible, button:focus-visible, input:focus-visible, [role="option"]:focus-visible,
 [tabindex]:focus-visible, summary:focus-visible {
   outline: 3px solid #1d4ed8 !important; outline-offset: 2px !important; }
-/* The Run Monitor's times and metric cards (ui/monitor.py _cards: one HTML block per refresh). */
+/* The Run Monitor's times and metric cards (ui/run_header.py cards: one HTML block per refresh). */
 .dl-times { font-size: 0.875rem; opacity: 0.85; margin-bottom: 0.5rem; }
 .dl-cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 0.5rem;
   margin: 0 !important; padding: 0 !important; }
