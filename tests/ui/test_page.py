@@ -394,3 +394,37 @@ def test_what_a_link_loses_is_named_on_the_page_while_it_shows_that_run(page, de
     start_button(at).click().run()  # a new run on screen: the link's note has served its purpose
     assert not at.exception and note not in infos()
     loader.cancel_run(demo.job, loader.list_runs(demo.job)[0]["etl_run_id"])
+
+
+def card(at, label: str) -> str:
+    """The value of one metric card, as drawn (HTML-escaped text)."""
+    import re
+
+    cards = next(h.proto.body for h in at.get("html") if 'class="dl-cards"' in h.proto.body)
+    found = re.search(f'<dt class="dl-l">{re.escape(label)}</dt><dd class="dl-v">([^<]*)</dd>', cards)
+    assert found, f"no card {label!r} in {cards}"
+    return found.group(1)
+
+
+def test_elapsed_and_rows_per_second_count_loading_time_and_wall_time_is_shown_apart(page, demo, idle_queue):
+    import time
+
+    from loader import loading, planning
+    from ui import format as fmt
+
+    loader.start_run(demo.job, run_id="idle-gap", batch_size=500)  # 1050 rows: 3 batches; no worker listens
+    planning.plan_run(demo.job, "idle-gap")
+    for index in (0, 1):
+        assert loading.load_batch(demo.job, "idle-gap", index).status == "succeeded"
+    time.sleep(2.5)  # nothing loads: idle time, as before a retry
+    assert loading.load_batch(demo.job, "idle-gap", 2).status == "succeeded"
+    m = loader.run_contract(demo.job, "idle-gap")["metrics"]
+    assert m["elapsed_ms"] > m["loading_ms"] + 2000
+    page.query_params["job"] = demo.job
+    page.query_params["run"] = "idle-gap"
+    at = page.run()
+    assert not at.exception
+    assert card(at, "Elapsed") == fmt.fmt_ms(m["loading_ms"])
+    assert card(at, "Wall time") == fmt.fmt_ms(m["elapsed_ms"])
+    assert card(at, "Rows/s") == fmt.fmt_int(round(m["throughput_rps"]))
+    assert m["throughput_rps"] == pytest.approx(m["rows_attempted"] * 1000 / m["loading_ms"], rel=0.01)
