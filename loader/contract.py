@@ -137,12 +137,44 @@ def batch_rows_query(job: str, run: str) -> sa.Select[Any]:
     ).where(_key(batches, job, run))
 
 
+#: How loader.db words a transient database error: true only while another attempt is due.
+TRANSIENT_PREFIX = "database error, will retry: "
+#: Batch and attempt states in which another attempt is still due (an attempt ``retrying``).
+_RETRY_DUE = frozenset({BatchStatus.PENDING.value, BatchStatus.RUNNING.value, BatchStatus.RETRIED.value,
+                        AttemptStatus.RETRYING.value})
+
+
+def message_now(message: str | None, status: str, attempts: int) -> str | None:
+    """An error message worded for the state its batch (or attempt) is in now.
+
+    A transient error is recorded as "database error, will retry: ..."; once the batch failed for good
+    (or its run was canceled) no retry follows, and the message says so.
+
+    Example::
+
+        >>> message_now("database error, will retry: deadlock detected", "failed", 4)
+        'database error, failed for good after 4 attempt(s): deadlock detected'
+        >>> message_now("database error, will retry: deadlock detected", "retried", 1)
+        'database error, will retry: deadlock detected'
+    """
+    if not message or not message.startswith(TRANSIENT_PREFIX) or status in _RETRY_DUE:
+        return message
+    cause = message[len(TRANSIENT_PREFIX):]
+    if status == BatchStatus.FAILED.value:
+        return f"database error, failed for good after {attempts} attempt(s): {cause}"
+    if status == BatchStatus.CANCELED.value:
+        return f"database error, not retried (run canceled): {cause}"
+    return f"database error: {cause}"
+
+
 def batch_dict(r: sa.Row[Any], fragment: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """A batch of the contract. ``attempts`` counts the attempts started (the ledger's attempt rows);
+    ``retries`` those beyond the first; a ``retried`` batch's label is ``retried(attempts)``: that many
+    attempts failed transiently and attempt ``attempts + 1`` is due (docs/console.md, "Attempts")."""
     return {
         "index": r.batch_index,
         "status": r.status,
-        "status_label": batch_status_label(
-            r.status, r.attempts - 1 if r.status == BatchStatus.RETRIED.value else r.attempts),
+        "status_label": batch_status_label(r.status, r.attempts),
         "attempts": r.attempts,
         "rows_attempted": r.rows_attempted,
         "rows_inserted": r.rows_inserted,
@@ -152,7 +184,7 @@ def batch_dict(r: sa.Row[Any], fragment: list[dict[str, Any]] | None) -> dict[st
         "retries": max(r.attempts - 1, 0),
         "committed_at": iso(r.committed_at),
         "error_code": r.error_code,
-        "error_message": r.error_message,
+        "error_message": message_now(r.error_message, r.status, r.attempts),
         "logs_fragment": fragment or [],
         "rows_validated": r.rows_validated,
         "rows_superseded": r.rows_superseded,

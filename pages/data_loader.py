@@ -15,6 +15,7 @@ from ui.grid_state import GridState, read_grid_state, rebuild_filters, rebuild_s
 from ui.layout import inject_css
 from ui.monitor import empty_monitor, render_monitor
 from ui.routes import run_path
+from ui.run_toasts import expect_start
 from ui.runs_table import recent_runs, runs_frame
 from ui.text import alert, caption, md_code
 from ui.validation import (
@@ -106,6 +107,7 @@ def _start(cfg: RunConfig, force: bool) -> bool:
         ss.dl_start_error = str(exc)
         return False
     ss.dl_job, ss.dl_run = ref.etl_job_id, ref.etl_run_id
+    expect_start(ref.etl_job_id, ref.etl_run_id)
     ss.dl_regen = True
     ss.dl_toast = (f"Run started: {md_code(ref.etl_job_id)} / {md_code(ref.etl_run_id)} (batch size {ref.batch_size})",
                    ":material/rocket_launch:")

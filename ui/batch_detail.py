@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pandas as pd
 import sqlalchemy as sa
 import streamlit as st
 
@@ -14,8 +13,9 @@ from loader import LoaderError, browse
 from loader.states import BatchStatus
 
 from . import format as fmt
+from .attempt_timeline import attempt_timeline
 from .errors import show_error
-from .run_cache import cached, key
+from .run_cache import cached, key, zone
 
 
 def _read(job: str, run: str, index: int) -> dict[str, Any] | None | bool:
@@ -74,8 +74,7 @@ def batch_detail(job: str, run: str, index: int) -> None:
     tabs = st.tabs(["Retry timeline", "Error stack", "Structured logs"])
     with tabs[0]:
         if d["attempt_timeline"]:
-            st.dataframe(pd.DataFrame(d["attempt_timeline"]).drop(columns=["error_stack"]), hide_index=True,
-                         width="stretch")
+            attempt_timeline(d["attempt_timeline"], zone())
         else:
             st.caption("No attempt yet.")
     with tabs[1]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from .attempt_timeline import CSS as TIMELINE_CSS
 from .text import CSS as TEXT_CSS
 
 CSS = """
@@ -35,6 +36,8 @@ a:focus-visible, button:focus-visible, input:focus-visible, [role="option"]:focu
   overflow: hidden; clip: rect(0, 0, 0, 0); white-space: nowrap; border: 0; }
 /* Alerts and captions holding outside text (ui/text.py). */
 """ + TEXT_CSS + """
+/* A batch's retry timeline (ui/attempt_timeline.py). */
+""" + TIMELINE_CSS + """
 </style>
 """
 

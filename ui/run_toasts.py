@@ -46,3 +46,9 @@ def show_toasts(job: str, run: str, c: dict[str, Any] | None, stale: str | None)
         # the toast is shown by that full run.
         st.session_state["dl_toast"] = message
         st.rerun(scope="app")
+
+
+def expect_start(job: str, run: str) -> None:
+    """The page just started this run: its first tick compares with ``queued``, so a run that fails (or
+    ends) before the monitor first reads it still gets its toast."""
+    st.session_state[key(job, run, "seen")] = {"status": RunStatus.QUEUED.value, "transient": 0}

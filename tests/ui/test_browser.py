@@ -119,7 +119,7 @@ def test_a_failed_batch_shows_its_error_and_retry_from_the_ui_completes_the_run(
     ref = loader.start_run(demo.job, run_id="with-failure", batch_size=100)
     assert loader.wait_for_run(demo.job, ref.etl_run_id, timeout=60)["status"] == "partial_success"
 
-    page = browser.new_page(viewport={"width": 1280, "height": 2300})
+    page = browser.new_page(viewport={"width": 1280, "height": 2300}, timezone_id="Europe/Paris")
     page.goto(f"{console.url}/etl/data-loader/{demo.job}/with-failure")
     page.locator(".stMarkdownBadge", has_text="Partial success").first.wait_for(timeout=30_000)
     assert metric(page, "Batches failed").inner_text() == "1"
@@ -136,6 +136,11 @@ def test_a_failed_batch_shows_its_error_and_retry_from_the_ui_completes_the_run(
     cell.click()
     page.get_by_role("heading", name="Batch #2").wait_for(timeout=20_000)
     page.get_by_text("poison record").first.wait_for()
+    # The retry timeline in the viewer's time zone, UTC on hover (as the grid's Committed at).
+    started = page.locator(".dl-timeline tbody tr").first.locator("time").first
+    utc = started.get_attribute("datetime")
+    assert started.get_attribute("title") == f"UTC: {utc}" and utc.endswith("Z")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d CES?T", started.inner_text())
     page.get_by_role("tab", name="Error stack").click()
     page.wait_for_timeout(500)
     page.screenshot(path=str(DOCS / "console-failed-batch.png"))
