@@ -60,6 +60,7 @@ def _metrics_query(job: str, run: str) -> sa.Select[Any]:
         sa.func.count().filter(b.status == BatchStatus.RUNNING.value).label("batches_running"),
         sa.func.count().filter(b.status == BatchStatus.PENDING.value).label("batches_pending"),
         sa.func.count().filter(b.status == BatchStatus.RETRIED.value).label("batches_retried"),
+        sa.func.count().filter(b.status == BatchStatus.CANCELED.value).label("batches_canceled"),
         sa.func.coalesce(sa.func.sum(sa.func.greatest(b.attempts - 1, 0)), 0).label("retries"),
         sa.func.avg(b.duration_ms).filter(ok).label("avg_ms"),
         sa.func.percentile_cont(0.95).within_group(b.duration_ms).filter(ok).label("p95_ms"),
@@ -123,6 +124,7 @@ def build_metrics(run_row: sa.Row[Any], m: sa.Row[Any], now: datetime, loading_m
         "batches_running": int(m.batches_running),
         "batches_pending": int(m.batches_pending),
         "batches_retried": int(m.batches_retried),
+        "batches_canceled": int(m.batches_canceled),
         "elapsed_ms": round(elapsed_s * 1000),
         "loading_ms": round(loading_ms),
     }

@@ -48,11 +48,12 @@ COLUMNS: list[dict[str, Any]] = [
      "valueGetter": JsCode("function(p){ return p.data ? p.data.status_label : null; }"),
      "cellRenderer": JsCode("""class StatusCell {
         init(p) {
-          const icons = {pending: '◌', running: '⟳', retried: '↻', succeeded: '✓', failed: '✕'};
+          const icons = {pending: '◌', running: '⟳', retried: '↻', succeeded: '✓', failed: '✕', canceled: '⊘'};
           const s = p.data ? p.data.status : null;
           this.e = document.createElement('span');
           this.e.className = 'dl-status dl-' + (s || 'none');
           this.e.textContent = s ? (icons[s] || '?') + ' ' + p.value : '';
+          this.e.title = p.value || '';
         }
         getGui() { return this.e; }
         refresh() { return false; }
@@ -79,6 +80,7 @@ CSS = {
     ".dl-succeeded": {"color": "#166534"},
     ".dl-retried": {"color": "#9a3412"},
     ".dl-running": {"color": "#1e40af"},
+    ".dl-canceled": {"color": "#475569", "font-style": "italic"},
     ".ag-cell-focus, .ag-header-cell:focus-visible, .ag-row-focus": {"outline": "2px solid #1d4ed8 !important"},
     ".ag-header-cell, .ag-cell": {"padding-left": "6px !important", "padding-right": "6px !important"},
     # Narrow headers wrap between words, never inside one ("Batc h #"), in the whole header cell: the

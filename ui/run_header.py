@@ -56,6 +56,8 @@ def cards(c: dict[str, Any]) -> None:
         ("Batches succeeded", fmt.fmt_int(m["batches_succeeded"]), None),
         ("Batches failed", fmt.fmt_int(m["batches_failed"]), None),
         ("Retries attempted", fmt.fmt_int(m["retries"]), None),
+        *([("Batches canceled", fmt.fmt_int(m["batches_canceled"]), "Not started: the run was canceled")]
+          if m.get("batches_canceled") else []),
         ("Elapsed", fmt.fmt_ms(m.get("loading_ms")),
          "Loading time: the time at least one batch attempt was running (idle time before a retry not counted)"),
         ("Wall time", fmt.fmt_ms(elapsed_ms(c)), "Time since the run started (until it completed)"),
@@ -79,8 +81,10 @@ def live_region(c: dict[str, Any]) -> None:
     """A polite ARIA live region: status and batch progress (changes a few times per run, not each tick)."""
     m = c["metrics"]
     done = m["batches_succeeded"] + m["batches_failed"]
+    canceled = f", {m['batches_canceled']} not started (run canceled)" if m.get("batches_canceled") else ""
     text = (f"Run {fmt.run_badge(c['status']).label}. {done} of {m['batches_total']} batches done, "
-            f"{m['batches_failed']} failed. {m['rows_inserted']} rows inserted, {m['rows_updated']} updated.")
+            f"{m['batches_failed']} failed{canceled}. {m['rows_inserted']} rows inserted, "
+            f"{m['rows_updated']} updated.")
     if c["status"] in fmt.ACTIVE:  # announce coarse progress only: every 10 % of the batches
         total = max(m["batches_total"], 1)
         step = int(done * 10 / total) * 10

@@ -237,3 +237,33 @@ def test_a_change_in_the_ledger_appears_on_the_page_without_a_reload(console, de
     page.wait_for_timeout(500)
     loader.cancel_run(demo.job, "live")
     page.locator(".stMarkdownBadge", has_text="Canceled").first.wait_for(timeout=15_000)
+
+
+def test_a_canceled_runs_unstarted_batches_say_so_in_the_grid_the_filter_the_cards_and_the_contract(
+        console, demo, browser, idle_queue):
+    import loader
+    from loader import loading, planning, runs
+
+    loader.start_run(demo.job, run_id="canceled", batch_size=200)  # 1050 rows: 6 batches; nobody listens
+    planning.plan_run(demo.job, "canceled")
+    assert loading.load_batch(demo.job, "canceled", 0).status == "succeeded"
+    runs.cancel(demo.job, "canceled")
+    for index in range(1, 6):  # a queued job of a canceled run, delivered: its batch is recorded never to run
+        assert loading.load_batch(demo.job, "canceled", index).status == "skipped"
+    m = loader.run_contract(demo.job, "canceled")["metrics"]
+    assert (m["batches_succeeded"], m["batches_canceled"], m["batches_pending"]) == (1, 5, 0)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    page.goto(f"{console.url}/etl/data-loader/{demo.job}/canceled")
+    page.locator(".stMarkdownBadge", has_text="Canceled").first.wait_for(timeout=30_000)
+    assert metric(page, "Batches canceled").inner_text() == "5"
+    grid = page.frame_locator("iframe[title='st_aggrid.AgGrid.agGrid']")
+    status = grid.locator(".ag-row[row-index='1'] [col-id='status'] .dl-status")
+    expect(status).to_have_attribute("title", "not started (run canceled)", timeout=20_000)
+    assert "not started (run canceled)" in status.inner_text()
+    page.get_by_role("button", name="canceled", exact=True).click()
+    page.wait_for_url(re.compile(r"status=canceled"), timeout=10_000)
+    page.wait_for_function("() => document.querySelectorAll(\"iframe[title='st_aggrid.AgGrid.agGrid']\").length === 1",
+                           timeout=10_000)
+    expect(grid.locator(".ag-row[row-index='0'] [col-id='index']")).to_have_text("1", timeout=20_000)
+    assert grid.locator(".ag-center-cols-container .ag-row").count() == 5
