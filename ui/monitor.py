@@ -43,7 +43,7 @@ def _live(job: str, run: str) -> None:
         return
     header(c, stale, REFRESH_SECONDS)
     cards(c)
-    live_region(c)
+    live_region(c, key=key(job, run, "live-region"))
     validation_summary(c, job, run)
     if c["metrics"]["batches_total"] == 0 and c["status"] in ("queued", "validating"):
         # Here, not beside the grid: it follows the run at each tick and goes once batches exist.

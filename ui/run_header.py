@@ -9,6 +9,7 @@ from typing import Any
 import streamlit as st
 
 from . import format as fmt
+from .live_region import announce
 from .run_cache import elapsed_ms, zone
 from .text import alert
 
@@ -77,7 +78,7 @@ def cards(c: dict[str, Any]) -> None:
     st.html(f'<div class="dl-times">{" · ".join(times)}</div><dl class="dl-cards">{body}</dl>')
 
 
-def live_region(c: dict[str, Any]) -> None:
+def live_region(c: dict[str, Any], key: str) -> None:
     """A polite ARIA live region: status and batch progress (changes a few times per run, not each tick)."""
     m = c["metrics"]
     done = m["batches_succeeded"] + m["batches_failed"]
@@ -89,4 +90,4 @@ def live_region(c: dict[str, Any]) -> None:
         total = max(m["batches_total"], 1)
         step = int(done * 10 / total) * 10
         text = f"Run {fmt.run_badge(c['status']).label}. About {step} percent of batches done."
-    st.html(f'<div class="dl-sr-only" role="status" aria-live="polite" aria-atomic="true">{html.escape(text)}</div>')
+    announce(text, key=key)

@@ -267,3 +267,27 @@ def test_a_canceled_runs_unstarted_batches_say_so_in_the_grid_the_filter_the_car
                            timeout=10_000)
     expect(grid.locator(".ag-row[row-index='0'] [col-id='index']")).to_have_text("1", timeout=20_000)
     assert grid.locator(".ag-center-cols-container .ag-row").count() == 5
+
+
+def test_the_live_region_is_one_node_whose_text_follows_the_run(console, demo, browser, idle_queue):
+    """Screen readers announce a live region's changes, not a region replaced by a new one."""
+    import loader
+    from loader import loading, planning
+
+    loader.start_run(demo.job, run_id="announced", batch_size=200)  # 6 batches; nobody listens to idle_queue
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(f"{console.url}/etl/data-loader/{demo.job}/announced")
+    region = page.locator("[role=status][aria-live=polite]")
+    expect(region).to_have_text("Run Queued. About 0 percent of batches done.", timeout=30_000)
+    assert region.count() == 1
+    region.evaluate("node => { node.__sameNode = 'yes'; }")
+    planning.plan_run(demo.job, "announced")
+    for index in range(3):
+        loading.load_batch(demo.job, "announced", index)
+    expect(region).to_have_text("Run Loading. About 50 percent of batches done.", timeout=15_000)
+    assert region.evaluate("node => node.__sameNode") == "yes"
+    loader.cancel_run(demo.job, "announced")  # the run ends: the whole page is drawn again
+    expect(region).to_have_text(re.compile(r"^Run Canceled\. 3 of 6 batches done, 0 failed"), timeout=15_000)
+    page.locator(".stMarkdownBadge", has_text="Canceled").first.wait_for()
+    page.wait_for_timeout(2000)  # a few more ticks of the monitor
+    assert region.count() == 1 and region.evaluate("node => node.__sameNode") == "yes"
