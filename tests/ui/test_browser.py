@@ -291,3 +291,40 @@ def test_the_live_region_is_one_node_whose_text_follows_the_run(console, demo, b
     page.locator(".stMarkdownBadge", has_text="Canceled").first.wait_for()
     page.wait_for_timeout(2000)  # a few more ticks of the monitor
     assert region.count() == 1 and region.evaluate("node => node.__sameNode") == "yes"
+
+
+def test_back_and_forward_move_between_the_runs_and_filters_the_user_chose(console, demo, browser, idle_queue):
+    import loader
+
+    for run in ("first", "second"):  # nobody listens to idle_queue: both stay queued until canceled
+        loader.start_run(demo.job, run_id=run, force=True)
+        loader.cancel_run(demo.job, run)
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(f"{console.url}/etl/data-loader/{demo.job}/first")
+
+    def shows(run: str, status: str | None) -> None:
+        page.wait_for_url(re.compile(f"run={run}" + (f".*status={status}" if status else r"(?!.*status=)")),
+                          timeout=10_000)
+        page.get_by_text(f"etl_run_id: {run}").wait_for(timeout=15_000)
+        active = page.locator("button[aria-pressed='true']")  # the status pills chosen
+        if status:
+            expect(active).to_have_text(status, timeout=10_000)
+        else:
+            expect(active).to_have_count(0, timeout=10_000)
+
+    shows("first", None)
+    page.get_by_role("button", name="canceled", exact=True).click()  # a status filter: one history entry
+    shows("first", "canceled")
+    runs = page.locator("[data-testid='stDataFrame']").first  # Recent runs, newest first: "second" on top
+    runs.wait_for(timeout=15_000)
+    box = runs.bounding_box()
+    page.mouse.click(box["x"] + 12, box["y"] + 35 + 17)  # the first row's selection box (a canvas)
+    shows("second", None)  # a run chosen from Recent runs: another entry
+    page.go_back()
+    shows("first", "canceled")
+    page.go_back()
+    shows("first", None)
+    page.go_forward()
+    shows("first", "canceled")
+    page.go_forward()
+    shows("second", None)
