@@ -203,7 +203,7 @@ def _start_area(cfg: RunConfig) -> None:
 
 
 def _config_panel(catalog: loader.Catalog | None, catalog_error: str | None) -> None:
-    st.subheader("Run Configuration", anchor=False)
+    st.header("Run Configuration", anchor=False)
     jobs = sorted(catalog.jobs) if catalog else []
     if catalog_error:
         alert(catalog_error)
@@ -269,7 +269,7 @@ def _config_panel(catalog: loader.Catalog | None, catalog_error: str | None) -> 
 
 
 def _runs_list(job: str | None) -> None:
-    st.markdown("##### Recent runs")
+    st.subheader("Recent runs", anchor=False)
     if not job:
         st.caption("Choose a job to see its recent runs.")
         return

@@ -18,6 +18,9 @@ CSS = """
   .st-key-dl-layout [data-testid="stHorizontalBlock"]:first-of-type > [data-testid="stColumn"] {
     width: 100% !important; flex: 1 1 100% !important; min-width: 100% !important; }
 }
+/* Headings in order (h1 page, h2 panels, h3 sections: axe's heading-order), at the sizes of a compact console. */
+.st-key-dl-layout h2 { font-size: 1.5rem !important; }
+.st-key-dl-layout h3 { font-size: 1.05rem !important; padding-top: 0.5rem !important; }
 /* The grid keeps its column widths and scrolls sideways on narrow screens. */
 .st-key-dl-grid-wrap { overflow-x: auto; }
 /* Keyboard focus always visible. */

@@ -55,7 +55,7 @@ def _live(job: str, run: str) -> None:
 def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str, str]] | None,
                    filters: dict[str, Any] | None) -> dict[str, Any]:
     """The right panel for one run. Returns the grid's state (selection, sort, filter) for the URL."""
-    st.subheader("Run Monitor", anchor=False)
+    st.header("Run Monitor", anchor=False)
     st.fragment(_live, run_every=REFRESH_SECONDS)(job, run)
     c = cached(job, run)
     if c is None:
@@ -64,7 +64,7 @@ def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str,
     # and the toasts rerun the whole page then.
     actions(c, job, run)
     active = c["status"] in fmt.ACTIVE
-    st.markdown("##### Batches")
+    st.subheader("Batches", anchor=False)
     chosen, state, init_sort, init_filters = batches_panel(job, run, statuses, sort, filters)
     selected = state.get("selected") or []
     if selected:
@@ -72,7 +72,7 @@ def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str,
         st.fragment(batch_detail, run_every=REFRESH_SECONDS if active else None)(job, run, int(selected[0]))
     else:
         st.caption("Select a row to see its structured logs, error stack and retry timeline.")
-    st.markdown("##### Batch durations")
+    st.subheader("Batch durations", anchor=False)
     # The chart follows a running run; a finished one is drawn once (a retry restarts it via a full rerun).
     st.fragment(duration_charts, run_every=CHART_SECONDS if active else None)(job, run)
     # Until the grid reports a change, the URL keeps the sort and filter it was opened with.
@@ -80,5 +80,5 @@ def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str,
 
 
 def empty_monitor() -> None:
-    st.subheader("Run Monitor", anchor=False)
+    st.header("Run Monitor", anchor=False)
     st.info("No run selected. Start a load on the left, or pick one of the recent runs.", icon=":material/info:")
