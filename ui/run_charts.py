@@ -10,6 +10,7 @@ import streamlit as st
 
 from loader import LoaderError, browse
 
+from . import format as fmt
 from .errors import user_message
 from .run_cache import cached, key
 from .text import caption
@@ -39,7 +40,9 @@ def duration_charts(job: str, run: str) -> None:
     df = pd.DataFrame(series, columns=["batch", "duration_ms", "rows_per_s"])
     p95 = c["metrics"].get("batch_duration_ms_p95") if c else None
     durations, rates = chart_specs(len(df), p95)
-    st.caption("Batch durations (line) with the p95 (dashed red); rows per second per batch below")
+    committed = fmt.fmt_int(c["metrics"]["batches_succeeded"]) if c else "—"
+    st.caption(f"{committed} committed batches: durations (line) with the p95 (dashed red); rows per second per "
+               "batch below")
     st.vega_lite_chart(df, durations, width="stretch")
     st.vega_lite_chart(df, rates, width="stretch")
 
