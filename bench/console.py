@@ -254,7 +254,7 @@ class ScriptRuns:
                 shown = element.WhichOneof("type") if element is not None else None
                 if shown == "metric":
                     self.current["metrics"][element.metric.label] = element.metric.body
-                elif shown == "html" and 'class="dl-cards"' in element.html.body:  # ui/monitor.py _cards
+                elif shown == "html" and 'class="dl-cards"' in element.html.body:  # ui/run_header.py cards
                     self.current["metrics"].update(CARD.findall(element.html.body))
             elif kind == "script_finished":
                 run, self.current = self.current, None
@@ -279,7 +279,7 @@ class ScriptRuns:
 
 
 def classify(ticks: list[dict[str, Any]], previous: dict[str, str] | None = None,
-             moving: tuple[str, ...] = ("Elapsed",)) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+             moving: tuple[str, ...] = ("Wall time",)) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(unchanged, changed) live ticks: a tick is changed when a metric card other than ``moving`` differs."""
     same, changed = [], []
     for tick in ticks:
@@ -615,7 +615,7 @@ def markdown(res: dict[str, Any]) -> str:
              "`framereceived` are built on). That is everything the server does for a tick: the queue, the "
              "fragment's code, and Streamlit's work after it, on localhost. Only runs of the live fragment alone "
              "count (a run that also carried the chart fragment does not). \"Nothing changed\": ticks of the "
-             "nothing-changed windows whose metric cards (Elapsed aside) equal the previous tick's; "
+             "nothing-changed windows whose metric cards (Wall time aside) equal the previous tick's; "
              "\"one batch changed\": ticks of the changed windows whose cards changed. Same-run baselines: the "
              "minimal page below (served with Streamlit's defaults, and again with `postScriptGC = false`), and "
              f"the console served with {res.get('variant_label', '`postScriptGC = false`')} (diagnostic), one "

@@ -48,11 +48,12 @@ COLUMNS: list[dict[str, Any]] = [
      "valueGetter": JsCode("function(p){ return p.data ? p.data.status_label : null; }"),
      "cellRenderer": JsCode("""class StatusCell {
         init(p) {
-          const icons = {pending: '◌', running: '⟳', retried: '↻', succeeded: '✓', failed: '✕'};
+          const icons = {pending: '◌', running: '⟳', retried: '↻', succeeded: '✓', failed: '✕', canceled: '⊘'};
           const s = p.data ? p.data.status : null;
           this.e = document.createElement('span');
           this.e.className = 'dl-status dl-' + (s || 'none');
           this.e.textContent = s ? (icons[s] || '?') + ' ' + p.value : '';
+          this.e.title = p.value || '';
         }
         getGui() { return this.e; }
         refresh() { return false; }
@@ -79,6 +80,7 @@ CSS = {
     ".dl-succeeded": {"color": "#166534"},
     ".dl-retried": {"color": "#9a3412"},
     ".dl-running": {"color": "#1e40af"},
+    ".dl-canceled": {"color": "#475569", "font-style": "italic"},
     ".ag-cell-focus, .ag-header-cell:focus-visible, .ag-row-focus": {"outline": "2px solid #1d4ed8 !important"},
     ".ag-header-cell, .ag-cell": {"padding-left": "6px !important", "padding-right": "6px !important"},
     # Narrow headers wrap between words, never inside one ("Batc h #"), in the whole header cell: the
@@ -111,15 +113,20 @@ _ON_READY = """function(params) {
   const statuses = params.context.statuses;
   let seen = null;
   let failed = false;  // a page could not be fetched (database down): refetch once the version answers
+  // Pages being fetched. No refresh starts while one is: a refresh drops the answers still on their way,
+  // so a run that changes every second would otherwise never show a page fetched in more than a second.
+  let loading = 0;
   const datasource = {
     getRows: function(p) {
       const q = new URLSearchParams({start: p.startRow, end: p.endRow, sort: JSON.stringify(p.sortModel || []),
                                      filter: JSON.stringify(p.filterModel || {}), status: statuses});
+      loading += 1;
       fetch(base + '/batches?' + q.toString(), {cache: 'no-store', credentials: 'same-origin'})
         .then(r => r.ok ? r.json() : Promise.reject(r.status))
         .then(d => { seen = d.version; p.successCallback(d.rows, d.lastRow);
                      if (d.lastRow === 0) { api.showNoRowsOverlay(); } else { api.hideOverlay(); } })
-        .catch(() => { failed = true; p.failCallback(); });
+        .catch(() => { failed = true; p.failCallback(); })
+        .finally(() => { loading -= 1; });
     }
   };
   api.setGridOption('datasource', datasource);
@@ -148,6 +155,7 @@ _ON_READY = """function(params) {
   }
   const timer = setInterval(function() {
     if (api.isDestroyed && api.isDestroyed()) { clearInterval(timer); return; }
+    if (loading > 0) return;  // the page on its way is at least as new as this version: let it land
     fetch(base + '/version', {cache: 'no-store', credentials: 'same-origin'})
       .then(r => r.ok ? r.json() : Promise.reject(r.status))
       .then(d => {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from .attempt_timeline import CSS as TIMELINE_CSS
 from .text import CSS as TEXT_CSS
 
 CSS = """
@@ -17,13 +18,16 @@ CSS = """
   .st-key-dl-layout [data-testid="stHorizontalBlock"]:first-of-type > [data-testid="stColumn"] {
     width: 100% !important; flex: 1 1 100% !important; min-width: 100% !important; }
 }
+/* Headings in order (h1 page, h2 panels, h3 sections: axe's heading-order), at the sizes of a compact console. */
+.st-key-dl-layout h2 { font-size: 1.5rem !important; }
+.st-key-dl-layout h3 { font-size: 1.05rem !important; padding-top: 0.5rem !important; }
 /* The grid keeps its column widths and scrolls sideways on narrow screens. */
 .st-key-dl-grid-wrap { overflow-x: auto; }
 /* Keyboard focus always visible. */
 a:focus-visible, button:focus-visible, input:focus-visible, [role="option"]:focus-visible,
 [tabindex]:focus-visible, summary:focus-visible {
   outline: 3px solid #1d4ed8 !important; outline-offset: 2px !important; }
-/* The Run Monitor's times and metric cards (ui/monitor.py _cards: one HTML block per refresh). */
+/* The Run Monitor's times and metric cards (ui/run_header.py cards: one HTML block per refresh). */
 .dl-times { font-size: 0.875rem; opacity: 0.85; margin-bottom: 0.5rem; }
 .dl-cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 0.5rem;
   margin: 0 !important; padding: 0 !important; }
@@ -35,6 +39,8 @@ a:focus-visible, button:focus-visible, input:focus-visible, [role="option"]:focu
   overflow: hidden; clip: rect(0, 0, 0, 0); white-space: nowrap; border: 0; }
 /* Alerts and captions holding outside text (ui/text.py). */
 """ + TEXT_CSS + """
+/* A batch's retry timeline (ui/attempt_timeline.py). */
+""" + TIMELINE_CSS + """
 </style>
 """
 

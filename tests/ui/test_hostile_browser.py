@@ -224,7 +224,7 @@ def test_garbage_query_params_are_ignored_or_refused_never_a_traceback(console, 
     for extra in garbage:
         url = f"{console.url}/etl/data-loader?{urlencode({'job': demo.job, 'run': 'garbage', **extra})}"
         page.goto(url)
-        page.locator('[data-testid="stException"], h5:has-text("Batch durations")').first.wait_for(timeout=30_000)
+        page.locator('[data-testid="stException"], h3:has-text("Batch durations")').first.wait_for(timeout=30_000)
         assert_inert(page)
         page.locator(".stMarkdownBadge", has_text="Success").first.wait_for(timeout=15_000)
 

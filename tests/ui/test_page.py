@@ -394,3 +394,121 @@ def test_what_a_link_loses_is_named_on_the_page_while_it_shows_that_run(page, de
     start_button(at).click().run()  # a new run on screen: the link's note has served its purpose
     assert not at.exception and note not in infos()
     loader.cancel_run(demo.job, loader.list_runs(demo.job)[0]["etl_run_id"])
+
+
+def card(at, label: str) -> str:
+    """The value of one metric card, as drawn (HTML-escaped text)."""
+    import re
+
+    cards = next(h.proto.body for h in at.get("html") if 'class="dl-cards"' in h.proto.body)
+    found = re.search(f'<dt class="dl-l">{re.escape(label)}</dt><dd class="dl-v">([^<]*)</dd>', cards)
+    assert found, f"no card {label!r} in {cards}"
+    return found.group(1)
+
+
+def test_elapsed_and_rows_per_second_count_loading_time_and_wall_time_is_shown_apart(page, demo, idle_queue):
+    import time
+
+    from loader import loading, planning
+    from ui import format as fmt
+
+    loader.start_run(demo.job, run_id="idle-gap", batch_size=500)  # 1050 rows: 3 batches; no worker listens
+    planning.plan_run(demo.job, "idle-gap")
+    for index in (0, 1):
+        assert loading.load_batch(demo.job, "idle-gap", index).status == "succeeded"
+    time.sleep(2.5)  # nothing loads: idle time, as before a retry
+    assert loading.load_batch(demo.job, "idle-gap", 2).status == "succeeded"
+    m = loader.run_contract(demo.job, "idle-gap")["metrics"]
+    assert m["elapsed_ms"] > m["loading_ms"] + 2000
+    page.query_params["job"] = demo.job
+    page.query_params["run"] = "idle-gap"
+    at = page.run()
+    assert not at.exception
+    assert card(at, "Elapsed") == fmt.fmt_ms(m["loading_ms"])
+    assert card(at, "Wall time") == fmt.fmt_ms(m["elapsed_ms"])
+    assert card(at, "Rows/s") == fmt.fmt_int(round(m["throughput_rps"]))
+    assert m["throughput_rps"] == pytest.approx(m["rows_attempted"] * 1000 / m["loading_ms"], rel=0.01)
+
+
+def test_a_run_that_fails_while_planning_gets_its_run_failed_toast(page, demo, workers, tmp_path, monkeypatch):
+    """A worker plans at once and the missing source fails the run, often before the monitor's first read."""
+    from ..helpers import write_catalog
+
+    (tmp_path / "nosrc").mkdir()
+    catalog = write_catalog(tmp_path / "nosrc", {"nosrc": {
+        "source": "nowhere/*.ndjson", "target_table": "nosrc_stg.t", "source_id": "id"}})
+    monkeypatch.setenv("ETL_JOBS_FILE", str(catalog))
+    at = page.run()
+    at.selectbox(key="cfg_job").select("nosrc").run()
+    at.text_input(key="cfg_run_id").input(f"plan-fails-{tmp_path.name[-6:]}").run()
+    start_button(at).click().run()
+    toasts = [t.value for t in at.toast]
+    loader.wait_for_run("nosrc", at.query_params["run"], timeout=30)
+    at.run()  # the monitor's next tick, if the run was still queued when the page first read it
+    assert not at.exception
+    toasts += [t.value for t in at.toast]
+    assert sum("Run failed" in t for t in toasts) == 1, toasts
+
+
+def transient_forever(pg, table: str) -> None:
+    """A target table whose trigger fails every insert with a serialization failure (transient)."""
+    from psycopg import sql
+
+    from ..helpers import create_target_table
+
+    create_target_table(pg, table)
+    schema, name = table.split(".")
+    pg.execute(sql.SQL("CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
+                       "'could not serialize access' USING ERRCODE = '40001'; END $$").format(
+                           sql.Identifier(schema, "always_busy")))
+    pg.execute(sql.SQL("CREATE TRIGGER busy BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
+        sql.Identifier(schema, name), sql.Identifier(schema, "always_busy")))
+
+
+def test_a_batch_that_failed_for_good_after_transient_errors_never_reads_will_retry(
+        demo, idle_queue, pg, target_schema, monkeypatch):
+    from loader import browse, loading, planning
+    from ui.attempt_timeline import timeline_html
+
+    monkeypatch.setenv("ETL_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("ETL_RETRY_BASE_SECONDS", "0.01")
+    transient_forever(pg, f"{target_schema}.items")
+    loader.start_run(demo.job, run_id="gave-up", batch_size=5000)
+    planning.plan_run(demo.job, "gave-up")
+    assert loading.load_batch(demo.job, "gave-up", 0).status == "failed"
+    row = browse.batch_page(demo.job, "gave-up", browse.BatchQuery(0, 10)).rows[0]  # the grid's row
+    detail = browse.batch_detail(demo.job, "gave-up", 0)
+    contract_row = loader.run_contract(demo.job, "gave-up")["batches"][0]
+    for shown in (row, detail, contract_row):
+        assert shown["status"] == "failed" and shown["attempts"] == 2
+        assert "will retry" not in shown["error_message"]
+        assert shown["error_message"].startswith("database error, failed for good after 2 attempt(s): ")
+    table = timeline_html(detail["attempt_timeline"], "Europe/Paris")
+    first, last = table.split("<tr>")[2:]  # header row, then one row per attempt
+    assert "retrying" in first and "database error, will retry: " in first  # true for that attempt: one followed
+    assert "database error, failed for good after 2 attempt(s): " in last and "will retry" not in last
+
+
+def test_attempts_and_retried_n_are_the_same_number(demo, idle_queue, pg, target_schema, monkeypatch):
+    """A batch waiting for its next attempt after n transient failures: Attempt(s) n, Status retried(n)."""
+    import threading
+    import time
+
+    from loader import browse, loading, planning
+
+    monkeypatch.setenv("ETL_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("ETL_RETRY_BASE_SECONDS", "6")  # the worker waits 3 to 6 s before attempt 2
+    transient_forever(pg, f"{target_schema}.items")
+    loader.start_run(demo.job, run_id="waits", batch_size=5000)
+    planning.plan_run(demo.job, "waits")
+    worker = threading.Thread(target=loading.load_batch, args=(demo.job, "waits", 0))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (row := browse.batch_page(demo.job, "waits", browse.BatchQuery(0, 10)).rows[0])["status"] != "retried":
+            assert time.monotonic() < deadline, row
+            time.sleep(0.05)
+        assert (row["attempts"], row["status_label"]) == (1, "retried(1)")
+        assert row["error_message"].startswith("database error, will retry: ")  # true: attempt 2 is due
+    finally:
+        worker.join()
