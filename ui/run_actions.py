@@ -55,7 +55,9 @@ def _confirm_cancel(job: str, run: str) -> None:
                 show_error(exc, where="Cancel")
                 return
             _close_dialog()
-            if done.queue_error:  # "Run canceled" itself is toasted by the live fragment, as for any end
+            if done.note:  # every batch had ended before the cancel got the run: it finished instead
+                st.session_state["dl_toast"] = (f"Not canceled: {done.note}", ":material/info:")
+            elif done.queue_error:  # "Run canceled" itself is toasted by the live fragment, as for any end
                 st.session_state["dl_toast"] = (
                     "The queue (Redis) cannot be reached: the run's waiting jobs will end by themselves, "
                     "loading nothing", ":material/cloud_off:")
