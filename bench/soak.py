@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     for ev in events:
         print(f"  +{ev.at:7.1f}s {ev.kind}")
 
-    for sub in ("sources", "logs"):
+    for sub in ("sources", "logs", "evidence"):
         shutil.rmtree(data_dir / sub, ignore_errors=True)
         (data_dir / sub).mkdir(parents=True)
     files = write_sources(data_dir / "sources", args.seed)
@@ -526,6 +526,13 @@ def _report(args: argparse.Namespace, files: dict[str, list[Path]], services: Se
     faults = sum(soak.done[k] for k in ("kill_worker", "terminate_backends", "restart_redis", "restart_postgres",
                                         "cancel", "retry"))
     verdict = "PASSED" if passed == len(checks) else "FAILED"
+    if verdict == "FAILED":
+        folder = args.data_dir.resolve() / "evidence"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "actions.log").write_text("\n".join(soak.log) + "\n")
+        with psycopg.connect(services.database_url, autocommit=True) as conn:
+            dumped = soak_check.dump_evidence(conn, LEDGER_SCHEMA, checks, folder)
+        print(f"  evidence: {folder} ({len(dumped)} runs; worker logs in {args.data_dir.resolve() / 'logs'})")
     print(f"\nsoak {verdict}: seed={args.seed} minutes={args.minutes} runs={len(soak.started)} "
           f"batches={sum(summary['batches'].values())} faults={faults} checks={passed}/{len(checks)}")
     return passed == len(checks)

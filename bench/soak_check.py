@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -356,3 +357,35 @@ def summarize(conn: psycopg.Connection[Any], ledger: str) -> dict[str, dict[str,
 
 def count_by(values: Sequence[str]) -> dict[str, int]:
     return dict(sorted(Counter(values).items()))
+
+
+_NAMED = re.compile(r"\b(soak-[a-z])/(r\d{4})(?:#(\d+))?")
+
+
+def dump_evidence(conn: psycopg.Connection[Any], ledger: str, checks: Sequence[Check], folder: Path) -> list[Path]:
+    """For every run a failed check names: its ledger row, the batches named (with their attempts) and its
+    events, one JSON file per run in ``folder``, to read after the servers are gone."""
+    named: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for c in checks:
+        for line in c.evidence:
+            for job, run, batch in _NAMED.findall(line):
+                named[(job, run)].update({int(batch)} if batch else set())
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (job, run), indexes in sorted(named.items()):
+        where = sql.SQL("WHERE etl_job_id = %s AND etl_run_id = %s")
+        picked = sql.SQL(" AND batch_index = ANY(%s)") if indexes else sql.SQL("")
+        params = [job, run, sorted(indexes)] if indexes else [job, run]
+        found = {
+            "run": _rows(conn, sql.SQL("SELECT * FROM {} ").format(sql.Identifier(ledger, "runs")) + where, [job, run]),
+            "batches": _rows(conn, sql.SQL("SELECT * FROM {} ").format(sql.Identifier(ledger, "batches")) + where
+                             + picked + sql.SQL(" ORDER BY batch_index"), params),
+            "attempts": _rows(conn, sql.SQL("SELECT * FROM {} ").format(sql.Identifier(ledger, "attempts")) + where
+                              + picked + sql.SQL(" ORDER BY batch_index, attempt"), params),
+            "events": _rows(conn, sql.SQL("SELECT * FROM {} ").format(sql.Identifier(ledger, "events")) + where
+                            + sql.SQL(" ORDER BY id"), [job, run]),
+        }
+        path = folder / f"{job}-{run}.json"
+        path.write_text(json.dumps(found, indent=1, default=str))
+        written.append(path)
+    return written
