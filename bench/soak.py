@@ -213,6 +213,9 @@ class Workers:
         except OSError:
             return "?"
 
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.poll() is None]
+
     def kill(self, rng: random.Random, pid: int | None = None) -> int | None:
         """SIGKILL the worker ``pid`` when it is one of ours, else a random one."""
         alive = [p for p in self.procs if p.poll() is None]
@@ -318,11 +321,14 @@ class Soak:
         elif ev.kind == "kill_worker":
             busy = self.wait_for(sql.SQL(
                 "SELECT w.pid, b.etl_job_id || '/' || b.etl_run_id || '#' || b.batch_index FROM {batches} b "
-                "JOIN {workers} w ON w.name = b.worker WHERE b.status = 'running' ORDER BY b.batch_index").format(
-                    batches=sql.Identifier(LEDGER_SCHEMA, "batches"), workers=sql.Identifier(LEDGER_SCHEMA, "workers")))
+                "JOIN {workers} w ON w.name = b.worker WHERE b.status = 'running' AND w.pid = ANY({pids}) "
+                "AND w.heartbeat_at > now() - interval '5 seconds' ORDER BY b.batch_index").format(
+                    batches=sql.Identifier(LEDGER_SCHEMA, "batches"), workers=sql.Identifier(LEDGER_SCHEMA, "workers"),
+                    pids=sql.Literal(self.workers.pids())))
             holder = rng.choice(busy) if busy else None
             pid = self.workers.kill(rng, int(holder[0]) if holder else None)
-            self.say(f"kill_worker: SIGKILL pid {pid}" + (f" holding batch {holder[1]}" if holder else " (idle)"))
+            held = holder is not None and pid == int(holder[0])
+            self.say(f"kill_worker: SIGKILL pid {pid}" + (f" holding batch {holder[1]}" if held and holder else ""))
             time.sleep(rng.uniform(0, 2))
             self.workers.ensure()
         elif ev.kind == "terminate_backends":
