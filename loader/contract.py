@@ -16,12 +16,6 @@ from .states import ACTIVE_RUN_STATES, AttemptStatus, BatchStatus, batch_status_
 EXAMPLES_LIMIT = 10
 LOG_FRAGMENT_EVENTS = 5
 
-METRIC_FIELDS = ("rows_inserted", "rows_updated", "rows_validated", "batches_total", "batches_succeeded",
-                 "batches_failed", "retries", "throughput_rps", "batch_duration_ms_avg", "batch_duration_ms_p95")
-BATCH_FIELDS = ("index", "status", "attempts", "rows_attempted", "rows_inserted", "rows_updated",
-                "validation_failures", "duration_ms", "retries", "committed_at", "error_code", "error_message",
-                "logs_fragment")
-
 
 def iso(value: datetime | None) -> str | None:
     """UTC ISO 8601 with a Z, or None."""

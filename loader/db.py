@@ -1,10 +1,11 @@
-"""Connections: one psycopg pool and one SQLAlchemy engine per process, and database error triage."""
+"""Connections: one psycopg pool per process, which SQLAlchemy Core borrows from too, and database error triage."""
 
 from __future__ import annotations
 
 import os
 import re
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from . import config
 from .errors import LoaderError, PermanentDbError, TransientDbError
@@ -36,19 +38,18 @@ TRANSIENT_CLASSES = ("08",)  # connection exceptions
 
 _lock = threading.Lock()
 _pools: dict[tuple[int, str], ConnectionPool] = {}
-_engines: dict[tuple[int, str, str, int], sa.engine.Engine] = {}
+_engines: dict[tuple[int, str, str], sa.engine.Engine] = {}
 #: Milliseconds a read of this process may run before PostgreSQL cancels it (0: no limit); see
 #: :func:`set_read_timeout`.
 _read_timeout_ms = 0
+#: The read limit (ms) a pooled session was last SET to; absent: the limits of its startup packet
+#: (:func:`session_timeouts`, the writes'). A psycopg connection is one session for its whole life.
+_session_limit: weakref.WeakKeyDictionary[psycopg.Connection[Any], int] = weakref.WeakKeyDictionary()
 
 
 def libpq_url(url: str) -> str:
     """Accept postgres://, postgresql:// and SQLAlchemy's postgresql+psycopg:// forms."""
     return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", url)
-
-
-def sqlalchemy_url(url: str) -> str:
-    return "postgresql+psycopg://" + libpq_url(url)[len("postgresql://"):]
 
 
 def redact(text: str) -> str:
@@ -66,14 +67,28 @@ def ledger_schema() -> str:
 
 
 def ledger_table(name: str) -> sql.Identifier:
-    """``sql.Identifier(<ledger schema>, name)`` for the psycopg hot path."""
-    return sql.Identifier(ledger_schema(), name)
+    """``sql.Identifier(<ledger schema>, name)`` of a table declared in :mod:`loader.ledger`, for the
+    hand-written SQL of the psycopg hot path; a name the ledger does not declare raises ValueError.
+
+    Example::
+
+        sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s").format(ledger_table("runs"))
+    """
+    from . import ledger  # ledger imports this module (and states, which imports it too)
+
+    table = ledger.metadata.tables.get(name)
+    if table is None:
+        raise ValueError(f"no ledger table {name!r}: loader/ledger.py declares "
+                         f"{', '.join(sorted(ledger.metadata.tables))}")
+    return sql.Identifier(ledger_schema(), table.name)
 
 
 def next_change() -> sql.Composed:
     """``nextval(...)`` of the ledger's change sequence: every ledger write takes a new number, so
     "what changed since N" (the console's cheap poll) is one index lookup."""
-    return sql.SQL("nextval({})").format(sql.Literal(f'"{ledger_schema()}".ledger_change_seq'))
+    from . import ledger
+
+    return sql.SQL("nextval({})").format(sql.Literal(f'"{ledger_schema()}".{ledger.change_seq.name}'))
 
 
 def set_read_timeout(seconds: float | None) -> None:
@@ -81,12 +96,13 @@ def set_read_timeout(seconds: float | None) -> None:
 
     The console turns it on (``ETL_CONSOLE_STATEMENT_TIMEOUT``) so that no page, grid page, batch detail
     or download holds the database for long; workers never do, since a batch may rightly run minutes.
-    It covers the connections that read: the SQLAlchemy engine (:func:`get_engine`: run contract, grid,
-    change signature) and :func:`dedicated_connection` (downloads). The pool that writes
-    (:func:`connection`: start, retry, cancel, loading) keeps no limit, so an action is never cut short.
-    The limit travels in each new connection's startup packet (``options=-c statement_timeout=N``): it
-    costs no round trip. Those reads also run without parallel workers (one core each). A canceled
-    statement raises SQLSTATE 57014, which :func:`wrap_db_error` turns into a TransientDbError saying so.
+    It covers the connections that read: those SQLAlchemy borrows from the pool (:func:`get_engine`: run
+    contract, grid, change signature) and :func:`dedicated_connection` (downloads). A connection lent by
+    :func:`connection` (start, retry, cancel, loading) keeps the writes' limits, so an action is never
+    cut short. A pooled session is switched only when it passes from one use to the other (one
+    ``set_config`` / ``RESET`` round trip), so the console's reads, nearly all its traffic, pay nothing.
+    Those reads also run without parallel workers (one core each). A canceled statement raises
+    SQLSTATE 57014, which :func:`wrap_db_error` turns into a TransientDbError saying so.
 
     Example::
 
@@ -98,11 +114,6 @@ def set_read_timeout(seconds: float | None) -> None:
         raise ValueError(f"a statement timeout cannot be negative, found {seconds!r}")
     with _lock:
         _read_timeout_ms = ms
-
-
-def read_timeout() -> float | None:
-    """Seconds this process's reads may run (:func:`set_read_timeout`), None when unlimited."""
-    return _read_timeout_ms / 1000 if _read_timeout_ms else None
 
 
 def _timeout_options(ms: int) -> dict[str, str]:
@@ -126,8 +137,37 @@ def session_timeouts() -> str:
     return " ".join(f"-c {name}={round(config.get_float(setting) * 1000)}" for name, setting in limits.items())
 
 
+_READ_LIMITS = sql.SQL("SELECT set_config('statement_timeout', %s, false), "
+                       "set_config('max_parallel_workers_per_gather', '0', false)")
+#: Back to the values of the session's startup packet (:func:`session_timeouts`).
+_WRITE_LIMITS = sql.SQL("RESET statement_timeout; RESET max_parallel_workers_per_gather")
+
+
+def _limit_reads(conn: psycopg.Connection[Any], ms: int) -> None:
+    """Put a pooled session (autocommit, idle) under the read limit ``ms`` (0: the writes' limits).
+
+    A round trip only when the session was last used the other way; session-level (``set_config(...,
+    false)`` outside a transaction), so it outlives the borrow and the next borrower of the same kind
+    finds it set.
+    """
+    if _session_limit.get(conn, 0) == ms:
+        return
+    if ms:
+        conn.execute(_READ_LIMITS, [str(ms)])
+        _session_limit[conn] = ms
+    else:
+        conn.execute(_WRITE_LIMITS)
+        del _session_limit[conn]
+
+
 def get_pool(url: str | None = None) -> ConnectionPool:
-    """This process's connection pool (a new one after fork: sockets are never shared)."""
+    """This process's connection pool (a new one after fork: sockets are never shared).
+
+    Its ``ETL_DB_POOL_SIZE`` connections are all the process opens to the database, besides the
+    downloads' :func:`dedicated_connection`: the engine (:func:`get_engine`) borrows from it too.
+    ``close_returns``: ``close()`` on a borrowed connection gives it back, which is how SQLAlchemy
+    returns one.
+    """
     url = libpq_url(url or config.database_url())
     key = (os.getpid(), url)
     with _lock:
@@ -137,6 +177,7 @@ def get_pool(url: str | None = None) -> ConnectionPool:
                 url, min_size=0, max_size=config.get_int("ETL_DB_POOL_SIZE", minimum=1),
                 kwargs={"autocommit": True, "application_name": "dataloader", "options": session_timeouts()},
                 check=ConnectionPool.check_connection, open=True, timeout=30, reconnect_timeout=60,
+                close_returns=True,
             )
             _pools[key] = pool
         return pool
@@ -144,8 +185,11 @@ def get_pool(url: str | None = None) -> ConnectionPool:
 
 @contextmanager
 def connection(url: str | None = None) -> Iterator[psycopg.Connection[Any]]:
-    """A pooled autocommit connection; use ``with conn.transaction():`` for atomic work."""
+    """A pooled autocommit connection under the writes' limits; use ``with conn.transaction():`` for atomic work."""
     with get_pool(url).connection() as conn:
+        if not conn.autocommit:  # its last user left it out of autocommit
+            conn.autocommit = True
+        _limit_reads(conn, 0)
         yield conn
 
 
@@ -173,17 +217,72 @@ def dedicated_connection(url: str | None = None) -> Iterator[psycopg.Connection[
         conn.close()
 
 
+class PooledDialect(PGDialect_psycopg):
+    """SQLAlchemy's psycopg dialect over connections borrowed from :func:`get_pool`.
+
+    SQLAlchemy sees each borrow as a new connection (``NullPool``) and would run its per-connection
+    setup every time (the stock dialect adds a notice handler to the psycopg connection at each one, a
+    list that would grow for the connection's whole life); the pool sets its connections up once.
+    """
+
+    supports_statement_cache = True  # what it compiles is the stock dialect's: cache it as SQLAlchemy does
+
+    def on_connect(self) -> None:
+        return None
+
+    def do_close(self, dbapi_connection: Any) -> None:
+        """Give the connection back to the pool (``close_returns``) in autocommit, as it was lent.
+
+        SQLAlchemy has rolled back by now; a connection still in a transaction (a failed rollback) goes
+        back as it is, and the pool rolls it back or discards it.
+        """
+        if dbapi_connection.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            dbapi_connection.autocommit = True
+        dbapi_connection.close()
+
+
+sa.dialects.registry.register("postgresql.dataloader", __name__, "PooledDialect")
+
+
+def _borrow(url: str) -> psycopg.Connection[Any]:
+    """A connection of the pool, for SQLAlchemy: under the read limit, out of autocommit.
+
+    SQLAlchemy opens its transactions itself (BEGIN at the first statement) and rolls back when it
+    gives the connection back; :meth:`PooledDialect.do_close` then returns it to the pool.
+    """
+    pool = _pools.get((os.getpid(), url)) or get_pool(url)  # ``url`` is libpq's already
+    conn = pool.getconn()
+    try:
+        if not conn.autocommit:  # a user of connection() left it out of autocommit
+            conn.autocommit = True
+        _limit_reads(conn, _read_timeout_ms)
+        conn.autocommit = False
+    except BaseException:
+        pool.putconn(conn)
+        raise
+    return conn
+
+
 def get_engine(url: str | None = None) -> sa.engine.Engine:
-    """This process's SQLAlchemy engine, with the ledger's schema mapped in (and the read timeout, if set)."""
-    url = url or config.database_url()
+    """This process's SQLAlchemy engine, with the ledger's schema mapped in, over this process's pool.
+
+    It holds no connection of its own (``NullPool``): each ``engine.connect()`` borrows one from
+    :func:`get_pool` (under the read timeout, if set) and gives it back on close, so the process never
+    opens more than ``ETL_DB_POOL_SIZE`` connections, whichever API reads.
+
+    Example::
+
+        with db.get_engine().connect() as conn:
+            conn.execute(sa.select(ledger.runs.c.status)).all()
+    """
+    url = libpq_url(url or config.database_url())
     schema = ledger_schema()
-    key = (os.getpid(), url, schema, _read_timeout_ms)
+    key = (os.getpid(), url, schema)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
             engine = sa.create_engine(
-                sqlalchemy_url(url), pool_pre_ping=True, pool_size=2, max_overflow=4,
-                connect_args={"application_name": "dataloader", **_timeout_options(_read_timeout_ms)},
+                "postgresql+dataloader://", creator=lambda: _borrow(url), poolclass=sa.pool.NullPool,
             ).execution_options(schema_translate_map={None: schema})
             _engines[key] = engine
         return engine

@@ -65,6 +65,13 @@ class SourceError(LoaderError):
     code = "source"
 
 
+class SourceChanged(SourceError):
+    """A batch's bytes are not those planned (size, mtime or checksum differ): failed for good, never retried,
+    since every attempt would read the same changed file; a new run loads its current content."""
+
+    code = "source_changed"
+
+
 class LedgerNotReady(LoaderError):
     """The ledger schema is missing or older than this code: run `dataloader initdb`."""
 

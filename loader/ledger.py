@@ -1,9 +1,11 @@
 """The ledger: runs, batches, attempts, rejected records and log events, in PostgreSQL.
 
 Tables are declared once here with SQLAlchemy Core (schema-less; the engine maps them into
-ETL_LEDGER_SCHEMA): this is the model the code reads and writes. The database gets it through the
-Alembic migrations in loader/migrations (``initdb``); a change here needs a revision there. Statuses
-change only through loader/states.py, whose guarded SQL the batch hot path runs with plain psycopg.
+ETL_LEDGER_SCHEMA): this is the model the code reads and writes. The hand-written psycopg SQL names
+them through ``db.ledger_table(name)``, which refuses a name not declared here. The database gets the
+model through the Alembic migrations in loader/migrations (``initdb``); a change here needs a revision
+there (tests/test_migrations.py compares a migrated ledger with this model). Statuses change only
+through loader/states.py, whose guarded SQL the batch hot path runs with plain psycopg.
 """
 
 from __future__ import annotations
@@ -202,6 +204,11 @@ workers = sa.Table(
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # 0003: the batch the worker is executing now, written with each heartbeat (NULL: none). The
+    # reconciler never queues again a batch that a live worker says it is executing.
+    sa.Column("batch_job", sa.Text),
+    sa.Column("batch_run", sa.Text),
+    sa.Column("batch_index", sa.Integer),
 )
 
 

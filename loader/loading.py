@@ -21,7 +21,15 @@ from .events import log_event
 from .retrying import backoff_delay
 from .sources import OversizedRecord, PlannedBatch, read_batch
 from .states import AttemptStatus, BatchStatus, RunStatus
-from .upsert import StageRow, ensure_stage, is_record_refusal, stage_isolating, staging, upsert_stage
+from .upsert import (
+    StageRow,
+    ensure_stage,
+    is_record_refusal,
+    stage_isolating,
+    staging,
+    upsert_isolating,
+    upsert_stage,
+)
 from .validation import ErrorClass, RecordChecker, RecordProblem, sample_raw
 
 #: Raw text kept for a rejected record (bytes); longer records are cut and flagged.
@@ -63,6 +71,16 @@ def _spec(job: str, run: str) -> tuple[JobSpec, bytes]:
     return JobSpec.from_dict(row[0]), raw
 
 
+#: The batch this process is executing now (job, run, batch), or None: the worker's heartbeat writes
+#: it to the ledger, and the reconciler never queues again a batch a live worker is executing.
+_executing: tuple[str, str, int] | None = None
+
+
+def executing() -> tuple[str, str, int] | None:
+    """The batch this process is loading right now, or None."""
+    return _executing
+
+
 def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, trigger: str = "auto") -> BatchOutcome:
     """Load batch ``batch`` of a run, retrying transient database errors with backoff.
 
@@ -74,6 +92,15 @@ def load_batch(job: str, run: str, batch: int, *, worker: str | None = None, tri
 
         load_batch("orders", "2f1c...", 0)
     """
+    global _executing
+    _executing = (job, run, batch)
+    try:
+        return _load_batch(job, run, batch, worker=worker, trigger=trigger)
+    finally:
+        _executing = None
+
+
+def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: str) -> BatchOutcome:
     failures = 0  # consecutive failures, for the backoff
     used = 0  # attempts that started and failed transiently: bounded by max_attempts
     outage_since: float | None = None  # the database unreachable before an attempt could start
@@ -180,14 +207,20 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
         payload = bytes(row[0]) if row else None
     planned = PlannedBatch(batch, began["source_file"], began["file_size"], began["file_mtime_ns"],
                            began["byte_start"], began["byte_end"], began["line_start"], began["line_count"],
-                           began["rows_attempted"], began["ord_start"], payload)
+                           began["rows_attempted"], began["ord_start"], payload, began["checksum"])
 
     checker = _checker(spec_json)
     ord_base = planned.ord_start - planned.line_start
     ensure_stage(conn)  # outside the transaction, so that the connection remembers it has the stage
     try:
-        return _load_in_transaction(conn, spec, job, run, batch, attempt, began, started, planned, checker,
-                                    ord_base)
+        try:
+            return _load_in_transaction(conn, spec, job, run, batch, attempt, began, started, planned, checker,
+                                        ord_base)
+        except _UpsertRefused:
+            # The target refused a record's data in the upsert (a generated column, an expression index):
+            # the batch again, in one transaction, upserting its keys in halves to find the records at fault.
+            return _load_in_transaction(conn, spec, job, run, batch, attempt, began, started, planned, checker,
+                                        ord_base, isolate=True)
     except _RunCanceledAtCommit:
         with conn.transaction():
             states.cancel_attempt(conn, job, run, batch, attempt, ms=(time.perf_counter() - started) * 1000)
@@ -200,16 +233,25 @@ class _RunCanceledAtCommit(Exception):
     """The batch's commit found its run canceled: the transaction rolls back."""
 
 
+class _UpsertRefused(Exception):
+    """The upsert hit a record's data error: the transaction rolls back and the batch goes again, isolating."""
+
+
 def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str, run: str, batch: int,
                          attempt: int, began: dict[str, Any], started: float, planned: PlannedBatch,
-                         checker: RecordChecker, ord_base: int) -> BatchOutcome:
+                         checker: RecordChecker, ord_base: int, *, isolate: bool = False) -> BatchOutcome:
+    """One try at the batch in one transaction. ``isolate``: the rare path where the records PostgreSQL
+    refuses (in the stage or in the upsert) are found and rejected one by one."""
     rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
+    raws: dict[int, bytes] = {}
     with conn.transaction():
         # Validate while copying: accepted records stream into the temp stage in chunks, so
         # PostgreSQL parses one chunk into jsonb while this process checks the next (one worker
         # keeps two cores busy). The stage is this session's own temp table: no lock is taken and
         # nothing is visible to anyone until the upsert below, and a rollback empties it.
         try:
+            if isolate:
+                raise _Isolate
             with conn.transaction(), staging(conn) as stage:  # a savepoint: a refused record undoes only this
                 for line_no, raw in read_batch(planned):
                     record, problems = checker.check(raw)
@@ -218,13 +260,13 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
                     else:
                         stage.add(ord_base + line_no, record.source_id, record.text)
             valid = stage.rows
-        except psycopg.Error as exc:
-            if not is_record_refusal(exc):
+        except (psycopg.Error, _Isolate) as exc:
+            if not isinstance(exc, _Isolate) and not is_record_refusal(exc):
                 raise
             # PostgreSQL is the last validator: it refused a record our checks accepted. Read the batch
             # again and stage it in halves, leaving out only the records it refuses (rare: see
             # validation's numeric check). They become json_shape rejects with its message.
-            rejected, valid = _stage_refusing(conn, planned, checker, ord_base)
+            rejected, valid, raws = _stage_refusing(conn, planned, checker, ord_base)
         attempted = valid + len(rejected)
         if not states.holds_batch(conn, job, run, batch, attempt):
             # Another execution took this batch over (or committed it) while we were reading.
@@ -233,9 +275,23 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
                       reason="another execution of this batch took over")
             return BatchOutcome("skipped", attempts=attempt, reason="taken over")
         inserted = updated = 0
-        if valid:
-            inserted, updated = upsert_stage(conn, spec.target_schema, spec.target_table, job=job, run=run,
-                                             run_seq=int(began["run_seq"]))
+        if valid and isolate:
+            inserted, updated, refused = upsert_isolating(conn, spec.target_schema, spec.target_table, job=job,
+                                                          run=run, run_seq=int(began["run_seq"]))
+            for r in refused:
+                raw = raws[r.pos - ord_base]
+                rejected.append((r.pos - ord_base, raw,
+                                 [RecordProblem(ErrorClass.JSON_SHAPE, "$", r.message, sample_raw(raw))]))
+            rejected.sort(key=lambda x: x[0])
+            valid -= len(refused)
+        elif valid:
+            try:
+                inserted, updated = upsert_stage(conn, spec.target_schema, spec.target_table, job=job, run=run,
+                                                 run_seq=int(began["run_seq"]))
+            except psycopg.Error as exc:
+                if is_record_refusal(exc):
+                    raise _UpsertRefused from exc
+                raise
         if rejected:
             _write_rejects(conn, job, run, batch, planned.file, rejected)
         required = sum(1 for _, _, p in rejected if p[0].error_class == ErrorClass.REQUIRED_FIELD)
@@ -253,9 +309,14 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
                         validation_failures=len(rejected))
 
 
-def _stage_refusing(conn: psycopg.Connection[Any], planned: PlannedBatch, checker: RecordChecker,
-                    ord_base: int) -> tuple[list[tuple[int, bytes, list[RecordProblem]]], int]:
-    """The batch staged again without the records PostgreSQL refuses: (rejected records, rows staged)."""
+class _Isolate(Exception):
+    """Stage the batch the slow way from the start (see _load_in_transaction's ``isolate``)."""
+
+
+def _stage_refusing(conn: psycopg.Connection[Any], planned: PlannedBatch, checker: RecordChecker, ord_base: int
+                    ) -> tuple[list[tuple[int, bytes, list[RecordProblem]]], int, dict[int, bytes]]:
+    """The batch staged again without the records PostgreSQL refuses: (rejected records, rows staged, the
+    staged records' raw text by line number)."""
     rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
     rows: list[StageRow] = []
     raws: dict[int, bytes] = {}
@@ -271,7 +332,7 @@ def _stage_refusing(conn: psycopg.Connection[Any], planned: PlannedBatch, checke
         raw = raws[row.line_no]
         rejected.append((row.line_no, raw, [RecordProblem(ErrorClass.JSON_SHAPE, "$", message, sample_raw(raw))]))
     rejected.sort(key=lambda r: r[0])
-    return rejected, len(rows) - len(refused)
+    return rejected, len(rows) - len(refused), raws
 
 
 def _end_attempt(conn: psycopg.Connection[Any], job: str, run: str, batch: int, attempt: int,

@@ -20,7 +20,7 @@ from .upsert import ensure_target
 
 BATCH_COLUMNS = ("etl_job_id", "etl_run_id", "batch_index", "status", "source_file", "file_size", "file_mtime_ns",
                  "byte_start", "byte_end", "line_start", "line_count", "ord_start", "has_payload",
-                 "rows_attempted")
+                 "rows_attempted", "checksum")
 
 
 def plan_run(job: str, run: str, worker: str | None = None) -> list[int]:
@@ -58,21 +58,37 @@ def _plan_once(job: str, run: str, worker: str | None) -> list[int]:
         files = resolve_source(spec.source)
         ensure_target(conn, spec.target_schema, spec.target_table)
 
-        with conn.transaction():
-            if not states.holds_planning(conn, job, run):
-                # Another delivery of this planning job got here first and committed (the run is
-                # loading, or canceled): its batches may be loading already; never replan them.
-                return []
-            for name in ("batch_payloads", "batches"):  # an interrupted earlier planning
-                conn.execute(sql.SQL("DELETE FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
-                    ledger_table(name)), [job, run])
-            total, rows = _write_batches(conn, job, run, files, batch_size)
-            status = states.finish_planning(conn, job, run, batches=total, rows=rows)
-            log_event(conn, job, run, "plan_completed", batches=total, records=rows,
-                      files=[str(f) for f in files])
-            if total == 0:
-                log_event(conn, job, run, "run_completed", status=status.value, note="the source holds no records")
+        try:
+            with conn.transaction():
+                if not states.holds_planning(conn, job, run):
+                    # Another delivery of this planning job got here first and committed (the run is
+                    # loading, or canceled): its batches may be loading already; never replan them.
+                    return []
+                for name in ("batch_payloads", "batches"):  # an interrupted earlier planning
+                    conn.execute(sql.SQL("DELETE FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
+                        ledger_table(name)), [job, run])
+                total, rows = _write_batches(conn, job, run, files, batch_size)
+                status = states.finish_planning(conn, job, run, batches=total, rows=rows)
+                if status is None:
+                    raise _PlanningCanceled
+                log_event(conn, job, run, "plan_completed", batches=total, records=rows,
+                          files=[str(f) for f in files])
+                if total == 0:
+                    log_event(conn, job, run, "run_completed", status=status.value,
+                              note="the source holds no records")
+        except _PlanningCanceled:
+            # The run was canceled while its source was read: nothing planned is kept (rolled back).
+            log_event(conn, job, run, "plan_stopped", level="warning", reason="run canceled during planning")
+            return []
     return list(range(total))
+
+
+#: Seconds between two looks at the run while planning reads its source: a cancel stops the planner.
+CANCEL_CHECK_SECONDS = 0.5
+
+
+class _PlanningCanceled(Exception):
+    """The run was canceled while it was being planned: the planning transaction rolls back."""
 
 
 def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: list[Any], batch_size: int
@@ -83,10 +99,16 @@ def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: lis
     insert_payload = sql.SQL(
         "INSERT INTO {} (etl_job_id, etl_run_id, batch_index, payload) VALUES (%s, %s, %s, %s)").format(
             ledger_table("batch_payloads"))
+    next_check = time.monotonic() + CANCEL_CHECK_SECONDS
     for b in plan_batches(files, batch_size):
+        if time.monotonic() >= next_check:
+            # Read committed: a cancel that committed since the last look is seen here.
+            if states.run_is(conn, job, run, states.RunStatus.CANCELED):
+                raise _PlanningCanceled
+            next_check = time.monotonic() + CANCEL_CHECK_SECONDS
         batch_rows.append((job, run, b.index, BatchStatus.PENDING.value, b.file, b.file_size, b.file_mtime_ns,
                            b.byte_start, b.byte_end, b.line_start, b.line_count, b.ord_start,
-                           b.payload is not None, b.records))
+                           b.payload is not None, b.records, b.checksum))
         if b.payload is not None:
             conn.execute(insert_payload, [job, run, b.index, b.payload])
         total += 1

@@ -7,7 +7,7 @@ them in the worker, so the engine never imports ``jobs/``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from redis import Redis, RedisError
 from rq import Queue
@@ -22,6 +22,9 @@ BATCH_TASK = "jobs.tasks.load_batch_task"
 #: Keep a finished job's RQ record briefly; the ledger is the record that matters.
 RESULT_TTL = 600
 FAILURE_TTL = 24 * 3600
+#: Seconds a Redis command may take before the client gives up (the worker's own blocking dequeue gets
+#: RQ's longer timeout). Without it, a Redis that stops answering mid-command hangs its caller for ever.
+REDIS_SOCKET_TIMEOUT = 10.0
 
 
 def _run_key(job: str, run: str) -> str:
@@ -33,12 +36,19 @@ def plan_job_id(job: str, run: str) -> str:
     return f"dl-{_run_key(job, run)}-plan"
 
 
-def batch_job_id(job: str, run: str, batch: int) -> str:
-    return f"dl-{_run_key(job, run)}-b{batch}"
+def batch_job_id(job: str, run: str, batch: int, delivery: int = 0) -> str:
+    """The RQ job id of one delivery of a batch (``batches.deliveries`` numbers them).
+
+    Each delivery has its own id, so an execution that ends (or skips at the fence) marks only its own
+    RQ job finished, never the one a later delivery is running under.
+    """
+    base = f"dl-{_run_key(job, run)}-b{batch}"
+    return base if delivery == 0 else f"{base}-d{delivery}"
 
 
 def get_redis(url: str | None = None) -> Redis:
-    return Redis.from_url(url or config.redis_url(), health_check_interval=30, socket_connect_timeout=5)
+    return Redis.from_url(url or config.redis_url(), health_check_interval=30, socket_connect_timeout=5,
+                          socket_timeout=REDIS_SOCKET_TIMEOUT)
 
 
 def get_queue(connection: Redis | None = None) -> Queue:
@@ -58,8 +68,14 @@ def enqueue_plan(job: str, run: str) -> str:
     return str(rq_job.id)
 
 
-def enqueue_batches(job: str, run: str, indexes: Iterable[int], trigger: str = "auto") -> int:
-    """Queue one RQ job per batch, in pipelined chunks (a run may have 10k+ batches)."""
+def enqueue_batches(job: str, run: str, indexes: Iterable[int], trigger: str = "auto",
+                    deliveries: Mapping[int, int] | None = None) -> int:
+    """Queue one RQ job per batch, in pipelined chunks (a run may have 10k+ batches).
+
+    ``deliveries`` gives each batch's delivery number (``states.next_deliveries``); the planner's first
+    delivery is 0.
+    """
+    numbers = deliveries or {}
     queue = get_queue()
     count = 0
     chunk: list[object] = []
@@ -68,7 +84,7 @@ def enqueue_batches(job: str, run: str, indexes: Iterable[int], trigger: str = "
             chunk.append(Queue.prepare_data(
                 BATCH_TASK, (job, run, index), {"trigger": trigger},
                 description=f"batch {index} of {job}/{run}", result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL,
-                job_id=batch_job_id(job, run, index)))
+                job_id=batch_job_id(job, run, index, numbers.get(index, 0))))
             if len(chunk) == 500:
                 queue.enqueue_many(chunk)  # type: ignore[arg-type]
                 count += len(chunk)
@@ -85,22 +101,22 @@ def enqueue_batches(job: str, run: str, indexes: Iterable[int], trigger: str = "
 REMOVE_CHUNK = 500
 
 
-def remove_run_jobs(job: str, run: str, indexes: Iterable[int], *, queue: str | None = None,
+def remove_run_jobs(job: str, run: str, batches: Iterable[tuple[int, int]], *, queue: str | None = None,
                     plan: bool = False) -> int:
     """Take a canceled run's jobs that no worker has started off the queue; returns how many left it.
 
-    ``indexes`` are the batches to take off (the ones still pending in the ledger) and ``plan`` adds
-    the run's planning job. A job a worker already took is left alone: it finds the run canceled and
-    ends at once. ``queue`` is the run's queue (default ETL_QUEUE). Raises ServiceError when Redis
+    ``batches`` are (batch, delivery) of the batches to take off (the ones the cancel recorded as never to
+    run) and ``plan`` adds the run's planning job. A job a worker already took is left alone: it finds
+    the run canceled and ends at once. ``queue`` is the run's queue (default ETL_QUEUE). Raises ServiceError when Redis
     cannot be reached.
 
     Example::
 
-        remove_run_jobs("orders", run_id, range(10_000), queue="dataloader")
+        remove_run_jobs("orders", run_id, [(i, 0) for i in range(10_000)], queue="dataloader")
     """
     redis = get_redis()
     key = Queue(queue or config.get("ETL_QUEUE"), connection=redis).key
-    ids = ([plan_job_id(job, run)] if plan else []) + [batch_job_id(job, run, i) for i in indexes]
+    ids = ([plan_job_id(job, run)] if plan else []) + [batch_job_id(job, run, i, d) for i, d in batches]
     removed = 0
     try:
         for start in range(0, len(ids), REMOVE_CHUNK):

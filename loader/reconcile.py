@@ -21,8 +21,15 @@ from .db import ledger_table, next_change
 from .events import log_event
 from .loading import finish_run_if_done
 
-#: A worker that has not beaten for this long is presumed dead.
+#: A worker that has not beaten for this long is presumed dead (the default of ETL_WORKER_STALE_SECONDS).
 STALE_AFTER_SECONDS = 15.0
+#: The shortest stale window allowed: two heartbeats (3 s apart) may be missed under load.
+MIN_STALE_SECONDS = 6.0
+
+
+def stale_seconds() -> float:
+    """Seconds without a heartbeat after which a worker is presumed lost (ETL_WORKER_STALE_SECONDS)."""
+    return max(MIN_STALE_SECONDS, config.get_float("ETL_WORKER_STALE_SECONDS"))
 #: A pending batch or queued run is only "orphaned" once it has waited this long for its RQ job.
 ORPHAN_GRACE_SECONDS = 10.0
 #: Reconcilers take this advisory lock so only one runs at a time, whichever worker holds it.
@@ -34,17 +41,21 @@ class Reconciled:
     """What one reconcile pass found."""
 
     abandoned: list[tuple[str, str, int]] = field(default_factory=list)
-    pending: list[tuple[str, str, int]] = field(default_factory=list)
+    pending: list[tuple[str, str, int, int]] = field(default_factory=list)  # with the delivery
+    canceled: list[tuple[str, str, int]] = field(default_factory=list)
     plannable: list[tuple[str, str, bool]] = field(default_factory=list)
     finished: list[tuple[str, str, str]] = field(default_factory=list)
 
 
-def beat(conn: psycopg.Connection[Any], name: str) -> None:
-    """Record that worker ``name`` is alive (call every few seconds)."""
+def beat(conn: psycopg.Connection[Any], name: str, batch: tuple[str, str, int] | None = None) -> None:
+    """Record that worker ``name`` is alive, and the batch it is executing (call every few seconds)."""
+    job, run, index = batch if batch is not None else (None, None, None)
     conn.execute(sql.SQL(
-        "INSERT INTO {} (name, queue, host, pid) VALUES (%s, %s, %s, %s) "
-        "ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()").format(ledger_table("workers")),
-        [name, config.get("ETL_QUEUE"), socket.gethostname(), os.getpid()])
+        "INSERT INTO {} (name, queue, host, pid, batch_job, batch_run, batch_index) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), "
+        "batch_job = excluded.batch_job, batch_run = excluded.batch_run, batch_index = excluded.batch_index"
+    ).format(ledger_table("workers")), [name, config.get("ETL_QUEUE"), socket.gethostname(), os.getpid(),
+                                        job, run, index])
 
 
 def forget(conn: psycopg.Connection[Any], name: str) -> None:
@@ -52,10 +63,10 @@ def forget(conn: psycopg.Connection[Any], name: str) -> None:
 
 
 def live_workers(conn: psycopg.Connection[Any] | None = None) -> int:
-    """Workers of this queue that beat within STALE_AFTER_SECONDS (from the ledger, not Redis)."""
+    """Workers of this queue that beat within the stale window (from the ledger, not Redis)."""
     query = sql.SQL("SELECT count(*) FROM {} WHERE queue = %s AND heartbeat_at > now() - make_interval(secs => %s)"
                     ).format(ledger_table("workers"))
-    params = [config.get("ETL_QUEUE"), STALE_AFTER_SECONDS]
+    params = [config.get("ETL_QUEUE"), stale_seconds()]
     if conn is not None:
         row = conn.execute(query, params).fetchone()
     else:
@@ -64,13 +75,18 @@ def live_workers(conn: psycopg.Connection[Any] | None = None) -> int:
     return int(row[0]) if row else 0
 
 
-#: Batches not yet ended; the caller re-queues those whose RQ job is gone (a flushed Redis, or an
-#: execution that gave up while the database was unreachable and could not record it).
+#: Batches not yet ended that no live worker is executing: (job, run, batch, delivery). The caller
+#: re-queues those whose RQ delivery is gone (a flushed Redis, or an execution that gave up while the
+#: database was unreachable and could not record it). The ledger's heartbeat is trusted first: a batch a
+#: live worker says it is executing is never queued again, however long it runs and whatever RQ says.
 PENDING = sql.SQL("""
-    SELECT b.etl_job_id, b.etl_run_id, b.batch_index
+    SELECT b.etl_job_id, b.etl_run_id, b.batch_index, b.deliveries
     FROM {batches} b JOIN {runs} r USING (etl_job_id, etl_run_id)
     WHERE r.status = 'loading' AND r.queue = %(queue)s AND b.status IN ('pending', 'retried', 'running')
       AND greatest(b.queued_at, b.started_at) < now() - make_interval(secs => %(grace)s)
+      AND NOT EXISTS (SELECT 1 FROM {workers} w WHERE w.batch_job = b.etl_job_id AND w.batch_run = b.etl_run_id
+                      AND w.batch_index = b.batch_index
+                      AND w.heartbeat_at > now() - make_interval(secs => %(stale)s))
     ORDER BY b.etl_job_id, b.etl_run_id, b.batch_index""")
 
 #: Runs waiting to be planned: (job, run, planner_lost). A lost planner (its worker stopped beating)
@@ -90,13 +106,17 @@ UNFINISHED = sql.SQL("""
         AND b.status NOT IN ('succeeded', 'failed'))""")
 
 
-def reconcile(*, stale_after: float = STALE_AFTER_SECONDS, grace: float = ORPHAN_GRACE_SECONDS) -> Reconciled | None:
+def reconcile(*, stale_after: float | None = None, grace: float = ORPHAN_GRACE_SECONDS) -> Reconciled | None:
     """One pass over the runs of this process's queue; None when another process is reconciling.
+
+    ``stale_after`` defaults to ETL_WORKER_STALE_SECONDS.
 
     ``pending`` and ``plannable`` are candidates: the caller re-queues those whose RQ job is gone.
     """
     out = Reconciled()
     queue = config.get("ETL_QUEUE")
+    if stale_after is None:
+        stale_after = stale_seconds()
     tables = {"batches": ledger_table("batches"), "runs": ledger_table("runs"), "attempts": ledger_table("attempts"),
               "workers": ledger_table("workers"), "next": next_change()}
     with db.connection() as conn:
@@ -115,10 +135,16 @@ def reconcile(*, stale_after: float = STALE_AFTER_SECONDS, grace: float = ORPHAN
                     out.abandoned.append((job, run, batch))
                     log_event(conn, job, run, "batch_abandoned", level="warning", batch=batch, attempt=attempt,
                               worker=worker, note="the worker stopped beating; the batch is queued again")
+            with conn.transaction():
+                for job, run, batch in states.abandon_canceled_batches(conn, queue=queue, stale_after=stale_after):
+                    out.canceled.append((job, run, batch))
+                    log_event(conn, job, run, "batch_canceled", level="warning", batch=batch,
+                              note="the run was canceled and nobody was going to end this batch")
             # Workers that stopped beating a day ago are history (their attempts keep the name).
             conn.execute(sql.SQL("DELETE FROM {} WHERE heartbeat_at < now() - interval '1 day'").format(
                 tables["workers"]))
-            out.pending = [tuple(r) for r in conn.execute(PENDING.format(**tables), {"grace": grace, "queue": queue})]
+            out.pending = [tuple(r) for r in conn.execute(
+                PENDING.format(**tables), {"grace": grace, "queue": queue, "stale": stale_after})]
             out.plannable = [tuple(r) for r in conn.execute(
                 PLANNABLE.format(**tables), {"grace": grace, "stale": stale_after, "queue": queue})]
             for job, run in conn.execute(UNFINISHED.format(**tables), {"queue": queue}).fetchall():

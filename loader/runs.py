@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -96,12 +97,15 @@ class Cancellation:
 
     ``dequeued`` jobs of the run left the queue; ``queue_error`` says why the queue (Redis) could
     not be reached, in which case its jobs of the run stay queued and each ends at once, loading
-    nothing, when a worker takes it: the queue drains itself.
+    nothing, when a worker takes it: the queue drains itself. ``status`` is ``canceled``, or the run's
+    final state when every batch had already ended (the cancel came too late to stop anything: the run
+    finishes as its batches say, ``note`` says so).
     """
 
     status: str
     dequeued: int
     queue_error: str | None = None
+    note: str | None = None
 
 
 QUEUE_DRAINS_ITSELF = ("its batch jobs stay queued and each ends at once, loading nothing, when a worker takes "
@@ -111,9 +115,13 @@ QUEUE_DRAINS_ITSELF = ("its batch jobs stay queued and each ends at once, loadin
 def cancel(job: str, run: str) -> Cancellation:
     """Cancel an active run: batches not yet started never start; committed ones stay.
 
-    The ledger is canceled first (that is what every worker checks before it loads a batch); then
-    the run's jobs still waiting in the queue are removed, so a canceled 10k-batch run does not
-    leave 10k jobs behind. Redis being unreachable does not undo or fail the cancel.
+    The cancel is a barrier. It locks the run row, which waits only for batch commits in flight (each
+    holds the row key-share locked to its end, see ``states.commit_batch``); once it commits, no batch of
+    the run commits: a batch that reaches its commit later rolls back and is recorded canceled. Unstarted
+    batches are recorded ``canceled`` (never to run) in the same transaction, then their RQ jobs leave the
+    queue, so a canceled 10k-batch run does not leave 10k jobs behind. Planning never holds the run row,
+    so a cancel during planning returns at once and the planner stops. Redis being unreachable does not
+    undo or fail the cancel. A run whose batches have all ended is not canceled but finished.
 
     Example::
 
@@ -122,24 +130,37 @@ def cancel(job: str, run: str) -> Cancellation:
     """
     from .queue import remove_run_jobs
 
-    runs, batches = ledger_table("runs"), ledger_table("batches")
+    runs = ledger_table("runs")
     with db.connection() as conn, conn.transaction():
         row = conn.execute(sql.SQL(
-            "SELECT status, queue FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR UPDATE").format(runs),
-            [job, run]).fetchone()
+            "SELECT status, queue, batches_total FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR UPDATE"
+        ).format(runs), [job, run]).fetchone()
         if row is None:
             raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
-        status, queue = row
+        status, queue, total = row
         if status not in {s.value for s in ACTIVE_RUN_STATES}:
-            raise RunConflict(f"run {job}/{run} is {status}: only a queued, validating or loading run can be "
-                              "canceled", job=job, run=run, status=status)
+            raise RunConflict(f"run {job}/{run} is {status}: only a queued, validating, loading or committing run "
+                              "can be canceled", job=job, run=run, status=status)
+        if status in (RunStatus.LOADING.value, RunStatus.COMMITTING.value) and not _has_open_batches(conn, job, run):
+            # Every batch ended before the cancel got the run: nothing is left to stop. The run ends as its
+            # batches say (a run whose batches all committed is a success), as its last batch would have.
+            if status == RunStatus.LOADING.value:
+                states.start_committing(conn, job, run)
+            final = states.finalize_run(conn, job, run)
+            final_status = str(final[0]) if final else status
+            note = f"every batch of the run had already ended: the run finished as {final_status}, not canceled"
+            log_event(conn, job, run, "cancel_too_late", level="warning", status=final_status, note=note)
+            if final:
+                log_event(conn, job, run, "run_completed", status=final_status, batches_succeeded=final[1],
+                          batches_failed=final[2])
+            return Cancellation(final_status, 0, note=note)
         states.cancel_run(conn, job, run)
-        pending = [r[0] for r in conn.execute(sql.SQL(
-            "SELECT batch_index FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND status = 'pending' "
-            "ORDER BY batch_index").format(batches), [job, run])]
-        log_event(conn, job, run, "run_canceled", level="warning", pending_batches=len(pending))
+        unstarted = states.cancel_batches(conn, job, run)
+        log_event(conn, job, run, "run_canceled", level="warning", unstarted_batches=len(unstarted),
+                  batches_planned=total)
     try:
-        dequeued = remove_run_jobs(job, run, pending, queue=queue, plan=status == RunStatus.QUEUED.value)
+        dequeued = remove_run_jobs(job, run, unstarted, queue=queue,
+                                   plan=status in (RunStatus.QUEUED.value, RunStatus.VALIDATING.value))
     except ServiceError as exc:
         with db.connection() as conn:
             log_event(conn, job, run, "queue_not_cleared", level="warning", error=str(exc),
@@ -150,8 +171,25 @@ def cancel(job: str, run: str) -> Cancellation:
     return Cancellation(RunStatus.CANCELED.value, dequeued)
 
 
-def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -> list[int]:
-    """Put failed batches (all, or those named) back to pending and the run back to loading."""
+def _has_open_batches(conn: psycopg.Connection[Any], job: str, run: str) -> bool:
+    return conn.execute(sql.SQL(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND status = ANY(%s))").format(
+            ledger_table("batches")), [job, run, [s.value for s in states.OPEN_BATCH_STATES]]).fetchone() == (True,)
+
+
+def is_canceled(job: str, run: str) -> bool:
+    """True when the run is canceled (the planner asks after queueing its batches)."""
+    with db.connection() as conn:
+        row = conn.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
+            ledger_table("runs")), [job, run]).fetchone()
+    return row is not None and row[0] == RunStatus.CANCELED.value
+
+
+def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -> dict[int, int]:
+    """Put failed batches (all, or those named) back to pending and the run back to loading.
+
+    Returns {batch: delivery}: each is queued as a new delivery, under an RQ job id of its own.
+    """
     b_table = ledger_table("batches")
     with db.connection() as conn, conn.transaction():
         row = conn.execute(sql.SQL(
@@ -179,7 +217,7 @@ def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -
             failed = wanted
         if not failed:
             raise RunConflict(f"run {job}/{run} has no failed batch to retry", job=job, run=run)
-        states.requeue_failed_batches(conn, job, run, failed)
+        deliveries = states.requeue_failed_batches(conn, job, run, failed)
         states.reopen_for_retry(conn, job, run)
         log_event(conn, job, run, "retry_requested", batches=failed)
-    return failed
+    return deliveries

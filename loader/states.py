@@ -255,14 +255,23 @@ def start_planning(conn: Conn, job: str, run: str, worker: str | None) -> tuple[
 
 
 def holds_planning(conn: Conn, job: str, run: str) -> bool:
-    """Lock the run row (inside a transaction); True when it is still validating, so ours to plan.
+    """Take the run's planning lock (inside a transaction); True when the run is still validating, so ours
+    to plan.
 
-    False means another delivery of the planning job got there first (the run is loading, or canceled):
-    its batches may be loading already and must never be planned again.
+    The lock is a transaction-scoped advisory lock, not the run row: two deliveries of the planning job
+    take turns, while a cancel (which locks the run row) never waits for a planner reading its source.
+    False means another delivery got there first (the run is loading, or canceled): its batches may be
+    loading already and must never be planned again.
     """
-    row = conn.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR UPDATE").format(
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"dataloader.plan.{job}/{run}"])
+    return run_is(conn, job, run, RunStatus.VALIDATING)
+
+
+def run_is(conn: Conn, job: str, run: str, status: RunStatus) -> bool:
+    """True when the run is in ``status`` now (a plain read: no lock)."""
+    row = conn.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
         ledger_table("runs")), [job, run]).fetchone()
-    return row is not None and row[0] == RunStatus.VALIDATING.value
+    return row is not None and row[0] == status.value
 
 
 _PLANNED = sql.SQL(
@@ -271,12 +280,13 @@ _PLANNED = sql.SQL(
     "WHERE etl_job_id = %s AND etl_run_id = %s AND status = 'validating'")
 
 
-def finish_planning(conn: Conn, job: str, run: str, *, batches: int, rows: int) -> RunStatus:
-    """validating -> loading, or success when the source held no records."""
+def finish_planning(conn: Conn, job: str, run: str, *, batches: int, rows: int) -> RunStatus | None:
+    """validating -> loading, or success when the source held no records; None when the run was canceled
+    meanwhile (the caller rolls its batches back)."""
     status = RunStatus.LOADING if batches else RunStatus.SUCCESS
-    conn.execute(_PLANNED.format(ledger_table("runs"), next_change()),
-                 [status.value, batches, rows, batches == 0, job, run])
-    return status
+    moved = conn.execute(_PLANNED.format(ledger_table("runs"), next_change()),
+                         [status.value, batches, rows, batches == 0, job, run]).rowcount > 0
+    return status if moved else None
 
 
 _FAIL_PLANNING = sql.SQL(
@@ -379,7 +389,7 @@ _CLAIM = sql.SQL("""
           AND r.status = 'loading' AND b.status IN ('pending', 'retried', 'running')
         RETURNING b.attempts, b.started_at, b.source_file, b.file_size, b.file_mtime_ns, b.byte_start,
                   b.byte_end, b.line_start, b.line_count, b.ord_start, b.has_payload, b.rows_attempted,
-                  r.run_seq, r.max_attempts
+                  b.checksum, r.run_seq, r.max_attempts
     ), a AS (
         INSERT INTO {attempts} (etl_job_id, etl_run_id, batch_index, attempt, status, trigger, worker, started_at)
         SELECT %(job)s, %(run)s, %(batch)s, attempts, 'running', %(trigger)s, %(worker)s, started_at FROM b
@@ -590,13 +600,29 @@ def abandon_canceled_batches(conn: Conn, *, queue: str, stale_after: float) -> l
 
 _REQUEUE = sql.SQL(
     "UPDATE {} SET status = 'pending', queued_at = now(), error_code = NULL, error_message = NULL, "
-    "error_stack = NULL, change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = ANY(%s) "
-    "AND status = 'failed'")
+    "error_stack = NULL, deliveries = deliveries + 1, change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s "
+    "AND batch_index = ANY(%s) AND status = 'failed' RETURNING batch_index, deliveries")
 
 
-def requeue_failed_batches(conn: Conn, job: str, run: str, batches: list[int]) -> int:
-    """failed -> pending for the batches named (a retry); returns how many moved."""
-    return conn.execute(_REQUEUE.format(ledger_table("batches"), next_change()), [job, run, batches]).rowcount
+def requeue_failed_batches(conn: Conn, job: str, run: str, batches: list[int]) -> dict[int, int]:
+    """failed -> pending for the batches named (a retry), each as a new delivery: {batch: delivery}."""
+    return {int(r[0]): int(r[1]) for r in conn.execute(
+        _REQUEUE.format(ledger_table("batches"), next_change()), [job, run, batches]).fetchall()}
+
+
+_NEXT_DELIVERIES = sql.SQL(
+    "UPDATE {} SET deliveries = deliveries + 1, queued_at = now() WHERE etl_job_id = %s AND etl_run_id = %s "
+    "AND batch_index = ANY(%s) AND status IN ('pending', 'retried', 'running') RETURNING batch_index, deliveries")
+
+
+def next_deliveries(conn: Conn, job: str, run: str, batches: list[int]) -> dict[int, int]:
+    """Number a new RQ delivery of each open batch named (not a state change): {batch: delivery}.
+
+    The reconciler queues a batch again under a job id of its own (``queue.batch_job_id``); a batch that
+    ended meanwhile is left out.
+    """
+    return {int(r[0]): int(r[1]) for r in conn.execute(
+        _NEXT_DELIVERIES.format(ledger_table("batches")), [job, run, batches]).fetchall()}
 
 
 _END_ATTEMPT = sql.SQL("""

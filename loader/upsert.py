@@ -48,6 +48,25 @@ UPSERT = sql.SQL("""
     )
     SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up""")
 
+#: The same upsert for some of the stage's keys only: the rare path after the upsert itself refused a
+#: record's data (a generated column or an expression index of the target computing on ``data``).
+UPSERT_KEYS = sql.SQL("""
+    WITH src AS (
+        SELECT DISTINCT ON (source_id) source_id, data, pos
+        FROM pg_temp.etl_stage WHERE source_id = ANY(%(keys)s) ORDER BY source_id, pos DESC
+    ), up AS (
+        INSERT INTO {target} AS t
+            (source_id, data, etl_job_id, etl_run_id, etl_run_seq, etl_source_pos, loaded_at, updated_at)
+        SELECT source_id, data, %(job)s, %(run)s, %(seq)s, pos, now(), now() FROM src ORDER BY source_id
+        ON CONFLICT (source_id) DO UPDATE SET
+            data = EXCLUDED.data, updated_at = EXCLUDED.updated_at,
+            etl_job_id = EXCLUDED.etl_job_id, etl_run_id = EXCLUDED.etl_run_id,
+            etl_run_seq = EXCLUDED.etl_run_seq, etl_source_pos = EXCLUDED.etl_source_pos
+        WHERE (t.etl_run_seq, t.etl_source_pos) < (EXCLUDED.etl_run_seq, EXCLUDED.etl_source_pos)
+        RETURNING (xmax = 0) AS inserted
+    )
+    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up""")
+
 CREATE_STAGE = sql.SQL(
     "CREATE TEMP TABLE IF NOT EXISTS etl_stage (pos bigint, source_id text, data jsonb) ON COMMIT DELETE ROWS")
 COPY_STAGE = sql.SQL("COPY pg_temp.etl_stage (pos, source_id, data) FROM STDIN (FORMAT BINARY)")
@@ -225,13 +244,69 @@ def stage_isolating(conn: psycopg.Connection[Any], rows: Sequence[StageRow]) -> 
             if not is_record_refusal(exc):
                 raise
             if len(part) == 1:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                refused.append((part[0], f"PostgreSQL refused the record ({exc.sqlstate}): {first}"))
+                refused.append((part[0], refusal_message(exc)))
             else:
                 half = len(part) // 2
                 pending += [part[half:], part[:half]]  # the first half is tried first
     refused.sort(key=lambda r: r[0].pos)
     return refused
+
+
+def refusal_message(exc: psycopg.Error) -> str:
+    """PostgreSQL's refusal of one record, for its reject: SQLSTATE first, then its first line."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"PostgreSQL refused the record ({exc.sqlstate}): {first}"
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A record the upsert refused: the batch's winning record for ``source_id``, at ``pos``."""
+
+    source_id: str
+    pos: int
+    message: str
+
+
+def upsert_isolating(conn: psycopg.Connection[Any], schema: str, table: str, *, job: str, run: str,
+                     run_seq: int) -> tuple[int, int, list[Refused]]:
+    """Upsert the temp stage leaving out the keys whose record the target refuses: (inserted, updated, refused).
+
+    The rare path after :func:`upsert_stage` hit a record's data error (SQLSTATE class 22/54 raised by a
+    generated column, an expression index or a domain of the target). The stage's keys go in halves,
+    each under a savepoint of the caller's transaction; a refused half is split again down to the single
+    key at fault. Each accepted key is upserted exactly once. A refused key's record from this batch is
+    the batch's winner for that key (the last one in source order): it is rejected, and the earlier
+    duplicates it superseded stay superseded, so the counts stay exact (validated = inserted + updated +
+    superseded). Errors that are not a record's go on to the caller.
+    """
+    target = target_identifier(schema, table)
+    keys = [r[0] for r in conn.execute("SELECT DISTINCT source_id FROM pg_temp.etl_stage ORDER BY 1")]
+    inserted = updated = 0
+    refused: list[tuple[str, str]] = []
+    pending: list[list[str]] = [keys] if keys else []
+    while pending:
+        part = pending.pop()
+        try:
+            with conn.transaction():
+                row = conn.execute(UPSERT_KEYS.format(target=target),
+                                   {"keys": part, "job": job, "run": run, "seq": run_seq}).fetchone()
+        except psycopg.Error as exc:
+            if not is_record_refusal(exc):
+                raise
+            if len(part) == 1:
+                refused.append((part[0], refusal_message(exc)))
+            else:
+                half = len(part) // 2
+                pending += [part[half:], part[:half]]
+            continue
+        assert row is not None
+        inserted += int(row[0])
+        updated += int(row[1])
+    positions = dict(conn.execute(
+        "SELECT DISTINCT ON (source_id) source_id, pos FROM pg_temp.etl_stage WHERE source_id = ANY(%s) "
+        "ORDER BY source_id, pos DESC", [[k for k, _ in refused]]).fetchall()) if refused else {}
+    out = sorted((Refused(key, int(positions[key]), message) for key, message in refused), key=lambda r: r.pos)
+    return inserted, updated, out
 
 
 def upsert_stage(conn: psycopg.Connection[Any], schema: str, table: str, *, job: str, run: str,

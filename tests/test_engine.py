@@ -254,9 +254,11 @@ def test_cancel_stops_pending_batches_and_keeps_committed_ones(tmp_path, target_
     own_workers.start(1, burst=True)[0].wait(timeout=60)
     c = loader.run_contract(job, ref.etl_run_id)
     assert c["status"] == "canceled"
-    assert [b["status"] for b in c["batches"]] == ["succeeded"] + ["pending"] * 9
+    # Unstarted batches are recorded as never to run, and say why.
+    assert [b["status"] for b in c["batches"]] == ["succeeded"] + ["canceled"] * 9
+    assert {b["status_label"] for b in c["batches"][1:]} == {"not started (run canceled)"}
     assert len(rows(pg, table)) == 100
-    with pytest.raises(RunConflict, match="only a queued, validating or loading run"):
+    with pytest.raises(RunConflict, match="only a queued, validating, loading or committing run"):
         loader.cancel_run(job, ref.etl_run_id)
 
 
@@ -460,9 +462,9 @@ def test_the_temp_stage_is_made_once_per_connection_and_again_after_a_reconnect(
         assert out.status == "succeeded", out.reason
         with db.connection() as conn:
             assert conn.info.backend_pid != first_pid
+        c = loader.run_contract(job, run)
     finally:
-        db.close_all()
-    c = loader.run_contract(job, run)
+        db.close_all()  # the next tests get a pool of the usual size (SQLAlchemy borrows from it too)
     assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 300
     assert len(rows(pg, table)) == 300
 

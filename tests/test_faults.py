@@ -226,8 +226,10 @@ def count_events(pg, job: str, event: str) -> int:
         sql.Identifier(schema, "events")), [job, event]).fetchone()[0]
 
 
-def test_cancel_takes_the_runs_waiting_jobs_off_the_queue_and_keeps_committed_batches(
+def test_cancel_is_a_barrier_no_batch_commits_after_it_and_its_waiting_jobs_leave_the_queue(
         tmp_path, target_schema, pg, own_workers, own_queue, redis_conn):
+    """Cancel while a batch is mid-upsert (blocked on the target): the cancel returns at once, takes the waiting
+    jobs off the queue, and the started batch, once unblocked, rolls back instead of committing after it."""
     catalog, job = setup_job(tmp_path, target_schema, 20000)
     create_target_table(pg, f"{target_schema}.t")
     own_workers.start(1)
@@ -241,9 +243,11 @@ def test_cancel_takes_the_runs_waiting_jobs_off_the_queue_and_keeps_committed_ba
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(target_schema, "t")))
         wait_blocked(pg, target_schema)  # the only worker holds a batch: the rest of the run waits in the queue
         assert len(run_jobs_in_queue(redis_conn, own_queue, job, run, 200)) > 100
+        began = time.monotonic()
         assert loader.cancel_run(job, run) == "canceled"
+        assert time.monotonic() - began < 1.0  # the blocked batch holds nothing the cancel waits for
         assert run_jobs_in_queue(redis_conn, own_queue, job, run, 200) == set()
-    # The batch that had started goes on and commits; nothing else of the run starts.
+    # The batch that had started reaches its commit after the cancel: it rolls back; nothing else starts.
     schema = os.environ["ETL_LEDGER_SCHEMA"]
     busy = sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND status IN ('running', 'retried')").format(
         sql.Identifier(schema, "batches"))
@@ -254,8 +258,11 @@ def test_cancel_takes_the_runs_waiting_jobs_off_the_queue_and_keeps_committed_ba
     c = loader.run_contract(job, run)
     assert c["status"] == "canceled"
     succeeded = [b for b in c["batches"] if b["status"] == "succeeded"]
-    assert len(succeeded) >= 3
-    assert {b["status"] for b in c["batches"]} == {"succeeded", "pending"}
+    assert len(succeeded) >= 2
+    assert {b["status"] for b in c["batches"]} == {"succeeded", "canceled"}
+    [rolled_back] = [a for b in c["batches"] if b["status"] == "canceled" and b["attempts"]
+                     for a in browse.batch_detail(job, run, b["index"])["attempt_timeline"]]
+    assert rolled_back["status"] == "canceled" and "rolled back" in rolled_back["error_message"]
     rows = pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_run_id = %s").format(
         sql.Identifier(target_schema, "t")), [run]).fetchone()[0]
     assert rows == c["metrics"]["rows_inserted"] == sum(b["rows_inserted"] for b in succeeded) == 100 * len(succeeded)
@@ -291,9 +298,9 @@ def test_cancel_without_redis_succeeds_in_the_ledger_and_the_queue_drains_itself
     own_workers.start(1, burst=True)[0].wait(timeout=120)
     assert run_jobs_in_queue(redis_conn, own_queue, job, run, 10) == set()
     c = loader.run_contract(job, run)
-    assert c["status"] == "canceled" and {b["status"] for b in c["batches"]} == {"pending"}
+    assert c["status"] == "canceled" and {b["status"] for b in c["batches"]} == {"canceled"}
     assert c["metrics"]["rows_inserted"] == 0
-    assert count_events(pg, job, "batch_skipped") == 10
+    assert count_events(pg, job, "batch_skipped") == 0  # they end quietly: the cancel logged once for all
 
 
 def test_backends_terminated_again_and_again_are_retried_and_recorded(
@@ -441,10 +448,11 @@ def test_an_rq_job_timeout_is_its_own_transient_error_and_the_batch_is_queued_ag
 
 
 def test_a_batch_whose_worker_is_killed_in_every_attempt_fails_as_worker_lost_after_max_attempts(
-        tmp_path, target_schema, pg, own_workers, own_queue):
+        tmp_path, target_schema, pg, own_workers, own_queue, monkeypatch):
     """The same batch kills its worker again and again (here: its worker is SIGKILLed while the batch waits on a
     row lock): each lost attempt counts, and after max_attempts (3) it fails for good as worker_lost instead of
     being handed out forever; the run ends partial_success, and a retry once the cause is gone completes it."""
+    monkeypatch.setenv("ETL_WORKER_STALE_SECONDS", "6")  # the workers notice a lost one sooner than the default 15 s
     job, table, catalog = _locked_run(tmp_path, target_schema, pg)
     spec = catalog.read_text().replace("max_attempts = 6", "max_attempts = 3")
     catalog.write_text(spec)
@@ -480,3 +488,207 @@ def test_a_batch_whose_worker_is_killed_in_every_attempt_fails_as_worker_lost_af
     loader.retry_run(job, ref.etl_run_id)
     c = loader.wait_for_run(job, ref.etl_run_id, timeout=90)
     assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 299
+
+
+def _ledger(name: str) -> sql.Composed:
+    return sql.SQL("{}").format(sql.Identifier(os.environ["ETL_LEDGER_SCHEMA"], name))
+
+
+def _wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_cancel_while_planning_returns_within_a_second_and_the_planner_keeps_nothing(
+        tmp_path, target_schema, pg, own_workers, own_queue, redis_conn):
+    """The planner is held inside its transaction (the test locks the ledger's payload table it writes first):
+    the cancel does not wait for it, and the planner, once free, rolls its batches back and queues nothing."""
+    catalog, job = setup_job(tmp_path, target_schema, 5000)
+    own_workers.start(1)
+    with psycopg.connect(pg.info.dsn) as holder:
+        holder.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(_ledger("batch_payloads")))
+        ref = loader.start_run(job, catalog=catalog, batch_size=100)
+        run = ref.etl_run_id
+        _wait_for(lambda: pg.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                                     [f"%{os.environ['ETL_LEDGER_SCHEMA']}%batch_payloads%"]).fetchone(),
+                  30, "the planner to be held")
+        began = time.monotonic()
+        assert loader.cancel_run(job, run) == "canceled"
+        assert time.monotonic() - began < 1.0
+    _wait_for(lambda: count_events(pg, job, "plan_stopped"), 30, "the planner to stop")
+    c = loader.run_contract(job, run)
+    assert c["status"] == "canceled" and c["batches"] == []
+    assert pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s").format(_ledger("batches")),
+                      [job]).fetchone() == (0,)
+    time.sleep(0.5)
+    assert run_jobs_in_queue(redis_conn, own_queue, job, run, 50) == set()
+
+
+def test_a_cancel_that_races_the_last_commit_ends_the_run_success_when_every_batch_committed(
+        tmp_path, target_schema, pg, own_queue):
+    """The cancel and the finisher of the last batch wait on the run row together (the test holds it, letting
+    batch commits through): the cancel gets it first, finds every batch committed, and finishes the run as a
+    success instead of canceling it; the finisher then has nothing to do."""
+    from loader import loading, planning, runs
+
+    catalog, job = setup_job(tmp_path, target_schema, 300)
+    ref = runs.create_run(loader.load_catalog(catalog).get(job), batch_size=100)
+    run = ref.etl_run_id
+    assert planning.plan_run(job, run) == [0, 1, 2]
+    loading.load_batch(job, run, 0)
+    loading.load_batch(job, run, 1)
+    results: dict[str, object] = {}
+    with psycopg.connect(pg.info.dsn) as holder:
+        holder.execute(sql.SQL("SELECT 1 FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR NO KEY UPDATE").format(
+            _ledger("runs")), [job, run])
+        canceler = threading.Thread(target=lambda: results.update(cancel=runs.cancel(job, run)))
+        canceler.start()
+        _wait_for(lambda: pg.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                     "AND query LIKE %s", ["%FOR UPDATE%"]).fetchone(), 30, "the cancel to wait")
+        last = threading.Thread(target=lambda: results.update(last=loading.load_batch(job, run, 2)))
+        last.start()
+        _wait_for(lambda: pg.execute(sql.SQL("SELECT 1 FROM {} WHERE etl_job_id = %s AND status = 'succeeded' "
+                                             "AND batch_index = 2").format(_ledger("batches")), [job]).fetchone(),
+                  30, "the last batch to commit")
+        assert canceler.is_alive()
+    canceler.join(30)
+    last.join(30)
+    done = results["cancel"]
+    assert done.status == "success" and "already ended" in done.note
+    assert results["last"].status == "succeeded"
+    c = loader.run_contract(job, run)
+    assert c["status"] == "success" and c["metrics"]["batches_succeeded"] == 3
+    assert count_events(pg, job, "run_canceled") == 0 and count_events(pg, job, "run_completed") == 1
+
+
+def test_no_batch_of_a_canceled_run_stays_running_when_its_worker_dies(
+        tmp_path, target_schema, pg, own_workers, own_queue):
+    """A batch running when its run is canceled, whose worker is then killed: the reconciler records it canceled."""
+    catalog, job = setup_job(tmp_path, target_schema, 2000)
+    create_target_table(pg, f"{target_schema}.t")
+    [victim] = own_workers.start(1)
+    with psycopg.connect(pg.info.dsn) as blocker:
+        blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(target_schema, "t")))
+        ref = loader.start_run(job, catalog=catalog, batch_size=100)
+        wait_blocked(pg, target_schema)
+        assert loader.cancel_run(job, ref.etl_run_id) == "canceled"
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+    own_workers.start(1)  # its reconciler finds the dead worker's batch
+    open_batches = sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND status IN ('pending', 'running', "
+                           "'retried')").format(_ledger("batches"))
+    _wait_for(lambda: pg.execute(open_batches, [job]).fetchone() == (0,), 90, "no open batch")
+    c = loader.run_contract(job, ref.etl_run_id)
+    assert c["status"] == "canceled" and {b["status"] for b in c["batches"]} == {"canceled"}
+    attempts = pg.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s").format(_ledger("attempts")),
+                          [job]).fetchall()
+    assert attempts == [("abandoned",)]
+    assert pg.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(target_schema, "t"))).fetchone() == (0,)
+
+
+def test_a_batch_a_live_worker_is_executing_is_never_queued_again_whatever_rq_says(
+        tmp_path, target_schema, pg, own_workers, own_queue, redis_conn):
+    """The RQ record of a batch that runs long on a live worker is marked finished (as a skipped duplicate delivery
+    sharing its job id would): the reconciler trusts the ledger's heartbeat, which names the batch, and never queues
+    it again, so no second worker takes it over; once free it commits in its first attempt."""
+    from loader.queue import batch_job_id
+
+    job, table, catalog = _locked_run(tmp_path, target_schema, pg)
+    holder = _RowLock(os.environ["DATABASE_URL"], table, "r150", 600)
+    own_workers.start(2)
+    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    run = ref.etl_run_id
+    batch1 = sql.SQL("SELECT status, attempts, deliveries FROM {} WHERE etl_job_id = %s AND batch_index = 1").format(
+        _ledger("batches"))
+    _wait_for(lambda: (pg.execute(batch1, [job]).fetchone() or ("",))[0] == "running", 30, "batch 1 to run")
+    job_key = f"rq:job:{batch_job_id(job, run, 1)}"
+    redis_conn.hset(job_key, "status", "finished")
+    # The reconciler runs every 5 s, a batch is a candidate after 10 s: 25 s covers several passes.
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline:
+        assert pg.execute(batch1, [job]).fetchone() == ("running", 1, 0)
+        time.sleep(0.5)
+    holder.release()
+    c = loader.wait_for_run(job, run, timeout=90)
+    assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 299
+    [b1] = [b for b in c["batches"] if b["index"] == 1]
+    assert b1["attempts"] == 1
+
+
+class _FreezableProxy:
+    """A TCP proxy to Redis that can stop answering (hold every byte) without closing a connection: a Redis
+    that hangs, as a stalled network or a stopped process would."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._upstream = (host, port)
+        self.thawed = threading.Event()
+        self.thawed.set()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, dest: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self.thawed.wait()
+                dest.sendall(data)
+        except OSError:
+            pass
+        finally:
+            source.close()
+            dest.close()
+
+    def close(self) -> None:
+        self.thawed.set()
+        self._server.close()
+
+
+def test_the_heartbeat_goes_on_while_reconciling_hangs_on_a_redis_that_stopped_answering(
+        tmp_path, target_schema, pg, own_workers, own_queue, monkeypatch):
+    """Redis stops answering (no error, no close): the reconciler's Redis calls hang until their socket timeout,
+    on a thread of their own, while the worker keeps beating in the ledger, so it never looks dead; once Redis
+    answers again the reconciler queues what it found (here: a queued run whose planning job was lost)."""
+    from urllib.parse import urlsplit
+
+    from loader import runs
+
+    real = urlsplit(os.environ["REDIS_URL"])
+    proxy = _FreezableProxy(real.hostname or "127.0.0.1", real.port or 6379)
+    try:
+        monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{proxy.port}{real.path or '/0'}")
+        own_workers.start(1)
+        beats = sql.SQL("SELECT heartbeat_at FROM {} WHERE queue = %s").format(_ledger("workers"))
+        _wait_for(lambda: pg.execute(beats, [own_queue]).fetchone(), 30, "the worker's first beat")
+        proxy.thawed.clear()  # Redis hangs from now on
+        catalog, job = setup_job(tmp_path, target_schema, 300)
+        ref = runs.create_run(loader.load_catalog(catalog).get(job), batch_size=100)  # its planning job is "lost"
+        pg.execute(sql.SQL("UPDATE {} SET started_at = now() - interval '1 minute' WHERE etl_job_id = %s").format(
+            _ledger("runs")), [job])
+        seen = []
+        deadline = time.monotonic() + 25  # > the reconciler's 10 s Redis timeout, > the 15 s stale window
+        while time.monotonic() < deadline:
+            seen.append(pg.execute(beats, [own_queue]).fetchone()[0])
+            time.sleep(0.5)
+        gaps = [(b - a).total_seconds() for a, b in zip(sorted(set(seen)), sorted(set(seen))[1:], strict=False)]
+        assert len(set(seen)) >= 6 and max(gaps) < 6, gaps
+        assert loader.run_contract(job, ref.etl_run_id, include_batches=False)["status"] == "queued"
+        proxy.thawed.set()
+        c = loader.wait_for_run(job, ref.etl_run_id, timeout=90)
+        assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 300
+    finally:
+        proxy.close()

@@ -176,6 +176,49 @@ def test_a_record_postgresql_refuses_past_our_checks_costs_that_record_not_its_b
     assert len(got) == 96 and got["dup"] == "kept" and "r0" not in got and "r99" not in got
 
 
+def test_a_record_the_target_table_refuses_in_the_upsert_costs_that_record_not_its_batch(tmp_path, target_schema, pg,
+                                                                                         ledger):
+    """The target computes on ``data`` (a generated column casting a field to numeric): a record whose field is not
+    a number is refused by the upsert itself, past every check of ours and jsonb's. It costs that record (a
+    json_shape reject with PostgreSQL's message), never its batch; a refused later duplicate leaves the earlier
+    one superseded, and the counts stay exact."""
+    from loader import loading, planning
+    from loader import runs as runs_mod
+
+    pg.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(target_schema)))
+    pg.execute(sql.SQL("CREATE TABLE {} (source_id text PRIMARY KEY, data jsonb NOT NULL, etl_job_id text NOT NULL, "
+                       "etl_run_id text NOT NULL, loaded_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, "
+                       "amount numeric GENERATED ALWAYS AS ((data->>'amount')::numeric) STORED)").format(
+                           sql.Identifier(target_schema, "t")))
+    records: list[object] = [{"id": f"r{i}", "amount": i} for i in range(200)]
+    records[0] = {"id": "r0", "amount": "zero"}  # batch 0's first record
+    records[60] = {"id": "dup", "amount": 1}
+    records[61] = {"id": "dup", "amount": "one"}  # the batch's winner for "dup", refused
+    records[199] = {"id": "r199", "amount": "last"}  # batch 1's last record
+    write_ndjson(tmp_path / "u.ndjson", records)
+    catalog = write_catalog(tmp_path, {"upsert-refused": {"source": "u.ndjson", "target_table": f"{target_schema}.t",
+                                                          "source_id": "id"}})
+    ref = runs_mod.create_run(loader.load_catalog(catalog).get("upsert-refused"), batch_size=100)
+    assert planning.plan_run("upsert-refused", ref.etl_run_id) == [0, 1]
+    first = loading.load_batch("upsert-refused", ref.etl_run_id, 0)
+    second = loading.load_batch("upsert-refused", ref.etl_run_id, 1)
+    assert (first.status, first.attempts, first.rows_inserted, first.validation_failures) == ("succeeded", 1, 97, 2)
+    assert (second.status, second.attempts, second.rows_inserted, second.validation_failures) == (
+        "succeeded", 1, 99, 1)
+    c = loader.run_contract("upsert-refused", ref.etl_run_id)
+    assert c["status"] == "success"
+    m = c["metrics"]
+    assert (m["rows_attempted"], m["rows_validated"], m["validation_failures"]) == (200, 197, 3)
+    assert m["rows_validated"] == m["rows_inserted"] + m["rows_updated"] + m["rows_superseded"]
+    assert m["rows_superseded"] == 1  # dup's earlier record, superseded by the refused one
+    refused = {e["line_no"]: e["message"] for e in c["validation_summary"]["examples"]}
+    assert sorted(refused) == [1, 62, 200]
+    assert all(msg.startswith("PostgreSQL refused the record (22P02)") for msg in refused.values()), refused
+    got = dict(pg.execute(sql.SQL("SELECT source_id, amount FROM {}").format(
+        sql.Identifier(target_schema, "t"))).fetchall())
+    assert len(got) == 196 and "r0" not in got and "dup" not in got and "r199" not in got and got["r5"] == 5
+
+
 def test_errors_and_exports_never_show_the_database_password(tmp_path, target_schema, pg, own_workers,
                                                            monkeypatch, redis_conn):
     """A run with a password in DATABASE_URL (trust auth ignores it) and a failing batch."""

@@ -5,6 +5,8 @@
   canceled is recorded as such (its rows were rolled back).
 - ``batches.deliveries`` numbers the RQ deliveries of a batch: each has its own RQ job id, so one
   delivery can never mark another's RQ job finished (issue: redeliveries fencing each other out).
+- ``workers.batch_job/batch_run/batch_index``: the batch a worker is executing, written with its
+  heartbeat; the reconciler trusts it (a batch a live worker is executing is never queued again).
 - ``batches.checksum``: a digest of the batch's bytes taken at planning; loading verifies it, so a
   source rewritten after planning fails its batch instead of loading other data. NULL for batches
   planned before this revision (they are verified by size and mtime, as before).
@@ -54,6 +56,8 @@ def upgrade() -> None:
     op.add_column("batches", sa.Column("deliveries", sa.Integer, nullable=False, server_default="0"),
                   schema=schema)
     op.add_column("batches", sa.Column("checksum", sa.Text), schema=schema)
+    for name, kind in (("batch_job", sa.Text), ("batch_run", sa.Text), ("batch_index", sa.Integer)):
+        op.add_column("workers", sa.Column(name, kind), schema=schema)
     op.get_bind().execute(_schema_version(schema).insert().values(version=3))
 
 
@@ -61,6 +65,8 @@ def downgrade() -> None:
     schema = db.ledger_schema()
     versions = _schema_version(schema)
     op.get_bind().execute(versions.delete().where(versions.c.version == 3))
+    for name in ("batch_job", "batch_run", "batch_index"):
+        op.drop_column("workers", name, schema=schema)
     op.drop_column("batches", "checksum", schema=schema)
     op.drop_column("batches", "deliveries", schema=schema)
     bind = op.get_bind()
