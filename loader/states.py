@@ -393,6 +393,11 @@ _CLAIM = sql.SQL("""
     ), a AS (
         INSERT INTO {attempts} (etl_job_id, etl_run_id, batch_index, attempt, status, trigger, worker, started_at)
         SELECT %(job)s, %(run)s, %(batch)s, attempts, 'running', %(trigger)s, %(worker)s, started_at FROM b
+    ), taken AS (
+        UPDATE {attempts} t SET status = 'abandoned', ended_at = clock_timestamp(), error_code = 'taken_over',
+            error_message = 'a new attempt took the batch over before this one ended'
+        FROM b WHERE t.etl_job_id = %(job)s AND t.etl_run_id = %(run)s AND t.batch_index = %(batch)s
+          AND t.attempt < b.attempts AND t.status = 'running'
     )
     SELECT * FROM b""")
 
@@ -404,7 +409,9 @@ def claim_batch(conn: Conn, job: str, run: str, batch: int, *, worker: str | Non
     Returns the batch's plan and the new attempt number (``attempts``), or None when the batch is not
     startable (committed, failed, the run canceled). ``running`` is claimable because RQ may deliver a
     batch again while (or after) an earlier execution holds it: the newer attempt takes over, and the
-    older one finds out in :func:`holds_batch` and commits nothing.
+    older one finds out in :func:`holds_batch` and commits nothing. The attempt taken over ends here,
+    ``abandoned`` with code ``taken_over``: its worker may be dead (killed, or its failure could not be
+    recorded), and nobody else would end it.
     """
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(_CLAIM.format(batches=ledger_table("batches"), runs=ledger_table("runs"),
