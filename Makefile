@@ -12,8 +12,11 @@ HOST ?= 127.0.0.1
 PYTEST_ARGS ?=
 # Embedded services for tests live apart from the console's (.data), so tests never flush its queue.
 TEST_DATA_DIR ?= .data/test
+# The fault soak (bench/soak.py): its seed and how many minutes faults are injected.
+SEED ?= 1
+MINUTES ?= 2
 
-.PHONY: help install run test lint browser demo-data stop clean-data
+.PHONY: help install run test lint browser demo-data stop clean-data bench soak
 
 help:
 	@echo "make run       start PostgreSQL, Redis, workers and the console (PORT=$(PORT) WORKERS=$(WORKERS))"
@@ -22,6 +25,7 @@ help:
 	@echo "make browser   install Debian's chromium for the browser tests when missing"
 	@echo "make demo-data regenerate data/ (the demo catalog's sources)"
 	@echo "make stop      stop embedded services a crashed run left behind"
+	@echo "make soak      seeded fault soak on its own servers (SEED=$(SEED) MINUTES=$(MINUTES)); exit 1 with evidence"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -60,3 +64,6 @@ clean-data: stop
 
 bench: $(STAMP)
 	$(PY) bench/engine.py
+
+soak: $(STAMP)
+	$(PY) bench/soak.py --seed $(SEED) --minutes $(MINUTES)

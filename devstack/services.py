@@ -105,17 +105,26 @@ def ensure_services(data_dir: Path | None = None) -> Services:
         return _ensure_locked(root, db_url, redis_url)
 
 
-def stop_services(data_dir: Path | None = None) -> None:
-    """Stop the embedded PostgreSQL and Redis of ``data_dir``, whoever started them.
+def stop_services(data_dir: Path | None = None, only: Sequence[str] = (POSTGRESQL, REDIS)) -> None:
+    """Stop the embedded PostgreSQL and Redis of ``data_dir`` (or ``only`` those named), whoever started them.
 
     Does nothing for a service that is not running (so it is safe to call twice) and never
-    touches servers named by ``DATABASE_URL`` / ``REDIS_URL``. Data stays on disk for next time.
+    touches servers named by ``DATABASE_URL`` / ``REDIS_URL``. Data stays on disk for next time;
+    ``ensure_services`` starts again what is stopped.
+
+    Example::
+
+        stop_services(data_dir, only=[POSTGRESQL])  # a PostgreSQL restart: Redis keeps running
+        ensure_services(data_dir)
     """
+    unknown = set(only) - {POSTGRESQL, REDIS}
+    if unknown:
+        raise ValueError(f"stop_services: unknown service {sorted(unknown)[0]!r}; expected {POSTGRESQL!r} or {REDIS!r}")
     root = _resolve(data_dir)
     if not root.is_dir():
         return
     with _locked(root):
-        _stop_locked(root)
+        _stop_locked(root, tuple(only))
 
 
 @contextlib.contextmanager

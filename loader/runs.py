@@ -118,7 +118,7 @@ def cancel(job: str, run: str) -> Cancellation:
     """Cancel an active run: batches not yet started never start; committed ones stay.
 
     The cancel is a barrier. It locks the run row, which waits only for batch commits in flight (each
-    holds the row key-share locked to its end, see ``states.commit_batch``); once it commits, no batch of
+    holds the row share-locked to its end, see ``states.commit_batch``); once it commits, no batch of
     the run commits: a batch that reaches its commit later rolls back and is recorded canceled. Unstarted
     batches are recorded ``canceled`` (never to run) in the same transaction, then their RQ jobs leave the
     queue, so a canceled 10k-batch run does not leave 10k jobs behind. Planning never holds the run row,
@@ -135,7 +135,8 @@ def cancel(job: str, run: str) -> Cancellation:
     runs = ledger_table("runs")
     with db.connection() as conn, lineage.after_commit(job, run) as lineage_run, conn.transaction():
         row = conn.execute(sql.SQL(
-            "SELECT status, queue, batches_total FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR UPDATE"
+            "SELECT status, queue, batches_total FROM {} WHERE etl_job_id = %s AND etl_run_id = %s "
+            "FOR NO KEY UPDATE"
         ).format(runs), [job, run]).fetchone()
         if row is None:
             raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)

@@ -393,6 +393,11 @@ _CLAIM = sql.SQL("""
     ), a AS (
         INSERT INTO {attempts} (etl_job_id, etl_run_id, batch_index, attempt, status, trigger, worker, started_at)
         SELECT %(job)s, %(run)s, %(batch)s, attempts, 'running', %(trigger)s, %(worker)s, started_at FROM b
+    ), taken AS (
+        UPDATE {attempts} t SET status = 'abandoned', ended_at = clock_timestamp(), error_code = 'taken_over',
+            error_message = 'a new attempt took the batch over before this one ended'
+        FROM b WHERE t.etl_job_id = %(job)s AND t.etl_run_id = %(run)s AND t.batch_index = %(batch)s
+          AND t.attempt < b.attempts AND t.status = 'running'
     )
     SELECT * FROM b""")
 
@@ -404,7 +409,9 @@ def claim_batch(conn: Conn, job: str, run: str, batch: int, *, worker: str | Non
     Returns the batch's plan and the new attempt number (``attempts``), or None when the batch is not
     startable (committed, failed, the run canceled). ``running`` is claimable because RQ may deliver a
     batch again while (or after) an earlier execution holds it: the newer attempt takes over, and the
-    older one finds out in :func:`holds_batch` and commits nothing.
+    older one finds out in :func:`holds_batch` and commits nothing. The attempt taken over ends here,
+    ``abandoned`` with code ``taken_over``: its worker may be dead (killed, or its failure could not be
+    recorded), and nobody else would end it.
     """
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(_CLAIM.format(batches=ledger_table("batches"), runs=ledger_table("runs"),
@@ -426,9 +433,10 @@ def holds_batch(conn: Conn, job: str, run: str, batch: int, attempt: int) -> boo
 
 
 _COMMIT = sql.SQL("""
-    WITH r AS (  -- the cancel barrier: held to this transaction's end; cancel_run's FOR UPDATE waits for it
+    WITH r AS (  -- the cancel barrier: held to this transaction's end; the cancel's FOR NO KEY UPDATE waits
+        -- for it (not KEY SHARE: foreign-key checks take that, and would deadlock with the cancel)
         SELECT 1 FROM {runs} WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND status = 'loading'
-        FOR KEY SHARE
+        FOR SHARE
     )
     UPDATE {batches} SET status = 'succeeded', rows_inserted = %(ins)s, rows_updated = %(upd)s,
         rows_validated = %(valid)s, rows_superseded = %(superseded)s, validation_failures = %(rejected)s,
@@ -443,8 +451,8 @@ def commit_batch(conn: Conn, job: str, run: str, batch: int, attempt: int, *, in
                  valid: int, rejected: int, required: int, ms: float) -> bool:
     """running (by ``attempt``) -> succeeded, with its counts; in the transaction that upserted its rows.
 
-    Only while the run is ``loading``: the run row stays key-share locked until the transaction ends, so a
-    cancel (which locks the run FOR UPDATE) waits for commits in flight and no batch commits after it.
+    Only while the run is ``loading``: the run row stays share-locked until the transaction ends, so a
+    cancel (which locks the run FOR NO KEY UPDATE) waits for commits in flight and no batch commits after it.
     False: the run is no longer loading (canceled); the caller rolls back and calls :func:`cancel_attempt`.
     """
     return conn.execute(_COMMIT.format(batches=ledger_table("batches"), runs=ledger_table("runs"),

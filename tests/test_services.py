@@ -217,6 +217,20 @@ def test_stop_services_stops_both_servers_and_a_second_stop_does_nothing(data_di
     assert ensure_services(data_dir).started == ("postgresql", "redis")
 
 
+def test_stop_services_can_stop_postgresql_alone_and_ensure_services_starts_only_it_again(data_dir: Path) -> None:
+    services = ensure_services(data_dir)
+    pg_pid, r_pid = postmaster_pid(data_dir), redis_pid(data_dir)
+
+    stop_services(data_dir, only=["postgresql"])
+
+    assert not alive(pg_pid) and alive(r_pid)
+    assert redis.Redis.from_url(services.redis_url).ping()
+    assert ensure_services(data_dir).started == ("postgresql",)
+    assert redis_pid(data_dir) == r_pid
+    with pytest.raises(ValueError, match="unknown service 'mysql'"):
+        stop_services(data_dir, only=["mysql"])
+
+
 def test_urls_from_the_environment_are_returned_unchanged_and_nothing_is_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

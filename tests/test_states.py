@@ -11,7 +11,7 @@ import pytest
 from psycopg import sql
 
 from loader import states
-from loader.states import ALLOWED_BATCH, ALLOWED_RUN, STORED_RUN_STATES, BatchStatus, RunStatus
+from loader.states import ALLOWED_BATCH, ALLOWED_RUN, STORED_RUN_STATES, AttemptStatus, BatchStatus, RunStatus
 
 QUEUE = f"states-{uuid.uuid4().hex[:8]}"  # abandon_stale_batches only ever sees this test's runs
 
@@ -161,6 +161,18 @@ def test_only_the_attempt_that_holds_a_batch_commits_or_fails_it(ledger, pg):
         assert states.holds_batch(pg, job, run, 0, 2)
     assert states.commit_batch(pg, job, run, 0, 2, inserted=1, updated=0, valid=1, rejected=0, required=0, ms=1.0)
     assert batch_status(pg, job, run) == "succeeded"
+
+
+def test_a_claim_that_takes_a_running_batch_over_ends_the_attempt_it_took_over(ledger, pg):
+    """A redelivery takes over a batch whose attempt nobody will end (its worker killed, or its failure not
+    recorded while the database was away): that attempt ends abandoned as taken_over, never running for ever."""
+    job, run = make_run(pg, "loading", ["running"])
+    began = states.claim_batch(pg, job, run, 0, worker="w2", trigger="auto")
+    assert began is not None and began["attempts"] == 2
+    states.end_attempt(pg, job, run, 0, 1, AttemptStatus.SKIPPED, ms=1.0)  # the older execution, if alive
+    got = pg.execute(sql.SQL("SELECT attempt, status, error_code FROM {} WHERE etl_job_id = %s AND etl_run_id = %s "
+                             "ORDER BY attempt").format(_table("attempts")), [job, run]).fetchall()
+    assert got == [(1, "abandoned", "taken_over"), (2, "running", None)]
 
 
 def test_no_batch_commits_once_its_run_is_canceled(ledger, pg):
