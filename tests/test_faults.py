@@ -531,7 +531,7 @@ def test_a_cancel_while_planning_returns_within_a_second_and_the_planner_keeps_n
 
 def test_a_cancel_that_races_the_last_commit_ends_the_run_success_when_every_batch_committed(
         tmp_path, target_schema, pg, own_queue):
-    """The cancel and the finisher of the last batch wait on the run row together (the test holds it, letting
+    """The cancel and the finisher of the last batch wait on the run row together (the test share-locks it, letting
     batch commits through): the cancel gets it first, finds every batch committed, and finishes the run as a
     success instead of canceling it; the finisher then has nothing to do."""
     from loader import loading, planning, runs
@@ -544,12 +544,12 @@ def test_a_cancel_that_races_the_last_commit_ends_the_run_success_when_every_bat
     loading.load_batch(job, run, 1)
     results: dict[str, object] = {}
     with psycopg.connect(pg.info.dsn) as holder:
-        holder.execute(sql.SQL("SELECT 1 FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR NO KEY UPDATE").format(
+        holder.execute(sql.SQL("SELECT 1 FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR SHARE").format(
             _ledger("runs")), [job, run])
         canceler = threading.Thread(target=lambda: results.update(cancel=runs.cancel(job, run)))
         canceler.start()
         _wait_for(lambda: pg.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                     "AND query LIKE %s", ["%FOR UPDATE%"]).fetchone(), 30, "the cancel to wait")
+                                     "AND query LIKE %s", ["%FOR NO KEY UPDATE%"]).fetchone(), 30, "the cancel to wait")
         last = threading.Thread(target=lambda: results.update(last=loading.load_batch(job, run, 2)))
         last.start()
         _wait_for(lambda: pg.execute(sql.SQL("SELECT 1 FROM {} WHERE etl_job_id = %s AND status = 'succeeded' "
