@@ -31,10 +31,10 @@ CREATE_TARGET = sql.SQL("""
 #: concurrent batches take row locks in the same order. A row is only overwritten by a record that
 #: comes later (later-started run, then later in the source), so batches may commit in any order.
 #: ``xmax = 0`` is true only for a freshly inserted row: exact inserted vs updated counts.
-UPSERT = sql.SQL("""
+_UPSERT = """
     WITH src AS (
         SELECT DISTINCT ON (source_id) source_id, data, pos
-        FROM pg_temp.etl_stage ORDER BY source_id, pos DESC
+        FROM pg_temp.etl_stage {keys} ORDER BY source_id, pos DESC
     ), up AS (
         INSERT INTO {target} AS t
             (source_id, data, etl_job_id, etl_run_id, etl_run_seq, etl_source_pos, loaded_at, updated_at)
@@ -46,26 +46,11 @@ UPSERT = sql.SQL("""
         WHERE (t.etl_run_seq, t.etl_source_pos) < (EXCLUDED.etl_run_seq, EXCLUDED.etl_source_pos)
         RETURNING (xmax = 0) AS inserted
     )
-    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up""")
-
+    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"""
+UPSERT = sql.SQL(_UPSERT.replace("{keys}", ""))
 #: The same upsert for some of the stage's keys only: the rare path after the upsert itself refused a
 #: record's data (a generated column or an expression index of the target computing on ``data``).
-UPSERT_KEYS = sql.SQL("""
-    WITH src AS (
-        SELECT DISTINCT ON (source_id) source_id, data, pos
-        FROM pg_temp.etl_stage WHERE source_id = ANY(%(keys)s) ORDER BY source_id, pos DESC
-    ), up AS (
-        INSERT INTO {target} AS t
-            (source_id, data, etl_job_id, etl_run_id, etl_run_seq, etl_source_pos, loaded_at, updated_at)
-        SELECT source_id, data, %(job)s, %(run)s, %(seq)s, pos, now(), now() FROM src ORDER BY source_id
-        ON CONFLICT (source_id) DO UPDATE SET
-            data = EXCLUDED.data, updated_at = EXCLUDED.updated_at,
-            etl_job_id = EXCLUDED.etl_job_id, etl_run_id = EXCLUDED.etl_run_id,
-            etl_run_seq = EXCLUDED.etl_run_seq, etl_source_pos = EXCLUDED.etl_source_pos
-        WHERE (t.etl_run_seq, t.etl_source_pos) < (EXCLUDED.etl_run_seq, EXCLUDED.etl_source_pos)
-        RETURNING (xmax = 0) AS inserted
-    )
-    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up""")
+UPSERT_KEYS = sql.SQL(_UPSERT.replace("{keys}", "WHERE source_id = ANY(%(keys)s)"))
 
 CREATE_STAGE = sql.SQL(
     "CREATE TEMP TABLE IF NOT EXISTS etl_stage (pos bigint, source_id text, data jsonb) ON COMMIT DELETE ROWS")

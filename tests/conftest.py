@@ -130,6 +130,17 @@ def workers(ledger: str, redis_conn, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture
+def own_queue(monkeypatch: pytest.MonkeyPatch, redis_conn) -> Iterator[str]:
+    """A queue of this test's own: only the workers this test starts (with its environment, and then killed,
+    frozen or started late as it likes) serve it; the session's workers never take its jobs."""
+    name = f"own-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("ETL_QUEUE", name)
+    yield name
+    for key in redis_conn.scan_iter(f"rq:*{name}*"):
+        redis_conn.delete(key)
+
+
+@pytest.fixture
 def own_workers(ledger: str, redis_conn, tmp_path: Path) -> Iterator[WorkerProcs]:
     procs = WorkerProcs(tmp_path)
     yield procs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 import zlib
 from pathlib import Path
 
@@ -22,14 +21,6 @@ pytestmark = pytest.mark.usefixtures("ledger")
 FIXED_MTIME_NS = 315_532_800 * 10**9  # 1980-01-01, FAT's epoch
 
 
-@pytest.fixture
-def own_queue(monkeypatch, redis_conn):
-    """A queue of this test's own: only the workers this test starts, once the source is edited, serve it."""
-    name = f"changed-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("ETL_QUEUE", name)
-    yield name
-    for key in redis_conn.scan_iter(f"rq:*{name}*"):
-        redis_conn.delete(key)
 
 
 def planned_run(tmp_path: Path, target_schema: str, n: int, *, batch_size: int = 100, gz: bool = False,

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -24,14 +23,6 @@ from .helpers import create_target_table, free_port, job_name, write_catalog, wr
 
 pytestmark = [pytest.mark.usefixtures("ledger"), pytest.mark.slow]
 
-@pytest.fixture
-def own_queue(monkeypatch, redis_conn):
-    """A queue of this test's own, so only the workers this test starts (and kills) serve it."""
-    name = f"faults-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("ETL_QUEUE", name)
-    yield name
-    for key in redis_conn.scan_iter(f"rq:*{name}*"):
-        redis_conn.delete(key)
 
 
 def setup_job(tmp_path, target_schema, n: int) -> tuple[str, str]:

@@ -97,14 +97,6 @@ def lineage_server(monkeypatch) -> Iterator[LineageServer]:
     server.server.shutdown()
 
 
-@pytest.fixture
-def own_queue(monkeypatch, redis_conn):
-    """A queue of this test's own, so only the workers it starts (with its environment) serve it."""
-    name = f"lineage-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("ETL_QUEUE", name)
-    yield name
-    for key in redis_conn.scan_iter(f"rq:*{name}*"):
-        redis_conn.delete(key)
 
 
 def make_job(tmp_path: Path, target_schema: str, n: int, **extra: Any) -> tuple[Path, str, Path]:

@@ -34,14 +34,6 @@ def schema(monkeypatch: pytest.MonkeyPatch, pg: psycopg.Connection) -> Iterator[
     pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
-@pytest.fixture
-def own_queue(monkeypatch: pytest.MonkeyPatch, redis_conn) -> Iterator[str]:
-    """A queue of this test's own: the session's workers (on the session's ledger) never take its jobs."""
-    name = f"migrations-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("ETL_QUEUE", name)
-    yield name
-    for key in redis_conn.scan_iter(f"rq:*{name}*"):
-        redis_conn.delete(key)
 
 
 def load_0_1_0(schema: str) -> None:
