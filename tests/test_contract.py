@@ -63,7 +63,9 @@ def test_elapsed_and_throughput_count_loading_time_not_the_idle_time_before_a_re
     assert loading.load_batch(job, run, 3).status == "succeeded"
     first = loader.run_contract(job, run)["metrics"]
     assert first["loading_ms"] == pytest.approx(attempt_union_ms(pg, ledger, job, run), abs=1)
-    assert first["throughput_rps"] == pytest.approx(300 * 1000 / first["loading_ms"], rel=0.01)
+    # loading_ms is a whole number of ms: at a few tens of ms its rounding alone moves the rate by 1-2 %.
+    assert first["throughput_rps"] == pytest.approx(300 * 1000 / first["loading_ms"],
+                                                    rel=0.01 + 1 / first["loading_ms"])
 
     time.sleep(3)  # the operator looks into it, then retries: idle time, not loading time
     remove_poison(pg, table)
@@ -77,4 +79,4 @@ def test_elapsed_and_throughput_count_loading_time_not_the_idle_time_before_a_re
     assert m["loading_ms"] < first["loading_ms"] + 2000  # one more batch's attempt, not the 3 s gap
     wall = (datetime.fromisoformat(c["completed_at"]) - datetime.fromisoformat(c["started_at"])).total_seconds()
     assert m["elapsed_ms"] == pytest.approx(wall * 1000, abs=1) and m["elapsed_ms"] > m["loading_ms"] + 2500
-    assert m["throughput_rps"] == pytest.approx(400 * 1000 / m["loading_ms"], rel=0.01)
+    assert m["throughput_rps"] == pytest.approx(400 * 1000 / m["loading_ms"], rel=0.01 + 1 / m["loading_ms"])

@@ -23,6 +23,10 @@ START_ENABLED = ("() => { const b = [...document.querySelectorAll('button')].fil
                  "b => b.innerText.includes('Start Load')); return b.length === 1 && !b[0].disabled; }")
 
 
+#: No script run in progress (Streamlit marks its app element while the script runs).
+APP_IDLE = "() => document.querySelector('.stApp')?.getAttribute('data-test-script-state') === 'notRunning'"
+
+
 def metric(page, label: str):
     """The value of the Run Monitor's metric card ``label`` (a ``<dt>``/``<dd>`` pair in the cards' ``<dl>``)."""
     return page.locator(f'.dl-cards .dl-card:has(dt:text-is("{label}")) dd').first
@@ -202,10 +206,17 @@ def test_a_run_can_be_started_with_the_keyboard_only(console, demo, browser):
     page.keyboard.type("keyboard-run")
     page.keyboard.press("Enter")
     page.wait_for_function(START_ENABLED, timeout=10_000)
+    # The rerun the Run ID's Enter started must be over: an Enter on a button that the rerun then replaces
+    # is lost (seen in CI and once alone here).
+    page.wait_for_function(APP_IDLE, timeout=30_000)
+    page.wait_for_function(START_ENABLED, timeout=10_000)
     tab_to("e.tagName === 'BUTTON' && e.innerText.includes('Start Load')")
     # The focused control shows a visible focus ring.
     outline = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
     assert outline not in ("", "none")
+    # Enter goes to the enabled Start Load that is on the page now (not one a rerun just replaced).
+    page.wait_for_function("() => { const e = document.activeElement; return !!e && e.isConnected && "
+                           "e.innerText.includes('Start Load') && !e.disabled; }", timeout=10_000)
     page.keyboard.press("Enter")
     page.get_by_text("etl_run_id: keyboard-run").wait_for(timeout=30_000)
 
