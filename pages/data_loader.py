@@ -41,44 +41,21 @@ def _grid_state_from_url() -> GridState:
     return read_grid_state(q.get("status"), q.get("sort"), q.get("filter"))
 
 
-def _read_url() -> None:
-    """Job, run and the grid's state from the URL (rebuilt from the allow-list), with what was dropped."""
-    notes = []
-    raw_job, raw_run = st.query_params.get("job"), st.query_params.get("run")
-    ss.dl_job = valid_job_param(raw_job)
-    ss.dl_run = valid_run_param(raw_run) if ss.dl_job else None
-    if raw_job and not ss.dl_job:
-        notes.append("The link's job id is not valid; nothing to show for it.")
-    elif raw_run and not ss.dl_run:
-        notes.append("The link's run id is not valid (a UUID or a slug); nothing to show for it.")
-    ss.dl_grid_url = _grid_state_from_url()
-    notes.extend(ss.dl_grid_url.notes)
-    # Shown as long as the page shows what the link asked for (not only on the first run).
-    ss.dl_link_notes = ((ss.dl_job, ss.dl_run), notes)
-
-
-def _followed_history() -> bool:
-    """Back or Forward: the URL is not the one this page wrote last. Streamlit pushes a history entry
-    whenever the page changes ``st.query_params``, and on Back/Forward reruns the page with that
-    entry's query string; the page then shows what the URL says (job, run, status filter)."""
-    written = ss.get("dl_url_written")
-    if written is None or st.query_params.to_dict() == written:
-        return False
-    _read_url()
-    if ss.dl_job and ss.get("cfg_job") != ss.dl_job:
-        ss.cfg_job = ss.dl_job
-    if ss.dl_job and ss.dl_run:  # the status pills hold their own state: set it to the URL's
-        ss[f"dl-status:{ss.dl_job}:{ss.dl_run}"] = ss.dl_grid_url.statuses
-    return True
-
-
 def _init_state() -> list[str]:
-    """First view of this session: job and run from the URL (deep links), fresh Run ID, default size.
-    Later views follow the URL when Back or Forward changed it."""
+    """First view of this session: job and run from the URL (deep links), fresh Run ID, default size."""
+    notes = []
     if "dl_job" not in ss:
-        _read_url()
-    else:
-        _followed_history()
+        raw_job, raw_run = st.query_params.get("job"), st.query_params.get("run")
+        ss.dl_job = valid_job_param(raw_job)
+        ss.dl_run = valid_run_param(raw_run) if ss.dl_job else None
+        if raw_job and not ss.dl_job:
+            notes.append("The link's job id is not valid; nothing to show for it.")
+        elif raw_run and not ss.dl_run:
+            notes.append("The link's run id is not valid (a UUID or a slug); nothing to show for it.")
+        ss.dl_grid_url = _grid_state_from_url()
+        notes.extend(ss.dl_grid_url.notes)
+        # Shown as long as the page shows what the link asked for (not only on the first run).
+        ss.dl_link_notes = ((ss.dl_job, ss.dl_run), notes)
     if "cfg_run_id" not in ss or ss.pop("dl_regen", False):
         ss.cfg_run_id = str(uuid.uuid4())
     linked, notes = ss.dl_link_notes
@@ -284,9 +261,9 @@ def _runs_list(job: str | None) -> None:
     st.caption("Select a row to open that run in the monitor.")
     rows = event.selection.rows if event else []
     picked = runs[rows[0]]["etl_run_id"] if rows and rows[0] < len(runs) else None
-    if picked != ss.get("dl_picked"):  # a change of selection (None too: after Back, picking it again opens it)
+    if picked and picked != ss.get("dl_picked"):
         ss.dl_picked = picked
-        if picked and (ss.dl_job, ss.dl_run) != (job, picked):
+        if (ss.dl_job, ss.dl_run) != (job, picked):
             ss.dl_job, ss.dl_run = job, picked
             st.rerun(scope="app")
 
@@ -309,8 +286,7 @@ def _sync_url(grid_state: dict[str, Any]) -> None:
         if filters:
             want["filter"] = url_value(filters)
     if st.query_params.to_dict() != want:
-        st.query_params.from_dict(want)  # a new entry in the browser's history (Back comes here)
-    ss.dl_url_written = want
+        st.query_params.from_dict(want)
 
 
 def main() -> None:
