@@ -427,7 +427,9 @@ def test_elapsed_and_rows_per_second_count_loading_time_and_wall_time_is_shown_a
     assert card(at, "Elapsed") == fmt.fmt_ms(m["loading_ms"])
     assert card(at, "Wall time") == fmt.fmt_ms(m["elapsed_ms"])
     assert card(at, "Rows/s") == fmt.fmt_int(round(m["throughput_rps"]))
-    assert m["throughput_rps"] == pytest.approx(m["rows_attempted"] * 1000 / m["loading_ms"], rel=0.01)
+    # throughput is counted over the unrounded loading time; loading_ms is that time rounded to a whole ms
+    rows = m["rows_attempted"] * 1000
+    assert rows / (m["loading_ms"] + 0.5) - 0.05 <= m["throughput_rps"] <= rows / (m["loading_ms"] - 0.5) + 0.05
 
 
 def test_a_run_that_fails_while_planning_gets_its_run_failed_toast(page, demo, workers, tmp_path, monkeypatch):
