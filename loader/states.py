@@ -579,7 +579,8 @@ _ABANDON_CANCELED = sql.SQL("""
         FROM {batches} b JOIN {runs} r USING (etl_job_id, etl_run_id)
         WHERE r.status = 'canceled' AND r.queue = %(queue)s AND (b.status IN ('pending', 'retried') OR (
             b.status = 'running'
-            AND NOT EXISTS (SELECT 1 FROM {workers} w WHERE w.name = b.worker
+            AND NOT EXISTS (SELECT 1 FROM {workers} w WHERE w.batch_job = b.etl_job_id AND w.batch_run = b.etl_run_id
+                            AND w.batch_index = b.batch_index
                             AND w.heartbeat_at > now() - make_interval(secs => %(stale)s))
             AND b.started_at < now() - make_interval(secs => %(stale)s)))
         FOR UPDATE OF b SKIP LOCKED
@@ -595,8 +596,9 @@ _ABANDON_CANCELED = sql.SQL("""
 
 
 def abandon_canceled_batches(conn: Conn, *, queue: str, stale_after: float) -> list[tuple[Any, ...]]:
-    """Batches of canceled runs that nobody will end, -> canceled: running ones whose worker stopped beating,
-    and pending or retried ones (an attempt that failed while the cancel committed).
+    """Batches of canceled runs that nobody will end, -> canceled: running ones that no live worker says it
+    is executing (its worker stopped beating, or gave up on the batch while the ledger was unreachable and
+    beats on for other work), and pending or retried ones (an attempt that failed while the cancel committed).
 
     A live worker ends its own at the commit (:func:`cancel_attempt`). Returns (job, run, batch) per batch.
     """

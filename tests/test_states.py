@@ -195,6 +195,27 @@ def test_a_batch_transition_in_a_loading_run_never_cancels_a_batch(ledger, pg):
         assert batch_status(pg, job, run) == start.value
 
 
+def test_a_canceled_runs_batch_is_ended_unless_a_live_worker_says_it_is_executing_it(ledger, pg):
+    """The batch's worker beats on, but gave the batch up (the ledger was unreachable when it tried to record
+    that): its batch of a canceled run is ended all the same; while a live worker's heartbeat names the batch,
+    it stays running (that worker ends it at its commit)."""
+    from loader.reconcile import beat, forget
+
+    worker = f"live-{uuid.uuid4().hex[:8]}"
+    job, run = make_run(pg, "canceled", ["running"])
+    pg.execute(sql.SQL("UPDATE {} SET worker = %s WHERE etl_job_id = %s AND etl_run_id = %s").format(
+        _table("batches")), [worker, job, run])
+    try:
+        beat(pg, worker, (job, run, 0))
+        states.abandon_canceled_batches(pg, queue=QUEUE, stale_after=1.0)
+        assert batch_status(pg, job, run) == "running"
+        beat(pg, worker, None)  # alive, executing nothing
+        assert states.abandon_canceled_batches(pg, queue=QUEUE, stale_after=1.0) == [(job, run, 0)]
+        assert batch_status(pg, job, run) == "canceled"
+    finally:
+        forget(pg, worker)
+
+
 @pytest.mark.parametrize("table", ["runs", "batches", "attempts"])
 def test_the_ledger_refuses_a_status_the_state_machine_does_not_know(ledger, pg, table):
     job, run = make_run(pg, "loading", ["pending"])
