@@ -10,7 +10,7 @@ from rq.job import Job
 from loader import db, states
 from loader.events import log_event
 from loader.queue import batch_job_id, enqueue_batches, enqueue_plan, get_redis, plan_job_id
-from loader.reconcile import Reconciled, reconcile
+from loader.reconcile import Reconciled, exclusive, reconcile
 
 #: RQ job states meaning "nobody will run this job again".
 GONE = {None, b"finished", b"failed", b"stopped", b"canceled"}
@@ -59,8 +59,14 @@ def requeue(found: Reconciled, redis: Redis | None = None) -> dict[str, int]:
 
 
 def reconcile_once() -> dict[str, int] | None:
-    """One full pass (ledger, then queue); None when another worker is reconciling."""
-    found = reconcile()
-    if found is None:
-        return None
-    return requeue(found)
+    """One full pass (ledger, then queue); None when another worker is reconciling.
+
+    The reconcile lock is held until the batches are queued again, so another worker's pass cannot
+    find them still pending with their RQ job gone and queue them a second time.
+    """
+    with exclusive() as got:
+        if not got:
+            return None
+        found = reconcile(locked=True)
+        assert found is not None
+        return requeue(found)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,13 +108,34 @@ UNFINISHED = sql.SQL("""
         AND b.status NOT IN ('succeeded', 'failed'))""")
 
 
-def reconcile(*, stale_after: float | None = None, grace: float = ORPHAN_GRACE_SECONDS) -> Reconciled | None:
+@contextmanager
+def exclusive(queue: str | None = None) -> Iterator[bool]:
+    """Whether this process is the queue's one reconciler, for the ``with`` block.
+
+    Held from reading the ledger until what it found is queued again: two reconcilers one after the
+    other inside that window would both see a batch's RQ job gone and queue it twice. A session
+    advisory lock on a connection of its own (outside the pool, so the pass can borrow what it needs);
+    closing it releases the lock, also when the process dies.
+    """
+    with db.dedicated_connection() as conn:
+        got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                           [f"{LOCK_KEY}.{queue or config.get('ETL_QUEUE')}"]).fetchone()
+        yield bool(got and got[0])
+
+
+def reconcile(*, stale_after: float | None = None, grace: float = ORPHAN_GRACE_SECONDS,
+              locked: bool = False) -> Reconciled | None:
     """One pass over the runs of this process's queue; None when another process is reconciling.
 
-    ``stale_after`` defaults to ETL_WORKER_STALE_SECONDS.
+    ``stale_after`` defaults to ETL_WORKER_STALE_SECONDS. ``locked``: the caller holds :func:`exclusive`.
 
     ``pending`` and ``plannable`` are candidates: the caller re-queues those whose RQ job is gone.
     """
+    with nullcontext(True) if locked else exclusive() as got:
+        return _reconcile(stale_after, grace) if got else None
+
+
+def _reconcile(stale_after: float | None, grace: float) -> Reconciled:
     out = Reconciled()
     queue = config.get("ETL_QUEUE")
     if stale_after is None:
@@ -120,41 +143,35 @@ def reconcile(*, stale_after: float | None = None, grace: float = ORPHAN_GRACE_S
     tables = {"batches": ledger_table("batches"), "runs": ledger_table("runs"), "attempts": ledger_table("attempts"),
               "workers": ledger_table("workers"), "next": next_change()}
     with db.connection() as conn:
-        got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [f"{LOCK_KEY}.{queue}"]).fetchone()
-        if not got or not got[0]:
-            return None
-        try:
-            with conn.transaction():
-                for job, run, batch, attempt, worker, spent in states.abandon_stale_batches(
-                        conn, queue=queue, stale_after=stale_after):
-                    if spent:  # failed for good: the run ends below (UNFINISHED) once its other batches have
-                        log_event(conn, job, run, "batch_failed", level="error", batch=batch, attempt=attempt,
-                                  worker=worker, error_code="worker_lost",
-                                  error="the worker stopped beating in the batch's last allowed attempt")
-                        continue
-                    out.abandoned.append((job, run, batch))
-                    log_event(conn, job, run, "batch_abandoned", level="warning", batch=batch, attempt=attempt,
-                              worker=worker, note="the worker stopped beating; the batch is queued again")
-            with conn.transaction():
-                for job, run, batch in states.abandon_canceled_batches(conn, queue=queue, stale_after=stale_after):
-                    out.canceled.append((job, run, batch))
-                    log_event(conn, job, run, "batch_canceled", level="warning", batch=batch,
-                              note="the run was canceled and nobody was going to end this batch")
-            # Workers that stopped beating a day ago are history (their attempts keep the name).
-            conn.execute(sql.SQL("DELETE FROM {} WHERE heartbeat_at < now() - interval '1 day'").format(
-                tables["workers"]))
-            out.pending = [tuple(r) for r in conn.execute(
-                PENDING.format(**tables), {"grace": grace, "queue": queue, "stale": stale_after})]
-            out.plannable = [tuple(r) for r in conn.execute(
-                PLANNABLE.format(**tables), {"grace": grace, "stale": stale_after, "queue": queue})]
-            for job, run in conn.execute(UNFINISHED.format(**tables), {"queue": queue}).fetchall():
-                if conn.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
-                        tables["runs"]), [job, run]).fetchone() == (states.RunStatus.COMMITTING.value,):
-                    # A finisher died between 'committing' and the final state: finish it again.
-                    states.resume_committing(conn, job, run)
-                status = finish_run_if_done(job, run)
-                if status:
-                    out.finished.append((job, run, status))
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [f"{LOCK_KEY}.{queue}"])
+        with conn.transaction():
+            for job, run, batch, attempt, worker, spent in states.abandon_stale_batches(
+                    conn, queue=queue, stale_after=stale_after):
+                if spent:  # failed for good: the run ends below (UNFINISHED) once its other batches have
+                    log_event(conn, job, run, "batch_failed", level="error", batch=batch, attempt=attempt,
+                              worker=worker, error_code="worker_lost",
+                              error="the worker stopped beating in the batch's last allowed attempt")
+                    continue
+                out.abandoned.append((job, run, batch))
+                log_event(conn, job, run, "batch_abandoned", level="warning", batch=batch, attempt=attempt,
+                          worker=worker, note="the worker stopped beating; the batch is queued again")
+        with conn.transaction():
+            for job, run, batch in states.abandon_canceled_batches(conn, queue=queue, stale_after=stale_after):
+                out.canceled.append((job, run, batch))
+                log_event(conn, job, run, "batch_canceled", level="warning", batch=batch,
+                          note="the run was canceled and nobody was going to end this batch")
+        # Workers that stopped beating a day ago are history (their attempts keep the name).
+        conn.execute(sql.SQL("DELETE FROM {} WHERE heartbeat_at < now() - interval '1 day'").format(
+            tables["workers"]))
+        out.pending = [tuple(r) for r in conn.execute(
+            PENDING.format(**tables), {"grace": grace, "queue": queue, "stale": stale_after})]
+        out.plannable = [tuple(r) for r in conn.execute(
+            PLANNABLE.format(**tables), {"grace": grace, "stale": stale_after, "queue": queue})]
+        for job, run in conn.execute(UNFINISHED.format(**tables), {"queue": queue}).fetchall():
+            if conn.execute(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
+                    tables["runs"]), [job, run]).fetchone() == (states.RunStatus.COMMITTING.value,):
+                # A finisher died between 'committing' and the final state: finish it again.
+                states.resume_committing(conn, job, run)
+            status = finish_run_if_done(job, run)
+            if status:
+                out.finished.append((job, run, status))
     return out

@@ -611,6 +611,31 @@ def test_a_batch_a_live_worker_is_executing_is_never_queued_again_whatever_rq_sa
     assert b1["attempts"] == 1
 
 
+def test_a_reconciler_holds_its_lock_until_what_it_found_is_queued_again(ledger, own_queue, monkeypatch):
+    """Two passes one after the other inside one pass's window would both find a batch's RQ job gone and
+    queue it twice: the lock is held through the re-queue (another worker's try fails) and released after."""
+    from jobs import reconciler
+    from loader.reconcile import exclusive
+
+    others_got: list[bool] = []
+    real_requeue = reconciler.requeue
+
+    def requeue_while_another_tries(found, redis=None):  # the real re-queue, and another worker's try during it
+        with exclusive() as got:
+            others_got.append(got)
+        return real_requeue(found, redis)
+
+    monkeypatch.setattr(reconciler, "requeue", requeue_while_another_tries)
+    assert reconciler.reconcile_once() == {"batches": 0, "plans": 0}
+    assert others_got == [False]
+    with exclusive() as held:
+        assert held
+        assert reconciler.reconcile_once() is None  # and nothing of the pass ran
+    assert others_got == [False]
+    with exclusive() as got:
+        assert got
+
+
 class _FreezableProxy:
     """A TCP proxy to Redis that can stop answering (hold every byte) without closing a connection: a Redis
     that hangs, as a stalled network or a stopped process would."""
