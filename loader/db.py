@@ -131,10 +131,20 @@ def session_timeouts() -> str:
     ETL_STATEMENT_TIMEOUT, ETL_LOCK_TIMEOUT and ETL_IDLE_IN_TRANSACTION_TIMEOUT (seconds; 0: none). A batch
     blocked on a lock then fails its attempt after a minute (55P03, retried) instead of holding its worker
     for the whole queue job timeout; a statement cancelled by the timeout (57014) is retried too.
+
+    ``client_connection_check_interval`` (PostgreSQL 14): a session whose process died (a worker killed
+    while its batch waits on a lock or runs a long statement) ends within CLIENT_CHECK_MS instead of at
+    its statement's timeout, and with it the locks it holds on the batch's ledger row, so the reconciler
+    can give the batch back once the worker's heartbeat is stale, not a lock timeout later.
     """
     limits = {"statement_timeout": "ETL_STATEMENT_TIMEOUT", "lock_timeout": "ETL_LOCK_TIMEOUT",
               "idle_in_transaction_session_timeout": "ETL_IDLE_IN_TRANSACTION_TIMEOUT"}
-    return " ".join(f"-c {name}={round(config.get_float(setting) * 1000)}" for name, setting in limits.items())
+    return " ".join([*(f"-c {name}={round(config.get_float(setting) * 1000)}" for name, setting in limits.items()),
+                     f"-c client_connection_check_interval={CLIENT_CHECK_MS}"])
+
+
+#: How often a running statement's session checks that its client is still there (ms).
+CLIENT_CHECK_MS = 2000
 
 
 _READ_LIMITS = sql.SQL("SELECT set_config('statement_timeout', %s, false), "

@@ -121,3 +121,34 @@ def test_planning_writes_only_batch_columns_the_ledger_declares_and_every_one_it
     assert set(planning.BATCH_COLUMNS) <= set(columns.keys())
     required = {c.name for c in columns if not c.nullable and c.server_default is None}
     assert required <= set(planning.BATCH_COLUMNS)
+
+
+def test_the_session_of_a_killed_process_ends_within_seconds_not_at_its_statements_timeout(ledger: str) -> None:
+    """A worker killed while its statement waits (here: a 10-minute sleep; in life a row lock) would leave
+    its session, and the locks it holds on the batch's ledger row, until the statement timeout: the client
+    check ends it within seconds, so the reconciler can give the batch back as soon as the heartbeat is stale."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from loader import db\n"
+            "with db.connection() as conn:\n"
+            "    print(conn.execute('SELECT pg_backend_pid()').fetchone()[0], flush=True)\n"
+            "    conn.execute('SELECT pg_sleep(600)')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert proc.stdout is not None
+    backend = int(proc.stdout.readline())
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as pg:
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+        deadline = time.monotonic() + 10
+        while pg.execute(alive + " AND wait_event = 'PgSleep'", [backend]).fetchone() != (1,):
+            assert time.monotonic() < deadline, "the statement never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed = time.monotonic()
+        while pg.execute(alive, [backend]).fetchone() == (1,):
+            assert time.monotonic() - killed < 3 * db.CLIENT_CHECK_MS / 1000 + 5, "the session outlived its client"
+            time.sleep(0.1)
