@@ -45,8 +45,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ETL_DB_OUTAGE_SECONDS", "120",
             "how long a batch waits for an unreachable database before giving it back to the reconciler"),
     Setting("ETL_MAX_RECORD_BYTES", str(64 * 1024 * 1024),
-            "longest record (source line) read and validated; a longer one is a json_shape error, read past "
-            "without holding it in memory"),
+            "longest record (source line or JSON array element) read and validated; a longer one is a json_shape "
+            "error, read past without holding it in memory"),
     Setting("ETL_STATEMENT_TIMEOUT", "300",
             "seconds one statement of the loader (a batch's COPY or upsert, a ledger write) may run before "
             "PostgreSQL cancels it; the attempt is then retried as a transient error"),

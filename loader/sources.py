@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import ijson
-import simplejson
-
-from . import config
+from . import config, json_array
 from .errors import SourceChanged, SourceError
 
 NDJSON_SUFFIXES = (".ndjson", ".jsonl")
@@ -260,31 +257,44 @@ def _ndjson_chunks(path: Path, batch_size: int, keep_payload: bool) -> Iterator[
                    None if digest is None else digest.take())
 
 
-def _json_array_chunks(path: Path, batch_size: int) -> Iterator[_Chunk]:
+def _first_byte(path: Path) -> bytes:
+    """The first byte of the file's JSON text (after a BOM and whitespace), b"" when there is none."""
     with _open(path) as f:
-        try:
-            first = next(ijson.parse(f), None)
-        except ijson.JSONError as exc:
-            raise SourceError(f"source file {path} is not valid JSON: {exc}", file=str(path)) from None
-        if first is None or first[1] != "start_array":
-            found = "nothing" if first is None else {"start_map": "an object"}.get(first[1], "a single value")
-            raise SourceError(f"source file {path} must hold a JSON array of records at the top level, "
-                              f"found {found}", file=str(path))
+        chunk = f.read(json_array.READ_BYTES).removeprefix(BOM)
+        while chunk:
+            if text := chunk.lstrip(b" \t\r\n"):
+                return text[:1]
+            chunk = f.read(json_array.READ_BYTES)
+    return b""
+
+
+def _json_array_chunks(path: Path, batch_size: int) -> Iterator[_Chunk]:
+    """A JSON array's batches: each element parsed and written as one NDJSON line of the batch's payload.
+
+    Elements are cut out by :mod:`json_array`, never built whole: one longer than ETL_MAX_RECORD_BYTES is
+    read past and stands in the payload as over-long, as a gzip source's over-long line does.
+    """
+    first = _first_byte(path)
+    if first != b"[":
+        found = {b"": "nothing", b"{": "an object"}.get(first, "a single value")
+        raise SourceError(f"source file {path} must hold a JSON array of records at the top level, "
+                          f"found {found}", file=str(path))
     with _open(path) as f:
         element = 0
         line_start = 1
         buf: list[bytes] = []
         try:
-            for item in ijson.items(f, "item", use_float=False):
+            for item in json_array.elements(f, max_record_bytes(), OVERSIZED_HEAD_BYTES):
                 element += 1
-                buf.append(simplejson.dumps(item, use_decimal=True, ensure_ascii=False,
-                                            separators=(",", ":")).encode("utf-8"))
+                if item.whole:  # one line: the decoder refused raw line breaks in strings, so these are spacing
+                    buf.append(item.text.replace("\r", " ").replace("\n", " ").encode("utf-8"))
+                else:
+                    buf.append(_OVERSIZED_MARK + b"%d" % item.size)
                 if len(buf) == batch_size:
                     yield 0, 0, line_start, len(buf), len(buf), zlib.compress(b"\n".join(buf), 1), None
                     line_start, buf = element + 1, []
-        except ijson.JSONError as exc:
-            raise SourceError(f"source file {path} is not valid JSON after element {element}: {exc}",
-                              file=str(path)) from None
+        except SourceError as exc:
+            raise SourceError(f"source file {path} is not valid JSON: {exc}", file=str(path)) from None
         if buf:
             yield 0, 0, line_start, len(buf), len(buf), zlib.compress(b"\n".join(buf), 1), None
 

@@ -321,12 +321,18 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 def _write_with_huge_line(path: Path, huge: int, *, gz: bool = False) -> None:
-    """20 small records, one record of ``huge`` bytes (a JSON string of x's), 20 more; written in 16 MiB pieces."""
+    """20 small records, one record of ``huge`` bytes (a JSON string of x's), 20 more; written in 16 MiB pieces.
+
+    A ``.json`` path gets them as one JSON array (the records separated by commas instead of newlines).
+    """
     import gzip as gz_mod
 
+    array = path.name.endswith((".json", ".json.gz"))
+    sep = b",\n" if array else b"\n"
     with (gz_mod.open(path, "wb", compresslevel=1) if gz else open(path, "wb")) as f:
+        f.write(b"[" if array else b"")
         for i in range(20):
-            f.write(b'{"id": "a%d"}\n' % i)
+            f.write(b'{"id": "a%d"}' % i + sep)
         head = b'{"id": "huge", "x": "'
         f.write(head)
         left = huge - len(head) - 2
@@ -334,22 +340,24 @@ def _write_with_huge_line(path: Path, huge: int, *, gz: bool = False) -> None:
         while left > 0:
             f.write(piece[:left])
             left -= len(piece)
-        f.write(b'"}\n')
-        for i in range(20):
-            f.write(b'{"id": "b%d"}\n' % i)
+        f.write(b'"}' + sep)
+        f.write(sep.join(b'{"id": "b%d"}' % i for i in range(20)) + (b"]" if array else b"\n"))
 
 
 @pytest.mark.slow
 def test_a_one_gigabyte_line_is_one_rejected_record_read_past_with_flat_worker_memory(
         tmp_path, target_schema, pg, own_workers, monkeypatch, redis_conn):
     """ETL_MAX_RECORD_BYTES (64 MiB) caps a record: planning and loading read past a 1 GB line (plain, and
-    300 MB inside a gzip file) without holding it; it is one json_shape reject, the other 40 records load."""
+    300 MB inside a gzip file) and a 1 GB element of a JSON array without holding it; it is one json_shape
+    reject, the other 40 records load."""
     monkeypatch.setenv("ETL_QUEUE", f"huge-{job_name()}")
+    sources = ("huge.ndjson", "huge.ndjson.gz", "huge.json")
     _write_with_huge_line(tmp_path / "huge.ndjson", 1 << 30)
     _write_with_huge_line(tmp_path / "huge.ndjson.gz", 300 << 20, gz=True)
+    _write_with_huge_line(tmp_path / "huge.json", 1 << 30)
     [worker] = own_workers.start(1)
     try:
-        for source in ("huge.ndjson", "huge.ndjson.gz"):
+        for source in sources:
             c = run_job(tmp_path, target_schema, source, batch_size=100)
             assert c["status"] == "success", (source, c.get("error_message"))
             m, v = c["metrics"], c["validation_summary"]
@@ -360,7 +368,7 @@ def test_a_one_gigabyte_line_is_one_rejected_record_read_past_with_flat_worker_m
     finally:
         for key in redis_conn.scan_iter(f"rq:*{os.environ['ETL_QUEUE']}*"):
             redis_conn.delete(key)
-        for name in ("huge.ndjson", "huge.ndjson.gz"):  # 1.3 GB: not left for pytest's kept temp folders
+        for name in sources:  # 2.3 GB: not left for pytest's kept temp folders
             (tmp_path / name).unlink(missing_ok=True)
     count = pg.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(target_schema, "t"))).fetchone()
     assert count == (40,)

@@ -1,0 +1,84 @@
+"""JSON-array sources: elements cut out one at a time, the same whatever the read size, over-long ones read past."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+
+import pytest
+
+from loader import json_array, sources
+from loader.errors import SourceError
+
+ELEMENTS = ['{"a": "x,]}\\"y\\\\ é", "n": [1, [2, {"b": null}]]}', "12345", '"s]"', "-1.5e400", "true",
+            '{"deep": [[[[]]]],\n "u": "\\u00e9\\ud83d\\ude00"}']
+TEXT = ("\ufeff [ " + " , ".join(ELEMENTS) + " ] \n").encode()
+
+
+def values(data: bytes, limit: int = 1 << 20, head: int = 10) -> list[object]:
+    return [e.text if e.whole else ("over", e.size, e.head)
+            for e in json_array.elements(io.BytesIO(data), limit, head)]
+
+
+@pytest.mark.parametrize("read", [1, 2, 3, 5, 7, 64, 1 << 16])
+def test_every_element_is_the_same_whatever_the_size_of_the_reads(monkeypatch, read):
+    """Strings with brackets, commas, escapes and multi-byte characters cut at any byte: each element comes
+    whole and as the source wrote it (numbers, escapes, spacing inside)."""
+    monkeypatch.setattr(json_array, "READ_BYTES", read)
+    assert values(TEXT) == ELEMENTS
+
+
+@pytest.mark.parametrize("read", [1, 5, 64, 1 << 16])
+def test_an_element_longer_than_the_limit_is_read_past_keeping_its_first_characters(monkeypatch, read):
+    monkeypatch.setattr(json_array, "READ_BYTES", read)
+    data = (b'[{"a":"' + b"x" * 300 + b'"}, 5, "' + b"y" * 200 + b'", ' + b"9" * 300
+            + b', [[["\\"]]]' + b"z" * 150 + b'"]]], 7]')
+    assert values(data, limit=100) == [("over", 308, '{"a":"xxxx'), "5", ("over", 202, '"yyyyyyyyy'),
+                                       ("over", 300, "9999999999"), ("over", 163, '[[["\\"]]]z'), "7"]
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    (b"[1,]", "a trailing comma after element 1"),
+    (b"[1,,2]", "element 2: Expecting value"),
+    (b"[1] x", "unexpected text after the array's end"),
+    (b"[1][2]", "unexpected text after the array's end"),
+    (b"[1, 2", "expected ',' or ']' after element 2, found 'the end'"),
+    (b"[1 2]", "expected ',' or ']' after element 1, found '2'"),
+    (b'[1, "unterminated]', "the array ends inside element 2"),
+    (b'[{"a": 1]}]', "element 1: Expecting ',' delimiter or '}'"),
+    (b"[NaN]", "NaN is not a JSON number"),
+    (b'{"a": 1}', "the top level must be one JSON array"),
+    (b"", "the top level must be one JSON array"),
+    (b"\xff[1]", "not UTF-8 text"),
+])
+def test_text_that_is_not_one_json_array_is_a_clear_error(monkeypatch, text, error):
+    for read in (1, 3, 1 << 16):
+        monkeypatch.setattr(json_array, "READ_BYTES", read)
+        with pytest.raises(SourceError, match="^" + error.replace("[", r"\[").replace("(", r"\(")):
+            values(text)
+
+
+def test_a_planned_json_array_keeps_each_element_as_one_line_and_an_over_long_one_as_a_mark(tmp_path: Path,
+                                                                                             monkeypatch):
+    """The planner's payload (what a worker loads) and read_batch: element numbers are the records' "lines"."""
+    monkeypatch.setenv("ETL_MAX_RECORD_BYTES", "100")
+    path = tmp_path / "a.json"
+    path.write_bytes(b'[\n {"id": "a"},\n {"id": "b", "x": "' + b"x" * 200
+                     + b'"},\n {"id": "c",\r\n "v": 1.50, "s": "a\\nb"}\n]')
+    [batch] = sources.plan_batches([path], 10)
+    assert (batch.line_start, batch.line_count, batch.records) == (1, 3, 3)
+    assert batch.payload is not None and batch.checksum == sources.checksum(batch.payload)
+    lines = zlib.decompress(batch.payload).split(b"\n")
+    assert lines == [b'{"id": "a"}', lines[1], b'{"id": "c",   "v": 1.50, "s": "a\\nb"}']  # one line each
+    read = list(sources.read_batch(batch))
+    assert [n for n, _ in read] == [1, 2, 3]
+    over = read[1][1]
+    assert isinstance(over, sources.OversizedRecord) and over.size == 220
+
+
+def test_a_json_array_source_that_breaks_off_fails_planning_naming_the_file(tmp_path: Path):
+    path = tmp_path / "broken.json"
+    path.write_bytes(b'[{"id": "a"}, {"id": "b"')
+    with pytest.raises(SourceError, match="broken.json is not valid JSON: the array ends inside element 2"):
+        list(sources.plan_batches([path], 10))
