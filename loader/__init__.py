@@ -17,13 +17,14 @@ from .errors import (
     TransientDbError,
 )
 from .exports import iter_logs_ndjson, iter_metrics_csv, iter_rejects_ndjson
+from .follow import RunEvent, follow_run
 from .ledger import BatchStatus, RunStatus
 from .runs import RunRef
 
 __all__ = [
     "BatchStatus", "Catalog", "CatalogError", "ConfigError", "JobNotFound", "JobSpec", "LoaderError",
-    "RunConflict", "RunNotFound", "RunRef", "RunStatus", "ServiceError", "SourceError", "TransientDbError",
-    "active_run", "cancel_run", "change_signature", "find_run", "initdb", "iter_logs_ndjson",
+    "RunConflict", "RunEvent", "RunNotFound", "RunRef", "RunStatus", "ServiceError", "SourceError", "TransientDbError",
+    "active_run", "cancel_run", "change_signature", "find_run", "follow_run", "initdb", "iter_logs_ndjson",
     "iter_metrics_csv", "iter_rejects_ndjson",
     "ledger_version", "list_jobs", "list_runs", "load_catalog", "retry_run", "run_contract", "start_run",
     "wait_for_run", "workers_alive",

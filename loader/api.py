@@ -72,18 +72,34 @@ PROGRESS_SECONDS = 0.5
 
 
 def wait_for_run(job: str, run: str, *, timeout: float | None = None, poll: float = 0.1,
-                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 on_progress: Callable[[dict[str, Any]], None] | None = None,
+                 progress: bool = False) -> dict[str, Any]:
     """Block until the run reaches a final state; returns its contract.
 
     Polls the run's status every ``poll`` seconds (one row: the end of a run is seen within
     ``poll``, which every ``dataloader start --wait`` pays); the full contract, which sums every
     batch of the run, is read only for ``on_progress`` (at most every PROGRESS_SECONDS, when the
-    run changed) and once at the end. Raises TimeoutError after ``timeout`` seconds.
+    run changed) and once at the end. ``progress``: show a progress bar meanwhile (tqdm: a widget in
+    Jupyter, a text bar on stderr elsewhere). Raises TimeoutError after ``timeout`` seconds.
 
     Example::
 
-        contract = wait_for_run("orders", ref.etl_run_id, timeout=600)
+        contract = wait_for_run("orders", ref.etl_run_id, timeout=600, progress=True)
     """
+    if progress:
+        from .progress import RunProgress
+
+        bar = RunProgress(job, run)
+
+        def show(contract: dict[str, Any]) -> None:
+            bar.update(contract)
+            if on_progress is not None:
+                on_progress(contract)
+
+        try:
+            return wait_for_run(job, run, timeout=timeout, poll=poll, on_progress=show)
+        finally:
+            bar.close()
     deadline = None if timeout is None else time.monotonic() + timeout
     final = {s.value for s in FINAL_RUN_STATES}
     seen = -1

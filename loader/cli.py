@@ -80,13 +80,24 @@ def _wait(job: str, run: str, as_json: bool) -> int:
                              "progress until one runs (`dataloader worker`)\n")
             last_warned = time.monotonic()
 
-    while True:
-        check_workers()
-        try:
-            contract = api.wait_for_run(job, run, timeout=15, on_progress=progress)
-            break
-        except TimeoutError:
-            continue
+    # A bar on a terminal; lines that a log or a pipe keeps readable otherwise.
+    bar = None
+    if not as_json and sys.stderr.isatty():
+        from .progress import RunProgress
+
+        bar = RunProgress(job, run, file=sys.stderr)
+    try:
+        while True:
+            check_workers()
+            try:
+                contract = api.wait_for_run(job, run, timeout=15,
+                                            on_progress=progress if bar is None else bar.update)
+                break
+            except TimeoutError:
+                continue
+    finally:
+        if bar is not None:
+            bar.close()
     if as_json:
         contract["batches"] = [b for b in contract["batches"] if b["status"] == "failed"]
         _print_json(contract)
