@@ -71,6 +71,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ETL_CONSOLE_MAX_REQUESTS", "2",
             "expensive data requests (grid pages, batch details, downloads) one console process serves at once; "
             "more get 503 with a message"),
+    Setting("ETL_CONSOLE_MAX_STREAMS", "200",
+            "run event streams (Server-Sent Events) one console process keeps open at once; more get 503"),
     Setting("ETL_DATA_DIR", ".data", "where embedded PostgreSQL and Redis keep their data"),
 )
 

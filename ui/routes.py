@@ -340,6 +340,30 @@ def rejects_ndjson(request: Request) -> Response:
                    f"{job}-{run}-rejects.ndjson")
 
 
+def run_events(request: Request) -> Response:
+    """GET .../events: the run's changes as Server-Sent Events (``text/event-stream``), see ui/run_feed.py.
+
+    Events: ``run`` (data: the run contract without its batches; at once, then on every change),
+    ``batch`` (data: one batch whose state changed), ``error`` (the ledger could not be read; the stream
+    goes on); comments as keep-alives. Each event's ``id`` is a change number: reconnect with it as
+    ``Last-Event-ID`` to get what changed meanwhile. The stream ends after the run's final status.
+    """
+    from . import run_feed
+
+    job, run = _ids(request)
+    after = run_feed.parse_last_event_id(request.headers.get("last-event-id"))
+    if not run_feed.open_stream():
+        raise Busy(f"this console already serves {run_feed.max_streams()} event streams "
+                   "(ETL_CONSOLE_MAX_STREAMS): try again shortly")
+    try:
+        first = run_feed.first_events(job, run, after)
+    except BaseException:
+        run_feed.close_stream()
+        raise
+    return StreamingResponse(run_feed.stream(job, run, first), media_type="text/event-stream",
+                             headers={**NO_STORE, "X-Accel-Buffering": "no"})
+
+
 def deep_link(request: Request) -> Response:
     """/etl/data-loader/<job>/<run> -> the page with ?job=&run= (ids are checked by the page).
 
@@ -373,6 +397,7 @@ def routes() -> list[BaseRoute]:
         Route(run + "/logs.ndjson", _guard(logs_ndjson, limited=True), methods=["GET"]),
         Route(run + "/metrics.csv", _guard(metrics_csv, limited=True), methods=["GET"]),
         Route(run + "/rejects.ndjson", _guard(rejects_ndjson, limited=True), methods=["GET"]),
+        Route(run + "/events", _guard(run_events), methods=["GET"]),
         Route(PAGE_PATH + "/{rest:path}", deep_link, methods=["GET"]),
         Route("/", root, methods=["GET"]),
     ]

@@ -140,7 +140,7 @@ def websocket_status(server: StreamlitServer, host: str) -> int:
 def data_paths(job: str, run: str) -> list[str]:
     api = f"/etl/data-loader/api/runs/{job}/{run}"
     return [f"{api}/batches?start=0&end=10", f"{api}/batches/0", f"{api}/version", f"{api}/logs.ndjson",
-            f"{api}/metrics.csv", f"{api}/rejects.ndjson"]
+            f"{api}/metrics.csv", f"{api}/rejects.ndjson", f"{api}/events"]
 
 
 def test_a_foreign_host_gets_400_and_no_data_from_the_page_and_every_data_route(server, finished_run):

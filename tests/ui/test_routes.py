@@ -21,10 +21,10 @@ from ui.routes import routes
 pytestmark = pytest.mark.usefixtures("ledger")
 
 
-def call(path: str, query: dict | None = None):
+def call(path: str, query: dict | None = None, headers: dict[str, str] | None = None):
     """Route ``path`` like Starlette would and call its endpoint; returns the response."""
     scope = {"type": "http", "method": "GET", "path": path, "query_string": urlencode(query or {}).encode(),
-             "headers": []}
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
     for route in routes():
         match, child = route.matches(scope)
         if match.name == "FULL":
@@ -308,3 +308,52 @@ def test_a_grid_page_counts_its_rows_only_when_it_is_the_first_or_reaches_the_en
     sort = json.dumps([{"colId": "rows_attempted", "sort": "desc"}, {"colId": "index", "sort": "desc"}])
     page = json.loads(body(call(url, {"start": 8, "end": 11, "sort": sort})))
     assert [r["index"] for r in page["rows"]] == [1, 0, 10] and page["lastRow"] == 11
+
+
+def sse(raw: bytes) -> list[dict]:
+    """The events of a text/event-stream body: [{"id", "event", "data"}] (comments and retry left out)."""
+    events = []
+    for block in raw.decode().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":")
+                      and ": " in line)
+        if "event" in fields:
+            events.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
+    return events
+
+
+def test_the_event_stream_of_a_finished_run_sends_its_final_state_and_ends(finished):
+    job, run = finished
+    r = call(f"/etl/data-loader/api/runs/{job}/{run}/events")
+    assert r.status_code == 200 and r.media_type == "text/event-stream" and r.headers["cache-control"] == "no-store"
+    raw = body(r)
+    assert raw.startswith(b"retry: ")
+    [event] = sse(raw)
+    assert event["event"] == "run" and event["data"]["status"] == "success"
+    assert event["data"]["metrics"]["rows_inserted"] == 1050 and "batches" not in event["data"]
+    # Resuming from the start: every batch, then the run.
+    events = sse(body(call(f"/etl/data-loader/api/runs/{job}/{run}/events", headers={"Last-Event-ID": "0"})))
+    assert sorted(e["data"]["index"] for e in events if e["event"] == "batch") == list(range(11))  # in change order
+    assert events[-1]["event"] == "run" and events[-1]["id"] >= max(e["id"] for e in events)
+    # A Last-Event-ID that is not a change number starts from now.
+    junk = sse(body(call(f"/etl/data-loader/api/runs/{job}/{run}/events", headers={"Last-Event-ID": "<x>"})))
+    assert [e["event"] for e in junk] == ["run"]
+
+
+def test_the_event_stream_of_an_unknown_run_is_404_and_of_a_bad_id_400(finished):
+    job, _ = finished
+    assert call(f"/etl/data-loader/api/runs/{job}/no-such-run/events").status_code == 404
+    assert call(f"/etl/data-loader/api/runs/{job}/Bad Run/events").status_code == 400
+
+
+def test_event_streams_beyond_the_limit_answer_503(finished, monkeypatch):
+    from ui import run_feed
+
+    job, run = finished
+    monkeypatch.setenv("ETL_CONSOLE_MAX_STREAMS", "1")
+    assert run_feed.open_stream()  # one stream open
+    try:
+        r = call(f"/etl/data-loader/api/runs/{job}/{run}/events")
+        assert r.status_code == 503 and "ETL_CONSOLE_MAX_STREAMS" in json.loads(r.body)["error"]
+    finally:
+        run_feed.close_stream()
+    assert call(f"/etl/data-loader/api/runs/{job}/{run}/events").status_code == 200
