@@ -364,6 +364,13 @@ def run_events(request: Request) -> Response:
                              headers={**NO_STORE, "X-Accel-Buffering": "no"})
 
 
+def openapi(request: Request) -> Response:
+    """GET /etl/data-loader/api/openapi.json: the OpenAPI document of these routes (ui/openapi.py)."""
+    from .openapi import document
+
+    return JSONResponse(document(), headers=NO_STORE)
+
+
 def deep_link(request: Request) -> Response:
     """/etl/data-loader/<job>/<run> -> the page with ?job=&run= (ids are checked by the page).
 
@@ -398,6 +405,7 @@ def routes() -> list[BaseRoute]:
         Route(run + "/metrics.csv", _guard(metrics_csv, limited=True), methods=["GET"]),
         Route(run + "/rejects.ndjson", _guard(rejects_ndjson, limited=True), methods=["GET"]),
         Route(run + "/events", _guard(run_events), methods=["GET"]),
+        Route(PAGE_PATH + "/api/openapi.json", openapi, methods=["GET"]),
         Route(PAGE_PATH + "/{rest:path}", deep_link, methods=["GET"]),
         Route("/", root, methods=["GET"]),
     ]
