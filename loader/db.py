@@ -131,20 +131,34 @@ def session_timeouts() -> str:
     ETL_STATEMENT_TIMEOUT, ETL_LOCK_TIMEOUT and ETL_IDLE_IN_TRANSACTION_TIMEOUT (seconds; 0: none). A batch
     blocked on a lock then fails its attempt after a minute (55P03, retried) instead of holding its worker
     for the whole queue job timeout; a statement cancelled by the timeout (57014) is retried too.
-
-    ``client_connection_check_interval`` (PostgreSQL 14): a session whose process died (a worker killed
-    while its batch waits on a lock or runs a long statement) ends within CLIENT_CHECK_MS instead of at
-    its statement's timeout, and with it the locks it holds on the batch's ledger row, so the reconciler
-    can give the batch back once the worker's heartbeat is stale, not a lock timeout later.
     """
     limits = {"statement_timeout": "ETL_STATEMENT_TIMEOUT", "lock_timeout": "ETL_LOCK_TIMEOUT",
               "idle_in_transaction_session_timeout": "ETL_IDLE_IN_TRANSACTION_TIMEOUT"}
-    return " ".join([*(f"-c {name}={round(config.get_float(setting) * 1000)}" for name, setting in limits.items()),
-                     f"-c client_connection_check_interval={CLIENT_CHECK_MS}"])
+    return " ".join(f"-c {name}={round(config.get_float(setting) * 1000)}" for name, setting in limits.items())
 
 
 #: How often a running statement's session checks that its client is still there (ms).
 CLIENT_CHECK_MS = 2000
+_CHECK_CLIENT = sql.SQL("SELECT set_config('client_connection_check_interval', %s, false)")
+
+
+def check_client(conn: psycopg.Connection[Any]) -> None:
+    """Have the session check every CLIENT_CHECK_MS that its client is there, where the server can.
+
+    A session whose process died (a worker killed while its batch waits on a lock or runs a long
+    statement) then ends within seconds instead of at its statement's timeout, and with it the locks it
+    holds on the batch's ledger row: the reconciler gives the batch back once the heartbeat is stale,
+    not a lock timeout later. ``client_connection_check_interval`` is PostgreSQL 14's, and only where
+    the server can poll a socket for a hang-up (Linux): set after connecting, never in the startup
+    packet, where an unknown or refused setting would refuse the connection (older servers, PgBouncer).
+    """
+    if conn.info.server_version < 140000:
+        return
+    try:
+        conn.execute(_CHECK_CLIENT, [str(CLIENT_CHECK_MS)])
+    except psycopg.Error:  # refused on this platform, or by a pooler: the timeouts still end the session
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            conn.rollback()
 
 
 _READ_LIMITS = sql.SQL("SELECT set_config('statement_timeout', %s, false), "
@@ -186,6 +200,7 @@ def get_pool(url: str | None = None) -> ConnectionPool:
             pool = ConnectionPool(
                 url, min_size=0, max_size=config.get_int("ETL_DB_POOL_SIZE", minimum=1),
                 kwargs={"autocommit": True, "application_name": "dataloader", "options": session_timeouts()},
+                configure=check_client,
                 check=ConnectionPool.check_connection, open=True, timeout=30, reconnect_timeout=60,
                 close_returns=True,
             )

@@ -45,6 +45,12 @@ def plan_run(job: str, run: str, worker: str | None = None) -> list[int]:
             # reconciler queues the planning again once the database is back.
             _fail_run(job, run, error)
             return []
+        except Exception as exc:  # noqa: BLE001 - a bug or a source no check foresaw: the run must end, not loop
+            # Left to RQ, the job would fail, the run would stay validating, and the reconciler would
+            # plan it again and again.
+            _fail_run(job, run, LoaderError(f"planning failed: {type(exc).__name__}: {str(exc)[:500]}",
+                                            job=job, run=run))
+            return []
 
 
 def _plan_once(job: str, run: str, worker: str | None) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -108,19 +109,63 @@ UNFINISHED = sql.SQL("""
         AND b.status NOT IN ('succeeded', 'failed'))""")
 
 
+#: The lock connection between two passes, by process (never one a parent left behind after a fork);
+#: a pass that finds it taken (a nested try, as tests make) opens another.
+_idle_lock_conn: dict[tuple[int, str], psycopg.Connection[Any]] = {}
+_lock_conn_guard = threading.Lock()
+
+
+def _lock_key() -> tuple[int, str]:
+    return os.getpid(), db.libpq_url(config.database_url())
+
+
+def _lock_connection() -> psycopg.Connection[Any]:
+    with _lock_conn_guard:
+        conn = _idle_lock_conn.pop(_lock_key(), None)
+    if conn is not None and not conn.closed:
+        return conn
+    return psycopg.connect(_lock_key()[1], autocommit=True, connect_timeout=10,
+                           application_name="dataloader-reconcile",
+                           options=f"-c statement_timeout={LOCK_TIMEOUT_MS}")
+
+
+#: The lock statements' limit (ms): a server that stopped answering fails the pass, which is tried again.
+LOCK_TIMEOUT_MS = 10_000
+
+
 @contextmanager
 def exclusive(queue: str | None = None) -> Iterator[bool]:
     """Whether this process is the queue's one reconciler, for the ``with`` block.
 
     Held from reading the ledger until what it found is queued again: two reconcilers one after the
     other inside that window would both see a batch's RQ job gone and queue it twice. A session
-    advisory lock on a connection of its own (outside the pool, so the pass can borrow what it needs);
-    closing it releases the lock, also when the process dies.
+    advisory lock on a connection of its own (outside the pool, so the pass can borrow what it needs),
+    kept for the next pass; if that connection breaks, the server releases the lock with it.
     """
-    with db.dedicated_connection() as conn:
-        got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
-                           [f"{LOCK_KEY}.{queue or config.get('ETL_QUEUE')}"]).fetchone()
-        yield bool(got and got[0])
+    key = f"{LOCK_KEY}.{queue or config.get('ETL_QUEUE')}"
+    try:
+        conn = _lock_connection()
+    except psycopg.Error as exc:
+        raise db.wrap_db_error(exc) from exc
+    got = False
+    try:
+        row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()
+        got = bool(row and row[0])
+        yield got
+    except BaseException:
+        conn.close()  # the lock, if held, goes with the session
+        raise
+    else:
+        try:
+            if got:
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
+        except psycopg.Error:
+            conn.close()
+            return
+        with _lock_conn_guard:
+            kept = _idle_lock_conn.setdefault(_lock_key(), conn)
+        if kept is not conn:
+            conn.close()  # another pass's connection is kept already
 
 
 def reconcile(*, stale_after: float | None = None, grace: float = ORPHAN_GRACE_SECONDS,

@@ -228,6 +228,12 @@ def plan_batches(files: list[Path], batch_size: int) -> Iterator[PlannedBatch]:
 _Chunk = tuple[int, int, int, int, int, bytes | None, str | None]
 
 
+def _oversized_mark(head: bytes, size: int) -> bytes:
+    """How an over-long record stands in a kept payload: the mark, its size and its first bytes on one line
+    (for the reject's sample, as a plain file's over-long line gives it)."""
+    return _OVERSIZED_MARK + b"%d " % size + head[:OVERSIZED_HEAD_BYTES].replace(b"\r", b" ").replace(b"\n", b" ")
+
+
 def _ndjson_chunks(path: Path, batch_size: int, keep_payload: bool) -> Iterator[_Chunk]:
     # A plain file's batch is re-read by byte range: hash its bytes as they are read (never twice).
     digest = None if keep_payload else _BatchChecksum()
@@ -243,7 +249,7 @@ def _ndjson_chunks(path: Path, batch_size: int, keep_payload: bool) -> Iterator[
             line_no += 1
             offset += size
             if keep_payload:
-                buf.append(_OVERSIZED_MARK + b"%d\n" % size if isinstance(line, OversizedRecord) else line)
+                buf.append(_oversized_mark(line, size) + b"\n" if isinstance(line, OversizedRecord) else line)
             if isinstance(line, OversizedRecord) or _record(line):
                 records += 1
             if records == batch_size:
@@ -289,7 +295,7 @@ def _json_array_chunks(path: Path, batch_size: int) -> Iterator[_Chunk]:
                 if item.whole:  # one line: the decoder refused raw line breaks in strings, so these are spacing
                     buf.append(item.text.replace("\r", " ").replace("\n", " ").encode("utf-8"))
                 else:
-                    buf.append(_OVERSIZED_MARK + b"%d" % item.size)
+                    buf.append(_oversized_mark(item.head.encode("utf-8", "surrogatepass"), item.size))
                 if len(buf) == batch_size:
                     yield 0, 0, line_start, len(buf), len(buf), zlib.compress(b"\n".join(buf), 1), None
                     line_start, buf = element + 1, []
@@ -318,7 +324,8 @@ def read_batch(batch: PlannedBatch) -> Iterator[tuple[int, bytes]]:
                 "load the file's current content", file=batch.file, batch=batch.index)
         for line in zlib.decompress(batch.payload).split(b"\n"):
             if line.startswith(_OVERSIZED_MARK):
-                yield line_no, OversizedRecord(b"", int(line[len(_OVERSIZED_MARK):]))
+                length, _, head = line[len(_OVERSIZED_MARK):].partition(b" ")  # an older payload has no head
+                yield line_no, OversizedRecord(head, int(length))
             elif raw := _record(line):
                 yield line_no, raw
             line_no += 1

@@ -585,8 +585,11 @@ _ABANDON_CANCELED = sql.SQL("""
             AND b.started_at < now() - make_interval(secs => %(stale)s)))
         FOR UPDATE OF b SKIP LOCKED
     ), gone AS (
-        UPDATE {attempts} a SET status = 'abandoned', ended_at = clock_timestamp(),
-            error_code = 'worker_lost', error_message = 'the worker stopped beating during this attempt'
+        UPDATE {attempts} a SET status = 'abandoned', ended_at = clock_timestamp(), error_code = 'worker_lost',
+            error_message = CASE WHEN EXISTS (SELECT 1 FROM {workers} w WHERE w.name = a.worker
+                                              AND w.heartbeat_at > now() - make_interval(secs => %(stale)s))
+                THEN 'the worker gave this attempt up (it could not record its end) and went on with other work'
+                ELSE 'the worker stopped beating during this attempt' END
         FROM stale s WHERE (a.etl_job_id, a.etl_run_id, a.batch_index, a.attempt)
                          = (s.etl_job_id, s.etl_run_id, s.batch_index, s.attempts) AND a.status = 'running'
     )

@@ -364,6 +364,8 @@ def test_a_one_gigabyte_line_is_one_rejected_record_read_past_with_flat_worker_m
             assert (m["batches_total"], m["rows_validated"], v["json_shape_errors"]) == (1, 40, 1), source
             [example] = v["examples"]
             assert example["line_no"] == 21 and "is longer than ETL_MAX_RECORD_BYTES (67108864)" in example["message"]
+            [reject] = [json.loads(x) for x in loader.iter_rejects_ndjson(c["etl_job_id"], c["etl_run_id"])]
+            assert reject["record_truncated"] and reject["record"].startswith('{"id": "huge", "x": "xxxx'), source
             assert _peak_rss_mib(worker.pid) < 200, (source, _peak_rss_mib(worker.pid))
     finally:
         for key in redis_conn.scan_iter(f"rq:*{os.environ['ETL_QUEUE']}*"):

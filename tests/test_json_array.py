@@ -75,6 +75,7 @@ def test_a_planned_json_array_keeps_each_element_as_one_line_and_an_over_long_on
     assert [n for n, _ in read] == [1, 2, 3]
     over = read[1][1]
     assert isinstance(over, sources.OversizedRecord) and over.size == 220
+    assert bytes(over) == b'{"id": "b", "x": "' + b"x" * 200 + b'"}'  # its first bytes, for the reject's sample
 
 
 def test_a_json_array_source_that_breaks_off_fails_planning_naming_the_file(tmp_path: Path):
@@ -82,3 +83,41 @@ def test_a_json_array_source_that_breaks_off_fails_planning_naming_the_file(tmp_
     path.write_bytes(b'[{"id": "a"}, {"id": "b"')
     with pytest.raises(SourceError, match="broken.json is not valid JSON: the array ends inside element 2"):
         list(sources.plan_batches([path], 10))
+
+
+def test_an_element_nested_deeper_than_the_decoder_goes_is_one_element_not_a_failed_planning(monkeypatch):
+    """Validation rejects it as one record (nested too deep), as it does such an NDJSON line."""
+    deep = "[" * 5000 + "]" * 5000
+    for read in (7, 1 << 16):
+        monkeypatch.setattr(json_array, "READ_BYTES", read)
+        assert values(f'[1, {deep}, 2]'.encode()) == ["1", deep, "2"]
+
+
+def test_a_byte_order_mark_before_an_element_is_an_error_not_spacing():
+    with pytest.raises(SourceError, match="element 2 starts with a byte order mark"):
+        values('[{"id": "a"}, \ufeff{"id": "b"}]'.encode())
+
+
+def test_a_planning_that_fails_unexpectedly_fails_its_run_instead_of_looping(tmp_path: Path, monkeypatch, ledger):
+    """Whatever a source does to the planner, the run ends failed with the error named (left to RQ, the run
+    would stay validating and be planned again and again)."""
+    import loader
+    from loader import planning
+
+    from .helpers import job_name, write_catalog, write_ndjson
+
+    name = job_name("plan-bug")
+    write_ndjson(tmp_path / "d.ndjson", [{"id": "a"}])
+    catalog = write_catalog(tmp_path, {name: {"source": "d.ndjson", "target_table": "stg_plan_bug.t",
+                                              "source_id": "id"}})
+    monkeypatch.setenv("ETL_QUEUE", f"idle-{name}")  # nobody plans it but this test
+    ref = loader.start_run(name, catalog=catalog, batch_size=100)
+
+    def broken(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(planning, "_write_batches", broken)
+    assert planning.plan_run(name, ref.etl_run_id) == []
+    c = loader.run_contract(name, ref.etl_run_id)
+    assert c["status"] == "failed" and c["error_message"] == (
+        "planning failed: RecursionError: maximum recursion depth exceeded")

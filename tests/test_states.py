@@ -203,8 +203,9 @@ def test_a_canceled_runs_batch_is_ended_unless_a_live_worker_says_it_is_executin
 
     worker = f"live-{uuid.uuid4().hex[:8]}"
     job, run = make_run(pg, "canceled", ["running"])
-    pg.execute(sql.SQL("UPDATE {} SET worker = %s WHERE etl_job_id = %s AND etl_run_id = %s").format(
-        _table("batches")), [worker, job, run])
+    for table in ("batches", "attempts"):
+        pg.execute(sql.SQL("UPDATE {} SET worker = %s WHERE etl_job_id = %s AND etl_run_id = %s").format(
+            _table(table)), [worker, job, run])
     try:
         beat(pg, worker, (job, run, 0))
         states.abandon_canceled_batches(pg, queue=QUEUE, stale_after=1.0)
@@ -212,6 +213,10 @@ def test_a_canceled_runs_batch_is_ended_unless_a_live_worker_says_it_is_executin
         beat(pg, worker, None)  # alive, executing nothing
         assert states.abandon_canceled_batches(pg, queue=QUEUE, stale_after=1.0) == [(job, run, 0)]
         assert batch_status(pg, job, run) == "canceled"
+        attempt = pg.execute(sql.SQL("SELECT status, error_message FROM {} WHERE etl_job_id = %s AND etl_run_id = %s"
+                                     ).format(_table("attempts")), [job, run]).fetchone()
+        assert attempt == ("abandoned", "the worker gave this attempt up (it could not record its end) and went on "
+                                        "with other work")
     finally:
         forget(pg, worker)
 
