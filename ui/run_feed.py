@@ -93,6 +93,7 @@ class Feed:
         follower = RunFollower(self.job, self.run)
         idle_since: float | None = None
         stop = threading.Event()
+        tick = time.monotonic()
         while True:
             try:
                 events = follower.poll()
@@ -118,7 +119,9 @@ class Feed:
             if events:
                 for c in clients:
                     c.push(events)
-            stop.wait(FOLLOW_SECONDS)
+            # On a fixed beat, not a pause after each look: a change waits at most one beat plus one read.
+            tick = max(tick + FOLLOW_SECONDS, time.monotonic())
+            stop.wait(tick - time.monotonic())
 
     def _broadcast_error(self, message: str) -> None:
         with self._lock:
