@@ -18,6 +18,14 @@ For each run size (a synthetic ledger seeded by bench/seed_ledger.py, one run in
   (``/api/runs/...``), and the decoded share of each fragment's runs;
 - time from a ledger change (a pending batch committed) to the new "Batches succeeded" value in
   the page, p50/p95 over 20 changes made at random phases of the refresh timer;
+- each panel's lag (``--panels``, also part of the full run unless ``--no-panels``; the
+  ``## Console: each panel's lag`` section): from a ledger change to each panel that shows run state
+  (status badge, metric cards, the grid's row and its empty state, the left panel's warning, Recent runs
+  on the monitor and on the Recent runs page, the selected batch's detail and retry timeline, the duration
+  chart) showing it, p50/p95 per panel at each run size. The changes are a live run's, made with the
+  loader's own state machine at random phases of the timers (a batch claimed, failing transiently, failing
+  for good, retried; batches committed until the run ends; new runs planned and canceled: ``PanelDriver``),
+  and the panels are read as ``tests/ui/test_live_panels.py`` reads them (``tests/ui/panel_readers.py``);
 - time to first render of the deep link /etl/data-loader/<job>/<run> (metric cards and the first
   grid row visible);
 - the longest main-thread task (PerformanceObserver 'longtask', in the page and the grid iframe)
@@ -28,6 +36,7 @@ Usage::
 
     python bench/console.py [--batches 10000,100000] [--repeat 3] [--no-append]
     python bench/console.py --storm [--repeat 5] [--no-append]
+    python bench/console.py --panels [--batches 10000,100000] [--panel-rounds 3] [--panel-new-runs 3]
 
 ``--storm`` measures only Start Load and Cancel run from the page (click to result, in Chromium), on a
 quiet console and while 20 threads ask for the most expensive grid page of a 100,000-batch run and 5
@@ -330,10 +339,10 @@ def count_status(run: str, status: str) -> int:
                        .format(db.ledger_table("batches")), [JOB, run, status])[0][0])
 
 
-def pending_indexes(run: str, k: int) -> list[int]:
+def pending_indexes(run: str, k: int, job: str = JOB) -> list[int]:
     return [r[0] for r in execute(sql.SQL(
         "SELECT batch_index FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND status = 'pending' "
-        "ORDER BY batch_index LIMIT %s").format(db.ledger_table("batches")), [JOB, run, k])]
+        "ORDER BY batch_index LIMIT %s").format(db.ledger_table("batches")), [job, run, k])]
 
 
 def first_succeeded(run: str) -> int:
@@ -785,10 +794,10 @@ def write_section(text: str, heading: str = "## Console") -> Path:
     return path
 
 
-def publish(text: str, *, write: bool) -> None:
+def publish(text: str, *, write: bool, heading: str = "## Console") -> None:
     """Write the section into BENCHMARKS.md (saying so), or print it."""
     if write:
-        print(f"wrote the Console section of {write_section(text)}", file=sys.stderr)
+        print(f"wrote the {heading[3:]} section of {write_section(text, heading)}", file=sys.stderr)
     else:
         print(text)
 
@@ -854,6 +863,350 @@ def probe_ticks(sizes: list[int], seconds: float, variants: list[str], repeat: i
         print(f"{size:>7} {name:<12} idle median {fmt(med(idle_ms), ' ms', 1)} p95 {fmt(pct(idle_ms, .95), ' ms', 1)}"
               f" (n={len(idle_ms)}); changed median {fmt(med(changed_ms), ' ms', 1)} (n={len(changed_ms)}); "
               f"server CPU per idle refresh {fmt(med([c['ms'] for c in slot['cpu']]), ' ms', 1)}")
+
+
+# ----------------------------------------------------------------------------------------- panels
+
+PANELS_HEADING = "## Console: each panel's lag"
+#: The job of the panel-lag runs: its own, in a catalog of its own, so the left panel's warning and
+#: Recent runs show only those runs.
+PANELS_JOB = "bench-panels"
+#: Panels timed, in the report's order (the Recent runs page is a second page open beside the monitor).
+PANELS = ("status badge", "metric cards", "grid row", "grid empty state", "left-panel warning",
+          "Recent runs (monitor)", "Recent runs (Runs page)", "batch detail", "retry timeline", "duration chart")
+#: Pending batches kept open in each seeded run (the grid's first rows): the fail-and-retry batch, then
+#: the batches committed one by one until the run ends.
+PANEL_COMMITS = 6
+#: Seconds the page may take to show the state before a change (settling) and to show the change.
+PANEL_TIMEOUT = 30.0
+#: Seconds between two reads of both pages while a change is on its way (each read is one evaluation
+#: per page, a few ms).
+PANEL_POLL = 0.04
+
+
+class PanelDriver:
+    """The ledger changes a live run makes, made with the loader's own state machine and run functions
+    (``loader.states``, ``loader.runs``, ``loading.finish_run_if_done``) on the benchmark's ledger: what a
+    worker does around a batch, without a source to read or a target to write."""
+
+    def __init__(self, job: str, run: str) -> None:
+        self.job, self.run = job, run
+
+    def claim(self, index: int) -> int:
+        """pending | retried -> running: a worker takes the batch; returns its attempt."""
+        from loader import states
+
+        with db.connection() as conn:
+            began = states.claim_batch(conn, self.job, self.run, index, worker="bench-worker", trigger="auto")
+        assert began is not None, f"batch {index} of {self.run} is not startable"
+        return int(began["attempts"])
+
+    def commit(self, index: int, attempt: int) -> None:
+        """running -> succeeded with its counts, attempt ended and event logged in one transaction (as
+        ``loading._load_in_transaction``), then the run finished if that was its last open batch."""
+        from loader import loading, states
+        from loader.events import log_event
+
+        rows = seed_ledger.BATCH_SIZE
+        with db.connection() as conn, conn.transaction():
+            assert states.commit_batch(conn, self.job, self.run, index, attempt, inserted=rows, updated=0,
+                                       valid=rows, rejected=0, required=0, ms=80.0)
+            states.end_attempt(conn, self.job, self.run, index, attempt, states.AttemptStatus.SUCCEEDED, ms=80.0)
+            log_event(conn, self.job, self.run, "batch_committed", batch=index, attempt=attempt,
+                      rows_attempted=rows, rows_inserted=rows, rows_updated=0, rows_validated=rows,
+                      validation_failures=0, duration_ms=80.0)
+        loading.finish_run_if_done(self.job, self.run)
+
+    def fail(self, index: int, attempt: int, *, retry: bool) -> None:
+        """running -> retried (a transient error, another attempt due) or failed for good (as
+        ``loading._record_failure``), then the run finished if that was its last open batch."""
+        from loader import loading, states
+        from loader.events import log_event
+
+        message = "connection reset by peer" if retry else "value too long for type character varying(64)"
+        with db.connection() as conn, conn.transaction():
+            assert states.fail_attempt(conn, self.job, self.run, index, attempt, retry=retry,
+                                       code="08006" if retry else "22001", message=message,
+                                       stack="psycopg.OperationalError (benchmark)", ms=60.0)
+            log_event(conn, self.job, self.run, "attempt_failed_will_retry" if retry else "batch_failed",
+                      level="warning" if retry else "error", batch=index, attempt=attempt, error=message)
+        if not retry:
+            loading.finish_run_if_done(self.job, self.run)
+
+    def load(self, index: int) -> None:
+        """A pending batch loaded: claimed, then committed one batch's load time later."""
+        attempt = self.claim(index)
+        time.sleep(0.08)
+        self.commit(index, attempt)
+
+    def retry(self, index: int) -> None:
+        """The failed batch queued again (``runs.reset_failed_batches``: the run back to loading)."""
+        from loader import runs
+
+        runs.reset_failed_batches(self.job, self.run, [index])
+
+    def create(self) -> None:
+        """A new run, queued (``runs.create_run``)."""
+        from loader import runs
+
+        runs.create_run(loader.JobSpec.from_dict(seed_ledger.job_spec(self.job)), run_id=self.run,
+                        batch_size=seed_ledger.BATCH_SIZE)
+
+    def start_planning(self) -> None:
+        """queued -> validating: a worker starts reading the source."""
+        from loader import states
+
+        with db.connection() as conn:
+            assert states.start_planning(conn, self.job, self.run, "bench-worker") is not None
+
+    def planned(self, n: int) -> None:
+        """validating -> loading with n pending batches, written in the planning transaction."""
+        from loader import states
+
+        with db.connection() as conn, conn.transaction():
+            rows = seed_ledger.plan_pending(conn, self.job, self.run, n)
+            assert states.finish_planning(conn, self.job, self.run, batches=n, rows=rows) is not None
+
+    def cancel(self) -> None:
+        """The run canceled (``runs.cancel``: unstarted batches canceled, its queued jobs removed)."""
+        from loader import runs
+
+        runs.cancel(self.job, self.run)
+
+
+class PanelWatch:
+    """Both pages (the monitor of ``run`` and the Recent runs page) and the ledger, said in the same words
+    (``tests/ui/panel_readers.py``, which the live-panels test reads with): ``watch`` is the batch whose grid
+    row is compared, ``selected`` the batch whose detail is open (None: none)."""
+
+    def __init__(self, monitor: Any, runs_page: Any, job: str, run: str, watch: int,
+                 selected: int | None) -> None:
+        self.monitor, self.runs_page = monitor, runs_page
+        self.job, self.run, self.watch, self.selected = job, run, watch, selected
+
+    def ledger(self) -> dict[str, Any]:
+        from tests.ui.panel_readers import ledger_batch, ledger_run
+
+        r, b = ledger_run(self.job, self.run), ledger_batch(self.job, self.run, self.watch)
+        out = {"status badge": r["badge"],
+               "metric cards": f"{r['total']} total, {r['succeeded']} succeeded, {r['failed']} failed, "
+                               f"{r['canceled']} canceled",
+               "grid row": b["row"], "grid empty state": r["empty"], "left-panel warning": r["warning"],
+               "Recent runs (monitor)": r["recent"], "Recent runs (Runs page)": r["recent"],
+               "duration chart": r["chart"]}
+        if self.selected is not None:
+            d = ledger_batch(self.job, self.run, self.selected)
+            out.update({"batch detail": d["detail"], "retry timeline": d["timeline"]})
+        return out
+
+    def page(self) -> dict[str, Any]:
+        from tests.ui.panel_readers import PANELS_JS, row_label, warning_words
+
+        v = self.monitor.evaluate(PANELS_JS, self.run)
+        other = self.runs_page.evaluate(PANELS_JS, self.run)
+        c = v["cards"]
+        out = {"status badge": v["badge"],
+               "metric cards": f"{c.get('Batches total')} total, {c.get('Batches succeeded')} succeeded, "
+                               f"{c.get('Batches failed')} failed, {c.get('Batches canceled', '0')} canceled"
+               if c else None,
+               "grid row": row_label((v["rows"] or {}).get(str(self.watch))),
+               "grid empty state": v["empty"], "left-panel warning": warning_words(v["warning"]),
+               "Recent runs (monitor)": v["recent"], "Recent runs (Runs page)": other["recent"],
+               "duration chart": v["chart"]}
+        if self.selected is not None:
+            out.update({"batch detail": v["detail"], "retry timeline": v["timeline"]})
+        return out
+
+    def wait(self, want: dict[str, Any], t0: float) -> dict[str, float | None]:
+        """Seconds from ``t0`` until each panel of ``want`` first showed its value (None: not within
+        PANEL_TIMEOUT). A panel counts as shown at the end of the read that saw it (never early)."""
+        seen: dict[str, float | None] = {}
+        while len(seen) < len(want) and time.perf_counter() - t0 < PANEL_TIMEOUT:
+            view = self.page()
+            now = time.perf_counter()
+            for panel, value in want.items():
+                if panel not in seen and view[panel] == value:
+                    seen[panel] = now - t0
+            time.sleep(PANEL_POLL)
+        return {panel: seen.get(panel) for panel in want}
+
+
+def timed_change(w: PanelWatch, change: Callable[[], None], rnd: random.Random, lags: dict[str, list[float]],
+                 missed: dict[str, int], label: str) -> None:
+    """One ledger change at a random phase of the page's timers, each panel it moves timed to visible.
+
+    First the pages settle on what the ledger says now (a panel still behind an earlier change would
+    otherwise be timed for that one); the panels timed are those whose value the change moved.
+    """
+    before = w.ledger()
+    settled = w.wait(before, time.perf_counter())
+    for panel, lag in settled.items():
+        if lag is None:
+            print(f"  {label}: {panel} did not settle on {before[panel]!r} (page: {w.page()[panel]!r})",
+                  file=sys.stderr)
+    # The timers: the live fragment (REFRESH_SECONDS), chart, warning and Recent runs (2 s), the grid's poll.
+    time.sleep(rnd.uniform(0.3, max(REFRESH_SECONDS, CHART_SECONDS, POLL_MS / 1000) + 0.3))
+    change()
+    t0 = time.perf_counter()
+    after = w.ledger()
+    moved = {panel: value for panel, value in after.items() if value != before[panel]}
+    shown = w.wait(moved, t0)
+    for panel, lag in shown.items():
+        if lag is None:
+            missed[panel] = missed.get(panel, 0) + 1
+            print(f"  {label}: {panel} never showed {moved[panel]!r}", file=sys.stderr)
+        else:
+            lags.setdefault(panel, []).append(lag * 1000)
+    print(f"  {label}: " + ", ".join(f"{p} {lag * 1000:.0f}" for p, lag in shown.items() if lag is not None),
+          file=sys.stderr)
+
+
+def _open_monitor_at(page: Any, url: str, job: str, run: str, first: int | None) -> None:
+    """The run's monitor; with ``first``: the grid filtered to index >= first and batch ``first``'s detail open."""
+    from urllib.parse import urlencode
+
+    query: dict[str, str] = {"job": job, "run": run}
+    if first is not None:
+        query["filter"] = json.dumps({"index": {"filterType": "number", "type": "greaterThanOrEqual",
+                                                "filter": first}})
+    page.goto(f"{url}/etl/data-loader?{urlencode(query)}")
+    page.locator(".stMarkdownBadge").first.wait_for(timeout=60_000)
+    if first is None:
+        return
+    row = page.frame_locator(GRID_FRAME).locator(
+        ".ag-pinned-left-cols-container .ag-row[row-index='0'] [col-id='index']")
+    row.filter(has_text=str(first)).wait_for(timeout=60_000)
+    row.click()
+    page.get_by_role("heading", name=f"Batch #{first}").wait_for(timeout=30_000)
+
+
+def panel_round(monitor: Any, runs_page: Any, url: str, size: int, k: int, rnd: random.Random,
+                lags: dict[str, list[float]], missed: dict[str, int], new_runs: int) -> None:
+    """One round on a run of ``size`` batches: a batch fails (a transient error, a retry, then for good),
+    the last open batches commit and the run ends, the batch is retried and the run ends again; then
+    ``new_runs`` new runs are planned (queued, validating, loading), one batch commits, and each is canceled."""
+    job, run = PANELS_JOB, f"p{size}-{k}"
+    seed_ledger.delete_runs(job)  # the last round's: Recent runs shows only this round's (a few rows)
+    seed_ledger.seed(job, run, size)
+    first = int(pending_indexes(run, 1, job)[0])
+    keep = list(range(first, first + PANEL_COMMITS + 1))
+    seed_ledger.end_open_batches(job, run, keep)
+    _open_monitor_at(monitor, url, job, run, first)
+    d = PanelDriver(job, run)
+    state: dict[str, int] = {}
+
+    def claim() -> None:
+        state["attempt"] = d.claim(first)
+
+    steps: list[tuple[str, int, Callable[[], None]]] = [
+        ("claim", first, claim),
+        ("transient failure", first, lambda: d.fail(first, state["attempt"], retry=True)),
+        ("claim again", first, claim),
+        ("failed for good", first, lambda: d.fail(first, state["attempt"], retry=False)),
+        *[(f"commit {i}", i, lambda i=i: d.load(i)) for i in keep[1:]],  # the last one ends the run
+        ("retry the failed batch", first, lambda: d.retry(first)),
+        ("claim", first, claim),
+        ("commit (the run ends)", first, lambda: d.commit(first, state["attempt"])),
+    ]
+    for label, watch, change in steps:
+        timed_change(PanelWatch(monitor, runs_page, job, run, watch, first), change, rnd, lags, missed,
+                     f"{run} {label}")
+    for j in range(new_runs):
+        new = PanelDriver(job, f"p{size}-{k}-new{j}")
+        new.create()
+        _open_monitor_at(monitor, url, job, new.run, None)
+        for label, watch, change in [
+            ("planning", 0, new.start_planning),
+            (f"planned: {size:,} batches", 0, lambda new=new: new.planned(size)),
+            ("commit", 0, lambda new=new: new.load(0)),
+            ("cancel", 1, new.cancel),
+        ]:
+            timed_change(PanelWatch(monitor, runs_page, job, new.run, watch, None), change, rnd, lags, missed,
+                         f"{new.run} {label}")
+
+
+def panels_bench(browser: Any, sizes: list[int], rounds: int, new_runs: int) -> dict[str, Any]:
+    """Each panel's lag behind the ledger changes of :func:`panel_round`, ``rounds`` rounds per run size,
+    on a console of its own (a catalog naming PANELS_JOB, so the left panel's warning follows its runs)."""
+    from tests.helpers import write_catalog, write_ndjson
+
+    out: dict[str, Any] = {"sizes": sizes, "rounds": rounds, "new_runs": new_runs, "commits": PANEL_COMMITS,
+                           "poll_ms": PANEL_POLL * 1000, "runs": {}}
+    rnd = random.Random(12)
+    loader.initdb()  # the console refuses a ledger that is not there yet
+    with tempfile.TemporaryDirectory() as tmp:
+        write_ndjson(Path(tmp) / "data.ndjson", [{"source_id": f"r{i}", "customer": {"id": i}, "items": [1]}
+                                                 for i in range(10)])
+        catalog = write_catalog(Path(tmp), {PANELS_JOB: {"source": "data.ndjson", "source_id": "source_id",
+                                                         "target_table": "bench_console.panels"}})
+        app = start_app("Home.py", ROOT, env={"ETL_JOBS_FILE": str(catalog)})
+        try:
+            contexts = [browser.new_context(viewport={"width": 1280, "height": 1600}) for _ in range(2)]
+            monitor, runs_page = (ctx.new_page() for ctx in contexts)
+            runs_page.goto(f"{app.url}/etl/runs")
+            runs_page.get_by_role("heading", name="Recent runs").wait_for(timeout=60_000)
+            try:
+                for size in sizes:
+                    r: dict[str, Any] = {"load_start": loadavg(), "lags_ms": {}, "missed": {}}
+                    out["runs"][str(size)] = r
+                    for k in range(rounds):
+                        print(f"panels: {size} batches, round {k + 1}/{rounds} [{loadavg()}]", file=sys.stderr)
+                        panel_round(monitor, runs_page, app.url, size, k, rnd, r["lags_ms"], r["missed"], new_runs)
+                    r["load_end"] = loadavg()
+            finally:
+                for ctx in contexts:
+                    ctx.close()
+        finally:
+            app.stop()
+    return out
+
+
+def panels_markdown(res: dict[str, Any]) -> str:
+    """The ``## Console: each panel's lag`` section from :func:`panels_bench`'s results (``res["panels"]``)."""
+    p = res["panels"]
+    sizes = p["sizes"]
+    head = " | ".join(f"{size:,} batches: n / p50 / p95 / max" for size in sizes)
+    lines = [PANELS_HEADING, "",
+             f"Measured {res['started']} UTC with `{res['command']}` ({res['machine']}); load average (1, 5, 15 min) "
+             + "; ".join(f"{size:,} batches: {p['runs'][str(size)]['load_start']} at the start, "
+                         f"{p['runs'][str(size)]['load_end']} at the end" for size in sizes)
+             + ". The machine is shared: other sessions' tests ran meanwhile.", "",
+             "From a ledger change to each panel of the Run Monitor showing it, in Chromium, for every panel that "
+             "shows run state; the target is under 2 s at p95. Each panel is read the way "
+             "`tests/ui/test_live_panels.py` reads it (`tests/ui/panel_readers.py`), on the monitor (1280 px wide) "
+             "and, for the Recent runs page, on a second page open beside it, every "
+             f"{p['poll_ms']:.0f} ms while a change is on its way; a panel counts as shown at the end of the read "
+             "that saw it. Before each change the pages settle on the ledger's state, then the change comes at a "
+             f"random phase of the timers (the live fragment's {res['refresh_s']:g} s, the chart's, the warning's "
+             f"and Recent runs' 2 s, the grid's {res['poll_ms'] / 1000:g} s poll), and only the panels whose value "
+             "the change moved are timed.", "",
+             "The changes are those of a live run, made with the loader's own functions (`loader.states`, "
+             "`loader.runs`, `loading.finish_run_if_done`: what a worker does around a batch, without a source or "
+             f"a target) on a seeded run (`bench/seed_ledger.py`) whose open batches but {p['commits'] + 1} were "
+             "committed: the first of those is claimed, fails with a transient error, is claimed again and fails "
+             f"for good; the other {p['commits']} are claimed and committed one by one (80 ms apart), the last one "
+             "ending the run (committing, partial_success); the failed batch is retried (`reset_failed_batches`: "
+             "the run loading again), claimed and committed (the run ends again). The grid is filtered to those "
+             "batches and the first one's detail (with its retry timeline) is open. Then "
+             f"{p['new_runs']} new run(s) of the same size: created (queued; the monitor opened on it), planning "
+             "(validating), planned (loading, its batches written in the planning transaction, so the "
+             "\"No batches yet\" state goes), its batch 0 committed, canceled (`runs.cancel`). "
+             f"{p['rounds']} rounds per size. n is the number of changes that moved the panel.", "",
+             f"| panel | {head} | p95 under 2 s |", "| --- | " + " | ".join("---:" for _ in sizes) + " | --- |"]
+    for panel in PANELS:
+        cells, verdicts = [], []
+        for size in sizes:
+            r = p["runs"][str(size)]
+            xs = r["lags_ms"].get(panel, [])
+            gone = r["missed"].get(panel, 0)
+            miss = f" ({gone} not shown within {PANEL_TIMEOUT:g} s)" if gone else ""
+            cells.append(f"{len(xs)} / {fmt(pct(xs, .5), ' ms')} / {fmt(pct(xs, .95), ' ms')} / "
+                         f"{fmt(max(xs, default=None), ' ms')}{miss}" if xs or gone else "n/a")
+            p95 = pct(xs, .95)
+            # a change never shown counts as slower than any shown
+            verdicts.append(f"{size:,}: {verdict(None if p95 is None else p95 < 2000 and not gone)}")
+        lines.append(f"| {panel} | " + " | ".join(cells) + f" | {'; '.join(verdicts)} |")
+    return "\n".join(lines + ["", *res.get("panel_notes", [])])
 
 
 STORM_HEADING = "## Console under load"
@@ -1011,6 +1364,41 @@ def storm_bench(repeat: int, write: bool) -> None:
         print(text)
 
 
+def run_info() -> dict[str, Any]:
+    """Machine, command and start time of this benchmark run, and the page's timers, for the report."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
+    with db.connection() as conn:
+        pg = conn.execute("SHOW server_version").fetchone()[0]
+    return {"machine": f"CPU: {cpu}, {os.cpu_count()} cores, {mem / 2**20:.0f} GiB RAM; PostgreSQL {pg} on the same "
+                       f"machine; Python {platform.python_version()}",
+            "command": "python bench/console.py " + " ".join(sys.argv[1:]),
+            "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+            "refresh_s": REFRESH_SECONDS, "chart_s": CHART_SECONDS, "poll_ms": POLL_MS}
+
+
+def panels_only(sizes: list[int], rounds: int, new_runs: int, *, write: bool) -> None:
+    """``--panels``: each panel's lag alone, its section written (or printed)."""
+    from playwright.sync_api import sync_playwright
+
+    res = run_info()
+    try:
+        with sync_playwright() as p:
+            browser = launch_chromium(p)
+            try:
+                res["panels"] = panels_bench(browser, sizes, rounds, new_runs)
+            finally:
+                browser.close()
+    finally:
+        db.close_all()
+        seed_ledger.drop_schema()
+    out = OUT_JSON.with_name("bench-console-panels.json")
+    out.write_text(json.dumps(res, indent=1, default=str))
+    print(f"results: {out}", file=sys.stderr)
+    publish(panels_markdown(res), write=write, heading=PANELS_HEADING)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="10000,100000", help="run sizes, comma-separated (default 10000,100000)")
@@ -1031,6 +1419,17 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL[,KEY=VAL]",
                     help="with --ticks-only: also measure the console served with these environment "
                          "variables (repeatable; ROOT=<dir> serves another checkout), interleaved with this one")
+    ap.add_argument("--panels", action="store_true",
+                    help="only each Run Monitor panel's lag behind the ledger changes of a live run (badge, cards, "
+                         "grid, warning, Recent runs, batch detail and timeline, chart), per run size; writes the "
+                         "'Console: each panel's lag' section (the full bench measures it too, unless --no-panels)")
+    ap.add_argument("--no-panels", action="store_true", help="the full bench without the panels' lag")
+    ap.add_argument("--panel-rounds", type=int, default=3,
+                    help="rounds of ledger changes per run size for the panels' lag (default 3)")
+    ap.add_argument("--panel-new-runs", type=int, default=3,
+                    help="new runs planned and canceled per round for the panels' lag (default 3)")
+    ap.add_argument("--panel-notes", metavar="MD",
+                    help="with --report-only: a Markdown file appended to the panels' lag section (findings)")
     ap.add_argument("--storm", action="store_true",
                     help="only Start and Cancel from the page, quiet and under a storm of expensive grid requests "
                          "and slow downloads (100,000 batches); writes the 'Console under load' section")
@@ -1052,28 +1451,26 @@ def main() -> None:
         res = json.loads(Path(args.report_only).read_text())
         if args.notes:
             res["notes"] = [Path(args.notes).read_text().rstrip()]
-        publish(markdown(res), write=not args.no_append)
+        if "runs" in res:
+            publish(markdown(res), write=not args.no_append)
+        if "panels" in res:
+            if args.panel_notes:
+                res["panel_notes"] = [Path(args.panel_notes).read_text().rstrip(), ""]
+            publish(panels_markdown(res), write=not args.no_append, heading=PANELS_HEADING)
         return
     sizes = [int(x) for x in args.batches.split(",")]
+    if args.panels:
+        panels_only(sizes, args.panel_rounds, args.panel_new_runs, write=not args.no_append)
+        return
     import importlib.metadata as md
 
     from playwright.sync_api import sync_playwright
 
-    started = datetime.now(UTC)
     t_start = time.monotonic()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
-    with db.connection() as conn:
-        pg = conn.execute("SHOW server_version").fetchone()[0]
     res: dict[str, Any] = {
-        "machine": f"CPU: {cpu}, {os.cpu_count()} cores, {mem / 2**20:.0f} GiB RAM; PostgreSQL {pg} on the same "
-                   f"machine; Python {platform.python_version()}",
-        "command": "python bench/console.py " + " ".join(sys.argv[1:]),
-        "started": started.strftime("%Y-%m-%d %H:%M"), "load_start": loadavg(), "repeat": args.repeat,
+        **run_info(), "load_start": loadavg(), "repeat": args.repeat,
         "streamlit": md.version("streamlit"), "playwright": md.version("playwright"),
-        "refresh_s": REFRESH_SECONDS, "chart_s": CHART_SECONDS,
-        "poll_ms": POLL_MS, "window_s": args.window, "changes": args.changes,
+        "window_s": args.window, "changes": args.changes,
         "sizes": sizes, "runs": {}, "notes": [], "variant_label": VARIANT_LABEL}
     try:
         res["chromium"] = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True,
@@ -1154,6 +1551,8 @@ def main() -> None:
                     OUT_JSON.write_text(json.dumps(res, indent=1, default=str))
                     print(json.dumps({k: r[k] for k in ("ticks", "change_visible_ms", "first_render_ms")},
                                      default=str)[:3000], file=sys.stderr)
+                if not args.no_panels:
+                    res["panels"] = panels_bench(browser, sizes, args.panel_rounds, args.panel_new_runs)
             finally:
                 browser.close()
     finally:
@@ -1167,6 +1566,8 @@ def main() -> None:
     OUT_JSON.write_text(json.dumps(res, indent=1, default=str))
     print(f"results: {OUT_JSON}", file=sys.stderr)
     publish(markdown(res), write=not args.no_append)
+    if "panels" in res:
+        publish(panels_markdown(res), write=not args.no_append, heading=PANELS_HEADING)
 
 
 if __name__ == "__main__":

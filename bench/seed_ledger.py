@@ -130,6 +130,44 @@ def seed(job: str, run: str, n: int) -> None:
             conn.execute(sql.SQL("ANALYZE {}").format(t(name)))
 
 
+def plan_pending(conn: Any, job: str, run: str, n: int) -> int:
+    """Write the n pending batches a planner writes for a run of n batches (inside the caller's planning
+    transaction, before ``states.finish_planning``), laid out like :func:`seed`'s; returns the rows planned."""
+    conn.execute(sql.SQL("""
+        INSERT INTO {} (etl_job_id, etl_run_id, batch_index, status, source_file, file_size, file_mtime_ns,
+            byte_start, byte_end, line_start, line_count, ord_start, rows_attempted)
+        SELECT %(job)s, %(run)s, i, 'pending', %(file)s, %(n)s::bigint * 1150000, 1764200000000000000,
+            i::bigint * 1150000, (i::bigint + 1) * 1150000, i::bigint * %(bs)s + 1, %(bs)s, i::bigint * %(bs)s, %(bs)s
+        FROM generate_series(0, %(n)s - 1) i""").format(db.ledger_table("batches")),
+        {"job": job, "run": run, "n": n, "bs": BATCH_SIZE, "file": f"data/{job}.ndjson"})
+    return n * BATCH_SIZE
+
+
+def end_open_batches(job: str, run: str, keep: list[int]) -> None:
+    """Commit every open batch of a seeded run but those in ``keep``, in one statement (setup, not a
+    measured change): the run then ends, as a real one would, when its last kept batch ends."""
+    t = db.ledger_table
+    with db.connection() as conn, conn.transaction():
+        conn.execute(sql.SQL(
+            "UPDATE {} SET status = 'succeeded', attempts = greatest(attempts, 1), rows_inserted = rows_attempted, "
+            "rows_validated = rows_attempted, duration_ms = coalesce(duration_ms, 80), "
+            "started_at = coalesce(started_at, clock_timestamp()), committed_at = clock_timestamp(), "
+            "ended_at = clock_timestamp(), error_code = NULL, error_message = NULL, error_stack = NULL, "
+            "change_seq = {} WHERE etl_job_id = %s AND etl_run_id = %s "
+            "AND status IN ('pending', 'running', 'retried') AND NOT batch_index = ANY(%s)").format(
+                t("batches"), db.next_change()), [job, run, keep])
+        conn.execute(sql.SQL(
+            "UPDATE {} SET status = 'succeeded', ended_at = clock_timestamp(), error_code = NULL, "
+            "error_message = NULL WHERE etl_job_id = %s AND etl_run_id = %s AND status = 'running' "
+            "AND NOT batch_index = ANY(%s)").format(t("attempts")), [job, run, keep])
+
+
+def delete_runs(job: str) -> None:
+    """Delete every run of ``job`` (their batches, attempts, events and rejects go with them)."""
+    with db.connection() as conn:
+        conn.execute(sql.SQL("DELETE FROM {} WHERE etl_job_id = %s").format(db.ledger_table("runs")), [job])
+
+
 def drop_schema() -> None:
     with db.connection() as conn:
         conn.autocommit = True

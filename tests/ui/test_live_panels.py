@@ -12,6 +12,7 @@ import pytest
 from playwright.sync_api import expect
 
 from ..helpers import create_poisoned_target_table, remove_poison, write_catalog
+from .panel_readers import PANELS_JS, ledger_batch, ledger_run, row_label, warning_words
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.usefixtures("ledger")]
 
@@ -27,80 +28,17 @@ SAMPLE = 0.5
 DETAIL = 1500
 GRID_FILTER = json.dumps({"index": {"filterType": "number", "type": "greaterThanOrEqual", "filter": DETAIL}})
 
-#: What the page shows, read in one evaluation: badge, cards, empty state, warning, grid's first row,
-#: the run's row in Recent runs, the selected batch's detail and the duration chart's count.
-PANELS = """(run) => {
-  const badge = document.querySelector('.stMarkdownBadge');
-  const card = (label) => { for (const c of document.querySelectorAll('.dl-cards .dl-card')) {
-      if (c.querySelector('dt').textContent === label) return c.querySelector('dd').textContent; } return null; };
-  const text = document.body.innerText;
-  const warn = [...document.querySelectorAll('[data-testid="stAlertContentWarning"]')].map(e => e.innerText);
-  const f = document.querySelector("iframe[title='st_aggrid.AgGrid.agGrid']");
-  let row = null;
-  if (f && f.contentDocument) {
-    const pin = f.contentDocument.querySelector(
-      ".ag-pinned-left-cols-container .ag-row[row-index='0'] [col-id='index']");
-    const st = f.contentDocument.querySelector(".ag-row[row-index='0'] [col-id='status']");
-    if (pin && st) row = {index: pin.textContent.trim(), status: st.textContent.trim()};
-  }
-  let recent = null;  // Recent runs (a canvas grid, with an accessible table of its visible cells)
-  const runs = document.querySelector('[data-testid="stDataFrame"] table[role="grid"]');
-  if (runs) {
-    const heads = [...runs.querySelectorAll('th')].map(h => h.textContent);
-    const at = (name) => heads.indexOf(name);
-    for (const tr of runs.querySelectorAll('tbody tr')) {
-      const cells = [...tr.querySelectorAll('td')].map(td => td.textContent);
-      if (cells[at('Run ID')] === run) recent = cells[at('Status')];
-    }
-  }
-  const detail = [...document.querySelectorAll('[data-testid="stText"]')].map(e => e.innerText)
-    .find(t => t.startsWith('Status: '));
-  const captions = [...document.querySelectorAll('[data-testid="stCaptionContainer"]')].map(e => e.innerText);
-  const chart = captions.find(t => t.includes('committed batches: durations'))
-    || (captions.some(t => t.startsWith('No committed batches yet')) ? '0' : null);
-  return {badge: badge ? badge.innerText.replace(/^\\S+\\s*/, '').trim() : null,
-          succeeded: card('Batches succeeded'), empty: text.includes('No batches yet'),
-          warning: warn.join(' '), row: row, recent: recent,
-          detail: detail ? detail.split(' · rows ')[0] : null,
-          chart: chart ? chart.split(' ')[0] : null};
-}"""
-
-
 def ledger_view(job: str, run: str) -> dict[str, Any]:
     """What the ledger says now, in the words each panel uses."""
-    import sqlalchemy as sa
-
-    from loader import db
-    from loader.contract import batch_status_label
-    from loader.ledger import batches, runs
-    from ui.format import ACTIVE, run_badge
-
-    with db.get_engine().connect() as conn:
-        r = conn.execute(sa.select(runs.c.status, runs.c.batches_total).where(
-            runs.c.etl_job_id == job, runs.c.etl_run_id == run)).one()
-        ok = conn.execute(sa.select(sa.func.count()).select_from(batches).where(
-            batches.c.etl_job_id == job, batches.c.etl_run_id == run, batches.c.status == "succeeded")).scalar()
-        first = conn.execute(sa.select(batches.c.status, batches.c.attempts).where(
-            batches.c.etl_job_id == job, batches.c.etl_run_id == run, batches.c.batch_index == DETAIL)).first()
-        active = conn.execute(sa.select(runs.c.etl_run_id, runs.c.status).where(
-            runs.c.etl_job_id == job, runs.c.status.in_(sorted(ACTIVE))).order_by(runs.c.started_at.desc())).first()
-    label = batch_status_label(first.status, first.attempts) if first else None
-    return {"badge": run_badge(r.status).label, "succeeded": f"{ok:,}",
-            "empty": (r.batches_total or 0) == 0 and r.status in ("queued", "validating"),
-            "warning": f"{active.etl_run_id} of this job is {active.status}" if active else "",
-            "row0": label, "recent": run_badge(r.status).label,
-            "detail": f"Status: {label} · attempts {first.attempts}" if first else None, "chart": f"{ok:,}"}
+    r, b = ledger_run(job, run), ledger_batch(job, run, DETAIL)
+    return {"badge": r["badge"], "succeeded": r["succeeded"], "empty": r["empty"], "warning": r["warning"],
+            "row0": b["row"], "recent": r["recent"], "detail": b["detail"], "chart": r["chart"]}
 
 
 def shown(page_view: dict[str, Any]) -> dict[str, Any]:
-    row = page_view["row"]
-    warning = page_view["warning"]
-    return {"badge": page_view["badge"], "succeeded": page_view["succeeded"], "empty": page_view["empty"],
-            # the warning names the run and its status; compared by those words
-            "warning": " ".join(warning.replace("`", "").split()).split("Run ", 1)[-1].split(":")[0]
-            if warning else "",
-            "row0": row["status"].split(" ", 1)[1]
-            if row and row["index"] == str(DETAIL) and " " in row["status"] else None,
+    return {"badge": page_view["badge"], "succeeded": page_view["cards"].get("Batches succeeded"),
+            "empty": page_view["empty"], "warning": warning_words(page_view["warning"]),
+            "row0": row_label((page_view["rows"] or {}).get(str(DETAIL))),
             "recent": page_view["recent"], "detail": page_view["detail"], "chart": page_view["chart"]}
 
 
@@ -132,7 +70,7 @@ class Sampler:
         now = time.monotonic()
         truth = ledger_view(self.job, self.run)
         self.history.append((now, truth))
-        view = shown(self.page.evaluate(PANELS, self.run))
+        view = shown(self.page.evaluate(PANELS_JS, self.run))
         for panel, value in view.items():
             if panel in ("row0", "recent", "detail") and value is None:
                 continue  # not drawn yet (the grid's row loading, the detail's batch not yet planned)
@@ -237,6 +175,7 @@ def test_every_panel_follows_the_ledger_through_a_live_run_a_retry_and_a_cancel(
                                                    "detail", "chart")), seen  # every panel was read, often
         p95 = {panel: round(sorted(v)[int(len(v) * 0.95)], 2) for panel, v in sampler.lags.items() if v}
         worst = {panel: round(max(v), 2) for panel, v in sampler.lags.items() if v}
-        print("p95 lag (s) per panel:", p95, "max:", worst)  # the target is under 2 s (BENCHMARKS.md, "Console")
+        # The target is under 2 s; timed, at 10k and 100k batches: BENCHMARKS.md, "Console: each panel's lag".
+        print("p95 lag (s) per panel:", p95, "max:", worst)
     finally:
         console.stop()
