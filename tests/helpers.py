@@ -34,16 +34,22 @@ def write_ndjson(path: Path, records: list[Any], *, gz: bool = False) -> Path:
 
 
 def write_catalog(folder: Path, jobs: dict[str, dict[str, Any]]) -> Path:
-    """A jobs.toml with the given [jobs.NAME] tables (values: str, int, list of str)."""
+    """A jobs.toml with the given [jobs.NAME] tables (values: str, int, list of str, dict as an inline table)."""
     out = []
     for name, table in jobs.items():
         out.append(f"[jobs.{json.dumps(name)}]")
         for key, value in table.items():
-            out.append(f"{key} = {json.dumps(value)}")
+            out.append(f"{key} = {_toml_value(value)}")
         out.append("")
     path = folder / "jobs.toml"
     path.write_text("\n".join(out))
     return path
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
 
 
 def job_name(prefix: str = "job") -> str:
