@@ -142,7 +142,8 @@ class PlannedBatch:
     An object (``file`` is its URL) is re-read by byte range too, checked against its ``version`` (ETag,
     version id or generation) and size, then the checksum; an object whose store cannot read a range (an
     HTTP server that ignores ``Range``) keeps its batches' bytes like a gzip file. The ledger keeps the
-    version in the checksum's column, after the digest (:meth:`ledger_checksum`, :func:`from_ledger`).
+    version in the checksum's column, after the digest and a space, e.g. ``sha256:9f86… ETag="5d41…"``
+    (:meth:`ledger_checksum`, :func:`from_ledger`): no schema change, and a file's checksum reads as before.
     """
 
     index: int
@@ -160,7 +161,7 @@ class PlannedBatch:
     version: str | None = None
 
     def ledger_checksum(self) -> str | None:
-        """What ``batches.checksum`` holds: the digest, then `` version=`` and the object's version if any."""
+        """What ``batches.checksum`` holds: the digest, then a space and the object's version if it has one."""
         if self.version is None or self.checksum is None:
             return self.checksum
         return f"{self.checksum} {self.version}"
@@ -419,7 +420,7 @@ def _read_object_range(batch: PlannedBatch, options: Mapping[str, Any] | None) -
     the checksum after its last record (as for a file)."""
     obj = SourceObject(batch.file, batch.file_size, batch.file_mtime_ns, batch.version)
     digest = _hasher()
-    with storage.open_range(obj, batch.byte_start, batch.index, options) as f:
+    with storage.open_range(obj, batch.byte_start, batch.byte_end, batch.index, options) as f:
         yield from _range_records(f, batch, digest)
     if batch.checksum is not None and (found := _checksum_text(digest)) != batch.checksum:
         raise SourceChanged(

@@ -285,8 +285,9 @@ def open_stream(obj: SourceObject, options: Mapping[str, Any] | None) -> IO[byte
     return _Guarded(obj.name, f)
 
 
-def open_range(obj: SourceObject, start: int, batch: int, options: Mapping[str, Any] | None) -> IO[bytes]:
-    """The object's bytes from ``start`` (a batch re-read by a worker), after checking that the object is still
+def open_range(obj: SourceObject, start: int, end: int, batch: int, options: Mapping[str, Any] | None) -> IO[bytes]:
+    """The object's bytes from ``start`` on, fetched in requests of at most ``end - start`` bytes (a batch re-read
+    by a worker: the store sends little more than the batch's range), after checking that the object is still
     the version planned: a different ETag/version or size is SourceChanged at once. For S3 the store itself
     refuses the reads of an object replaced after that (s3fs sends ``If-Match``), and the batch checksum
     catches it for every store."""
@@ -294,7 +295,7 @@ def open_range(obj: SourceObject, start: int, batch: int, options: Mapping[str, 
     try:
         fs.invalidate_cache(path)
         # s3fs takes the object's ETag when it opens it and sends it as If-Match with every range it reads.
-        f = fs.open(path, "rb", block_size=BLOCK_BYTES, cache_type="readahead")
+        f = fs.open(path, "rb", block_size=max(1, min(end - start, BLOCK_BYTES)), cache_type="readahead")
         info = getattr(f, "details", None) or {}
         if _version(info) is None:  # fsspec's HTTP file keeps only the size: ask for the headers
             info = fs.info(path)

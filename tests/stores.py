@@ -122,3 +122,15 @@ def http_server(directory: Path, *, ranges: bool) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def serve(directory: Path, port: int, *, ranges: bool = True) -> None:
+    """Serve ``directory`` on 127.0.0.1:``port`` until killed (a process of its own: bench/objstore.py)."""
+    handler = partial(_RangeHandler if ranges else _NoRangeHandler, directory=str(directory))
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve(Path(sys.argv[1]), int(sys.argv[2]))

@@ -240,7 +240,7 @@ def test_an_s3_object_replaced_while_a_batch_is_being_read_fails_as_changed_thro
     client, bucket = s3
     client.put_object(Bucket=bucket, Key="r/a.ndjson", Body=ndjson([{"id": "k", "v": "old"}]))
     [obj] = storage.resolve(f"s3://{bucket}/r/a.ndjson", None)
-    f = storage.open_range(obj, 0, 7, None)
+    f = storage.open_range(obj, 0, obj.size, 7, None)
     client.put_object(Bucket=bucket, Key="r/a.ndjson", Body=ndjson([{"id": "k", "v": "new"}]))
     with pytest.raises(SourceChanged, match=f"^source object s3://{bucket}/r/a.ndjson changed while it was read"):
         f.readline()
