@@ -273,3 +273,15 @@ def test_the_catalog_keeps_a_url_source_as_written_and_var_references_unexpanded
     local = loader.load_catalog(write_catalog(tmp_path, {name: {
         "source": f"file://{tmp_path}/a.ndjson", "target_table": "s.t", "source_id": "id"}})).get(name)
     assert local.source == f"{tmp_path}/a.ndjson"
+
+
+def test_store_credentials_and_values_expanded_from_var_references_are_masked_in_errors_and_logs(monkeypatch):
+    from loader import db, storage
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-in-env-0042")
+    monkeypatch.setenv("MY_STORE_TOKEN", "token-from-a-var-0043")
+    options = storage.expand_options({"client_kwargs": {"token": "${MY_STORE_TOKEN}"}, "anon": False})
+    assert options == {"client_kwargs": {"token": "token-from-a-var-0043"}, "anon": False}
+    text = db.redact("failed with aws-secret-in-env-0042 and token-from-a-var-0043 at "
+                     "https://h/x.ndjson?X-Amz-Signature=abcdef&part=1 and https://u:pw1234@h/x")
+    assert text == "failed with *** and *** at https://h/x.ndjson?X-Amz-Signature=***&part=1 and https://u:***@h/x"
