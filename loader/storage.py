@@ -249,7 +249,9 @@ def _honours_range(fs: Any, url: str, size: int) -> bool:
 
 
 def _version(info: Mapping[str, Any]) -> str | None:
-    for key in ("VersionId", "generation", "ETag", "etag"):
+    """The content's identity as the store describes it. The ETag first: listings (a glob) and HEAD both give
+    it, while S3 gives a version id only to HEAD on a versioned bucket (the planner lists, a worker HEADs)."""
+    for key in ("ETag", "etag", "generation", "VersionId"):
         v = info.get(key)
         if v not in (None, "", "null"):
             return f"{key}={v}"
@@ -280,6 +282,15 @@ def open_stream(obj: SourceObject, options: Mapping[str, Any] | None) -> IO[byte
             f = fs.open(path, "rb", block_size=0)  # one streamed GET: no Range needed
         else:
             f = fs.open(path, "rb", block_size=BLOCK_BYTES, cache_type="readahead")
+            # s3fs took the object's ETag as it opened it (and reads with If-Match on it): it must be the one
+            # listed, or the batches would be planned from bytes their version does not describe.
+            found = _version(getattr(f, "details", None) or {})
+            if obj.version is not None and found is not None and found != obj.version:
+                f.close()
+                raise SourceChanged(f"source object {obj.name} changed while it was planned ({obj.version} -> "
+                                    f"{found}); start a new run", file=obj.name)
+    except SourceChanged:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise store_error(obj.name, exc) from None
     return _Guarded(obj.name, f)

@@ -285,3 +285,15 @@ def test_store_credentials_and_values_expanded_from_var_references_are_masked_in
     text = db.redact("failed with aws-secret-in-env-0042 and token-from-a-var-0043 at "
                      "https://h/x.ndjson?X-Amz-Signature=abcdef&part=1 and https://u:pw1234@h/x")
     assert text == "failed with *** and *** at https://h/x.ndjson?X-Amz-Signature=***&part=1 and https://u:***@h/x"
+
+
+def test_an_object_in_a_versioned_bucket_loads_its_batches_by_range(tmp_path, s3, target_schema, pg, own_queue):
+    """The planner lists (no version id there), a worker asks for the object itself (a version id there too):
+    both name the same content by its ETag."""
+    client, bucket = s3
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    client.put_object(Bucket=bucket, Key="v/a.ndjson", Body=ndjson([{"id": f"k{i:03d}", "v": i} for i in range(150)]))
+    table = f"{target_schema}.t"
+    job, run = plan(tmp_path, {"source": f"s3://{bucket}/v/*.ndjson", "target_table": table, "source_id": "id"})
+    assert [loading.load_batch(job, run, i).status for i in range(2)] == ["succeeded", "succeeded"]
+    assert len(loaded(pg, table)) == 150
