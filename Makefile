@@ -64,6 +64,7 @@ clean-data: stop
 
 bench: $(STAMP)
 	$(PY) bench/engine.py
+	$(PY) bench/objstore.py
 
 soak: $(STAMP)
 	$(PY) bench/soak.py --seed $(SEED) --minutes $(MINUTES)

@@ -80,6 +80,7 @@ os.environ.setdefault("ETL_QUEUE", "bench-console")
 
 import seed_ledger  # noqa: E402
 from psycopg import sql  # noqa: E402
+from report import write_section  # noqa: E402
 from streamlit.proto import BackMsg_pb2, ForwardMsg_pb2  # noqa: E402
 
 import loader  # noqa: E402
@@ -777,21 +778,6 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("notes"):
         lines += res["notes"] + [""]
     return "\n".join(lines)
-
-
-def write_section(text: str, heading: str = "## Console") -> Path:
-    """Replace BENCHMARKS.md's ``heading`` section (up to the next ``## `` heading) with ``text``, or append it."""
-    path = ROOT / "BENCHMARKS.md"
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = body.find(f"\n{heading}\n")
-    if start < 0:
-        body = body.rstrip("\n") + "\n" + text
-    else:
-        end = body.find("\n## ", start + 1)
-        rest = body[end:] if end >= 0 else ""
-        body = body[:start] + "\n" + text.strip("\n") + "\n" + rest
-    path.write_text(body.rstrip("\n") + "\n")
-    return path
 
 
 def publish(text: str, *, write: bool, heading: str = "## Console") -> None:

@@ -338,13 +338,13 @@ def engine_env(catalog: Path) -> dict[str, str]:
     return env
 
 
-def write_catalog(files: dict[str, Path]) -> Path:
-    """One job per source file, all into the same target table, JSON Schema validation on."""
-    lines = ["# Written by bench/engine.py: the benchmark's jobs (one per source file).\n"]
+def write_catalog(files: dict[str, Path | str], name: str = "jobs.toml", by: str = "bench/engine.py") -> Path:
+    """One job per source (a file, a glob or a URL), all into the same target table, JSON Schema validation on."""
+    lines = [f"# Written by {by}: the benchmark's jobs (one per source).\n"]
     for job, path in files.items():
         lines.append(f"""
 [jobs.{job}]
-description = "benchmark source {path.name}"
+description = "benchmark source {str(path).rsplit("/", 1)[-1]}"
 source = "{path}"
 target_table = "{TARGET_SCHEMA}.orders"
 source_id = "source_id"
@@ -352,7 +352,7 @@ required = ["customer.id", "items"]
 schema = "{SCHEMA_FILE}"
 max_attempts = 4
 """)
-    catalog = DATA / "jobs.toml"
+    catalog = DATA / name
     catalog.write_text("".join(lines))
     return catalog
 

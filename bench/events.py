@@ -50,8 +50,9 @@ os.environ.setdefault("ETL_QUEUE", "bench-events")
 
 import psycopg  # noqa: E402
 import seed_ledger  # noqa: E402
-from console import cpu_seconds, loadavg, start_app, write_section  # noqa: E402
+from console import cpu_seconds, loadavg, start_app  # noqa: E402
 from psycopg import sql  # noqa: E402
+from report import write_section  # noqa: E402
 
 from loader import db  # noqa: E402
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from . import config
+from . import config, storage
 from .errors import CatalogError, JobNotFound
 
 #: A job name: what people type in the CLI and see in URLs.
@@ -22,7 +22,10 @@ RESERVED_SCHEMAS = frozenset({"pg_catalog", "information_schema", "pg_toast"})
 
 KEYS: dict[str, str] = {
     "description": "what the job loads, for people",
-    "source": "file or glob relative to the catalog file (.ndjson, .jsonl, .json array; optionally .gz)",
+    "source": "file or glob relative to the catalog file, or a URL: s3://bucket/prefix/*.ndjson.gz, gs://, az://, "
+              "https://host/file.ndjson (.ndjson, .jsonl, .json array; optionally .gz)",
+    "storage_options": "options of the source's store (fsspec), e.g. {endpoint_url = \"${S3_URL}\"}; secrets "
+                       "only as \"${VAR}\" environment-variable references",
     "target_table": "schema-qualified staging table, created if missing",
     "source_id": "dotted path of the deduplication key inside each record",
     "required": "dotted paths that must be present and not null",
@@ -52,6 +55,9 @@ class JobSpec:
     schema: dict[str, Any] | None = field(default=None, compare=False)
     batch_size: int | None = None
     max_attempts: int | None = None
+    #: The store's options as written in the catalog: "${VAR}" references stay unexpanded (loader.storage
+    #: expands them where they are used), so the ledger's snapshot holds no secret.
+    storage_options: dict[str, Any] | None = None
 
     @property
     def target(self) -> str:
@@ -70,6 +76,7 @@ class JobSpec:
             "schema": self.schema,
             "batch_size": self.batch_size,
             "max_attempts": self.max_attempts,
+            "storage_options": self.storage_options,
         }
 
     @classmethod
@@ -86,6 +93,7 @@ class JobSpec:
             schema=data.get("schema"),
             batch_size=data.get("batch_size"),
             max_attempts=data.get("max_attempts"),
+            storage_options=data.get("storage_options"),
         )
 
 
@@ -202,9 +210,15 @@ def _check_job(name: str, table: object, base: Path) -> JobSpec:
     source = table["source"]
     if not isinstance(source, str) or not source.strip():
         raise CatalogError(f"job {name!r}: source must be a file or glob, found {source!r}", job=name, key="source")
-    source_path = Path(source).expanduser()
-    if not source_path.is_absolute():
-        source_path = base / source_path
+    if storage.is_remote(source):
+        storage.check_source_url(source, name)
+        resolved = source
+    else:
+        source_path = Path(source[len("file://"):] if source.lower().startswith("file://") else source).expanduser()
+        resolved = str(source_path if source_path.is_absolute() else base / source_path)
+    storage_options = None
+    if table.get("storage_options") is not None:
+        storage_options = storage.check_options(table["storage_options"], name)
     schema_name, table_name = split_table_name(table["target_table"], name)
     source_id = _check_path_expr(table["source_id"], name, "source_id")
 
@@ -234,9 +248,10 @@ def _check_job(name: str, table: object, base: Path) -> JobSpec:
         schema_path, schema = _load_schema(table["schema"], name, base)
 
     return JobSpec(
-        name=name, description=description, source=str(source_path), target_schema=schema_name,
+        name=name, description=description, source=resolved, target_schema=schema_name,
         target_table=table_name, source_id=source_id, required=required_paths,
         schema_path=schema_path, schema=schema, batch_size=batch_size, max_attempts=max_attempts,
+        storage_options=storage_options,
     )
 
 

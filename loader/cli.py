@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from . import api, config, db, ledger
+from . import api, config, db, ledger, storage
 from .contract import list_runs, run_contract
 from .errors import LoaderError, ServiceError
 from .exports import iter_logs_ndjson, iter_metrics_csv, iter_rejects_ndjson
@@ -53,7 +53,8 @@ def print_summary(c: dict[str, Any], *, failed_batches: bool = True) -> None:
     out(f"validation:  required_field_errors {v['required_field_errors']:,}, "
         f"json_shape_errors {v['json_shape_errors']:,}\n")
     for ex in v["examples"]:
-        out(f"  - {Path(ex['source_file']).name}:{ex['line_no']} {ex['path']}: {ex['message']}"
+        where = ex["source_file"] if storage.is_remote(ex["source_file"]) else Path(ex["source_file"]).name
+        out(f"  - {where}:{ex['line_no']} {ex['path']}: {ex['message']}"
             f" (sample: {ex['sample_value'] or '-'})\n")
     if failed_batches:
         for b in c["batches"]:

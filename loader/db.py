@@ -52,13 +52,36 @@ def libpq_url(url: str) -> str:
     return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", url)
 
 
+#: Environment variables that hold a store's credentials: their values never appear in an error or a log.
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
+                   "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING",
+                   "AZURE_CLIENT_SECRET")
+#: Values expanded from "${VAR}" in a job's storage_options in this process (loader.storage adds them).
+_secrets: set[str] = set()
+#: Query parameters of signed URLs whose values are credentials.
+_SIGNED_QUERY_RE = re.compile(r"((?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|"
+                              r"X-Goog-Credential|sig|signature|token|access_token)=)[^&\s]+", re.IGNORECASE)
+
+
+def add_secret(value: str) -> None:
+    """Have :func:`redact` hide ``value`` from now on in this process (a credential read from the environment);
+    values under 4 characters are not secrets worth the false matches."""
+    if len(value) >= 4:
+        _secrets.add(value)
+
+
 def redact(text: str) -> str:
-    """Replace the passwords of DATABASE_URL and REDIS_URL (and of any URL in ``text``) with ***."""
+    """Replace the passwords of DATABASE_URL and REDIS_URL (and of any URL in ``text``), the stores' credential
+    variables, the values of a job's ``"${VAR}"`` storage options and signed-URL signatures with ***."""
     for name in ("DATABASE_URL", "REDIS_URL"):
         url = os.environ.get(name, "")
         password = urlsplit(url).password if "://" in url else None
         if password:
             text = text.replace(password, "***")
+    for value in (*(os.environ.get(n, "") for n in SECRET_ENV_VARS), *_secrets):
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    text = _SIGNED_QUERY_RE.sub(r"\1***", text)
     return re.sub(r"(\w+://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
 
 

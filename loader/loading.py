@@ -19,7 +19,7 @@ from .db import ledger_table
 from .errors import JobTimeout, LoaderError, TransientDbError
 from .events import log_event
 from .retrying import backoff_delay
-from .sources import OversizedRecord, PlannedBatch, read_batch
+from .sources import OversizedRecord, PlannedBatch, from_ledger, read_batch
 from .states import AttemptStatus, BatchStatus, RunStatus
 from .upsert import (
     StageRow,
@@ -205,9 +205,9 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
             "SELECT payload FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = %s").format(
                 ledger_table("batch_payloads")), [job, run, batch]).fetchone()
         payload = bytes(row[0]) if row else None
-    planned = PlannedBatch(batch, began["source_file"], began["file_size"], began["file_mtime_ns"],
-                           began["byte_start"], began["byte_end"], began["line_start"], began["line_count"],
-                           began["rows_attempted"], began["ord_start"], payload, began["checksum"])
+    planned = from_ledger(batch, began["source_file"], began["file_size"], began["file_mtime_ns"],
+                          began["byte_start"], began["byte_end"], began["line_start"], began["line_count"],
+                          began["rows_attempted"], began["ord_start"], payload, began["checksum"])
 
     checker = _checker(spec_json)
     ord_base = planned.ord_start - planned.line_start
@@ -253,7 +253,7 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
             if isolate:
                 raise _Isolate
             with conn.transaction(), staging(conn) as stage:  # a savepoint: a refused record undoes only this
-                for line_no, raw in read_batch(planned):
+                for line_no, raw in read_batch(planned, spec.storage_options):
                     record, problems = checker.check(raw)
                     if record is None:
                         rejected.append((line_no, raw, problems))
@@ -266,7 +266,7 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
             # PostgreSQL is the last validator: it refused a record our checks accepted. Read the batch
             # again and stage it in halves, leaving out only the records it refuses (rare: see
             # validation's numeric check). They become json_shape rejects with its message.
-            rejected, valid, raws = _stage_refusing(conn, planned, checker, ord_base)
+            rejected, valid, raws = _stage_refusing(conn, planned, checker, ord_base, spec.storage_options)
         attempted = valid + len(rejected)
         if not states.holds_batch(conn, job, run, batch, attempt):
             # Another execution took this batch over (or committed it) while we were reading.
@@ -313,14 +313,15 @@ class _Isolate(Exception):
     """Stage the batch the slow way from the start (see _load_in_transaction's ``isolate``)."""
 
 
-def _stage_refusing(conn: psycopg.Connection[Any], planned: PlannedBatch, checker: RecordChecker, ord_base: int
+def _stage_refusing(conn: psycopg.Connection[Any], planned: PlannedBatch, checker: RecordChecker, ord_base: int,
+                    options: dict[str, Any] | None
                     ) -> tuple[list[tuple[int, bytes, list[RecordProblem]]], int, dict[int, bytes]]:
     """The batch staged again without the records PostgreSQL refuses: (rejected records, rows staged, the
     staged records' raw text by line number)."""
     rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
     rows: list[StageRow] = []
     raws: dict[int, bytes] = {}
-    for line_no, raw in read_batch(planned):
+    for line_no, raw in read_batch(planned, options):
         record, problems = checker.check(raw)
         if record is None:
             rejected.append((line_no, raw, problems))

@@ -16,6 +16,7 @@ from .events import log_event
 from .retrying import backoff_delay
 from .sources import plan_batches, resolve_source
 from .states import BatchStatus
+from .storage import SourceObject
 from .upsert import ensure_target
 
 BATCH_COLUMNS = ("etl_job_id", "etl_run_id", "batch_index", "status", "source_file", "file_size", "file_mtime_ns",
@@ -61,7 +62,7 @@ def _plan_once(job: str, run: str, worker: str | None) -> list[int]:
         spec = JobSpec.from_dict(row[0])
         batch_size = int(row[1])
         log_event(conn, job, run, "plan_started", source=spec.source, batch_size=batch_size)
-        files = resolve_source(spec.source)
+        files = resolve_source(spec.source, spec.storage_options)
         ensure_target(conn, spec.target_schema, spec.target_table)
 
         try:
@@ -73,12 +74,12 @@ def _plan_once(job: str, run: str, worker: str | None) -> list[int]:
                 for name in ("batch_payloads", "batches"):  # an interrupted earlier planning
                     conn.execute(sql.SQL("DELETE FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
                         ledger_table(name)), [job, run])
-                total, rows = _write_batches(conn, job, run, files, batch_size)
+                total, rows = _write_batches(conn, job, run, files, batch_size, spec.storage_options)
                 status = states.finish_planning(conn, job, run, batches=total, rows=rows)
                 if status is None:
                     raise _PlanningCanceled
                 log_event(conn, job, run, "plan_completed", batches=total, records=rows,
-                          files=[str(f) for f in files])
+                          files=[f.name for f in files])
                 if total == 0:
                     log_event(conn, job, run, "run_completed", status=status.value,
                               note="the source holds no records")
@@ -98,8 +99,8 @@ class _PlanningCanceled(Exception):
     """The run was canceled while it was being planned: the planning transaction rolls back."""
 
 
-def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: list[Any], batch_size: int
-                   ) -> tuple[int, int]:
+def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: list[SourceObject], batch_size: int,
+                   options: dict[str, Any] | None) -> tuple[int, int]:
     """Write one ledger row per batch (COPY) and the payloads of unseekable sources."""
     total = rows = 0
     batch_rows: list[tuple[object, ...]] = []
@@ -107,7 +108,7 @@ def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: lis
         "INSERT INTO {} (etl_job_id, etl_run_id, batch_index, payload) VALUES (%s, %s, %s, %s)").format(
             ledger_table("batch_payloads"))
     next_check = time.monotonic() + CANCEL_CHECK_SECONDS
-    for b in plan_batches(files, batch_size):
+    for b in plan_batches(files, batch_size, options):
         if time.monotonic() >= next_check:
             # Read committed: a cancel that committed since the last look is seen here.
             if states.run_is(conn, job, run, states.RunStatus.CANCELED):
@@ -115,7 +116,7 @@ def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: lis
             next_check = time.monotonic() + CANCEL_CHECK_SECONDS
         batch_rows.append((job, run, b.index, BatchStatus.PENDING.value, b.file, b.file_size, b.file_mtime_ns,
                            b.byte_start, b.byte_end, b.line_start, b.line_count, b.ord_start,
-                           b.payload is not None, b.records, b.checksum))
+                           b.payload is not None, b.records, b.ledger_checksum()))
         if b.payload is not None:
             conn.execute(insert_payload, [job, run, b.index, b.payload])
         total += 1

@@ -1,4 +1,9 @@
-"""Source files: find them, cut them into batches, and read a batch back exactly, line by line."""
+"""Source files and objects: find them, cut them into batches, and read a batch back exactly, line by line.
+
+A source is a path on this host or a URL of an object store or HTTP server (loader/storage.py reaches those):
+both are read the same way, as a stream of bytes, and a batch is read again by byte range where the store
+allows it, else from the copy of its bytes kept in the ledger.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,14 @@ import gzip
 import hashlib
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from . import config, json_array
+from . import config, json_array, storage
 from .errors import SourceChanged, SourceError
+from .storage import SourceObject
 
 NDJSON_SUFFIXES = (".ndjson", ".jsonl")
 JSON_SUFFIXES = (".json",)
@@ -129,6 +135,12 @@ class PlannedBatch:
     gzip and JSON-array sources cannot be seeked, so their batch keeps its own copy (``payload``,
     zlib-compressed NDJSON) in the ledger, and ``checksum`` is the digest of that payload. None: planned
     before checksums (ledger 0003), verified by size and mtime only.
+
+    An object (``file`` is its URL) is re-read by byte range too, checked against its ``version`` (ETag,
+    version id or generation) and size, then the checksum; an object whose store cannot read a range (an
+    HTTP server that ignores ``Range``) keeps its batches' bytes like a gzip file. The ledger keeps the
+    version in the checksum's column, after the digest and a space, e.g. ``sha256:9f86… ETag="5d41…"``
+    (:meth:`ledger_checksum`, :func:`from_ledger`): no schema change, and a file's checksum reads as before.
     """
 
     index: int
@@ -143,6 +155,24 @@ class PlannedBatch:
     ord_start: int
     payload: bytes | None = None
     checksum: str | None = None
+    version: str | None = None
+
+    def ledger_checksum(self) -> str | None:
+        """What ``batches.checksum`` holds: the digest, then a space and the object's version if it has one."""
+        if self.version is None or self.checksum is None:
+            return self.checksum
+        return f"{self.checksum} {self.version}"
+
+
+def from_ledger(index: int, file: str, file_size: int, file_mtime_ns: int, byte_start: int, byte_end: int,
+                line_start: int, line_count: int, records: int, ord_start: int, payload: bytes | None,
+                checksum: str | None) -> PlannedBatch:
+    """A batch as its ledger row describes it (the inverse of :meth:`PlannedBatch.ledger_checksum`)."""
+    version = None
+    if checksum is not None and " " in checksum:
+        checksum, version = checksum.split(" ", 1)
+    return PlannedBatch(index, file, file_size, file_mtime_ns, byte_start, byte_end, line_start, line_count,
+                        records, ord_start, payload, checksum, version)
 
 
 def source_kind(path: str | Path) -> str:
@@ -159,8 +189,17 @@ def source_kind(path: str | Path) -> str:
     )
 
 
-def resolve_source(pattern: str) -> list[Path]:
-    """The files a job's ``source`` names, sorted so batch order is stable; a clear error if none."""
+def resolve_source(pattern: str, options: Mapping[str, Any] | None = None) -> list[SourceObject]:
+    """The files or objects a job's ``source`` names, in lexicographic order (the order in which a later record
+    wins over an earlier one of the same key); a clear error if none. ``options``: the job's storage_options.
+    """
+    if storage.is_remote(pattern):
+        objects = storage.resolve(pattern, options)
+        for o in objects:
+            source_kind(o.name)
+        return objects
+    if pattern.lower().startswith("file://"):
+        pattern = pattern[len("file://"):]
     if glob.has_magic(pattern):
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not files:
@@ -176,20 +215,31 @@ def resolve_source(pattern: str) -> list[Path]:
         source_kind(f)
         if not os.access(f, os.R_OK):
             raise SourceError(f"source file {f} cannot be read (permission denied)", file=str(f))
-    return files
+    return [_local_object(f) for f in files]
 
 
-def _open(path: Path) -> IO[bytes]:
+def _local_object(path: Path) -> SourceObject:
+    stat = path.stat()
+    return SourceObject(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _open(source: SourceObject, options: Mapping[str, Any] | None) -> IO[bytes]:
+    gz = source.name.lower().endswith(".gz")
+    if source.remote:
+        stream = storage.open_stream(source, options)
+        return gzip.GzipFile(fileobj=stream, mode="rb") if gz else stream  # type: ignore[return-value]
+    path = Path(source.name)
     try:
-        if str(path).lower().endswith(".gz"):
+        if gz:
             return gzip.open(path, "rb")  # type: ignore[return-value]
         return open(path, "rb")  # noqa: SIM115 - the caller closes it
     except OSError as exc:
         raise SourceError(f"source file {path} cannot be read: {exc.strerror}", file=str(path)) from None
 
 
-def plan_batches(files: list[Path], batch_size: int) -> Iterator[PlannedBatch]:
-    """Cut the files into batches of ``batch_size`` records (non-blank lines or array elements).
+def plan_batches(files: list[SourceObject], batch_size: int, options: Mapping[str, Any] | None = None
+                 ) -> Iterator[PlannedBatch]:
+    """Cut the files or objects into batches of ``batch_size`` records (non-blank lines or array elements).
 
     Streams: memory stays flat whatever the size of the source. A batch never spans two files.
 
@@ -200,26 +250,26 @@ def plan_batches(files: list[Path], batch_size: int) -> Iterator[PlannedBatch]:
     index = 0
     ord_base = 0
     for path in files:
-        stat = path.stat()
-        kind = source_kind(path)
-        gz = str(path).lower().endswith(".gz")
+        kind = source_kind(path.name)
+        keep = path.name.lower().endswith(".gz") or not path.ranged
         lines_in_file = 0
         try:
             if kind == "json":
-                chunks = _json_array_chunks(path, batch_size)
+                chunks = _json_array_chunks(path, batch_size, options)
             else:
-                chunks = _ndjson_chunks(path, batch_size, keep_payload=gz)
+                chunks = _ndjson_chunks(path, batch_size, keep, options)
             for byte_start, byte_end, line_start, line_count, records, payload, digest in chunks:
                 if payload is not None:
                     digest = checksum(payload)
-                yield PlannedBatch(index, str(path), stat.st_size, stat.st_mtime_ns, byte_start, byte_end,
-                                   line_start, line_count, records, ord_base + line_start, payload, digest)
+                yield PlannedBatch(index, path.name, path.size, path.mtime_ns, byte_start, byte_end,
+                                   line_start, line_count, records, ord_base + line_start, payload, digest,
+                                   None if payload is not None else path.version)
                 index += 1
                 lines_in_file = line_start + line_count - 1
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            raise SourceError(f"source file {path} is not a complete gzip file ({exc})", file=str(path)) from None
+            raise SourceError(f"{_what(path.name)} is not a complete gzip file ({exc})", file=path.name) from None
         except OSError as exc:
-            raise SourceError(f"source file {path} cannot be read: {exc}", file=str(path)) from None
+            raise SourceError(f"{_what(path.name)} cannot be read: {exc}", file=path.name) from None
         ord_base += lines_in_file + 1
 
 
@@ -234,11 +284,12 @@ def _oversized_mark(head: bytes, size: int) -> bytes:
     return _OVERSIZED_MARK + b"%d " % size + head[:OVERSIZED_HEAD_BYTES].replace(b"\r", b" ").replace(b"\n", b" ")
 
 
-def _ndjson_chunks(path: Path, batch_size: int, keep_payload: bool) -> Iterator[_Chunk]:
+def _ndjson_chunks(path: SourceObject, batch_size: int, keep_payload: bool, options: Mapping[str, Any] | None
+                   ) -> Iterator[_Chunk]:
     # A plain file's batch is re-read by byte range: hash its bytes as they are read (never twice).
     digest = None if keep_payload else _BatchChecksum()
     feed = None if digest is None else digest.update
-    with _open(path) as f:
+    with _open(path, options) as f:
         offset = 0
         start = 0
         line_no = 0
@@ -263,9 +314,9 @@ def _ndjson_chunks(path: Path, batch_size: int, keep_payload: bool) -> Iterator[
                    None if digest is None else digest.take())
 
 
-def _first_byte(path: Path) -> bytes:
-    """The first byte of the file's JSON text (after a BOM and whitespace), b"" when there is none."""
-    with _open(path) as f:
+def _first_byte(path: SourceObject, options: Mapping[str, Any] | None) -> bytes:
+    """The first byte of the source's JSON text (after a BOM and whitespace), b"" when there is none."""
+    with _open(path, options) as f:
         chunk = f.read(json_array.READ_BYTES).removeprefix(BOM)
         while chunk:
             if text := chunk.lstrip(b" \t\r\n"):
@@ -274,18 +325,19 @@ def _first_byte(path: Path) -> bytes:
     return b""
 
 
-def _json_array_chunks(path: Path, batch_size: int) -> Iterator[_Chunk]:
-    """A JSON array's batches: each element parsed and written as one NDJSON line of the batch's payload.
+def _json_array_chunks(path: SourceObject, batch_size: int, options: Mapping[str, Any] | None
+                       ) -> Iterator[_Chunk]:
+    """A JSON array's batches: each element written as one NDJSON line of the batch's payload.
 
     Elements are cut out by :mod:`json_array`, never built whole: one longer than ETL_MAX_RECORD_BYTES is
     read past and stands in the payload as over-long, as a gzip source's over-long line does.
     """
-    first = _first_byte(path)
+    first = _first_byte(path, options)
     if first != b"[":
         found = {b"": "nothing", b"{": "an object"}.get(first, "a single value")
-        raise SourceError(f"source file {path} must hold a JSON array of records at the top level, "
-                          f"found {found}", file=str(path))
-    with _open(path) as f:
+        raise SourceError(f"{_what(path.name)} must hold a JSON array of records at the top level, "
+                          f"found {found}", file=path.name)
+    with _open(path, options) as f:
         element = 0
         line_start = 1
         buf: list[bytes] = []
@@ -300,15 +352,21 @@ def _json_array_chunks(path: Path, batch_size: int) -> Iterator[_Chunk]:
                     yield 0, 0, line_start, len(buf), len(buf), zlib.compress(b"\n".join(buf), 1), None
                     line_start, buf = element + 1, []
         except SourceError as exc:
-            raise SourceError(f"source file {path} is not valid JSON: {exc}", file=str(path)) from None
+            raise SourceError(f"{_what(path.name)} is not valid JSON: {exc}", file=path.name) from None
         if buf:
             yield 0, 0, line_start, len(buf), len(buf), zlib.compress(b"\n".join(buf), 1), None
 
 
-def read_batch(batch: PlannedBatch) -> Iterator[tuple[int, bytes]]:
+def _what(name: str) -> str:
+    """How errors name a source: 'source file PATH' or 'source object URL'."""
+    return f"source {'object' if storage.is_remote(name) else 'file'} {name}"
+
+
+def read_batch(batch: PlannedBatch, options: Mapping[str, Any] | None = None) -> Iterator[tuple[int, bytes]]:
     """The batch's records as (line number in the source, raw bytes); blank lines are skipped.
 
-    For a .json array the "line" is the element's position (1-based).
+    For a .json array the "line" is the element's position (1-based). ``options``: the job's storage_options
+    (an object's batch is read from its store, by byte range).
 
     Raises SourceChanged when the bytes are not those planned: at once when the file's size or mtime
     differ, after the last record when its checksum does (the caller stages records as they come and
@@ -319,7 +377,7 @@ def read_batch(batch: PlannedBatch) -> Iterator[tuple[int, bytes]]:
         if batch.checksum is not None and (found := checksum(batch.payload)) != batch.checksum:
             # The file is never read again for this batch: only the ledger's own copy can differ.
             raise SourceChanged(
-                f"batch {batch.index} of source file {batch.file}: its copy in the ledger changed after the "
+                f"batch {batch.index} of {_what(batch.file)}: its copy in the ledger changed after the "
                 f"run was planned (checksum {batch.checksum} at planning, {found} now); start a new run to "
                 "load the file's current content", file=batch.file, batch=batch.index)
         for line in zlib.decompress(batch.payload).split(b"\n"):
@@ -329,6 +387,9 @@ def read_batch(batch: PlannedBatch) -> Iterator[tuple[int, bytes]]:
             elif raw := _record(line):
                 yield line_no, raw
             line_no += 1
+        return
+    if storage.is_remote(batch.file):
+        yield from _read_object_range(batch, options)
         return
     path = Path(batch.file)
     try:
@@ -344,17 +405,7 @@ def read_batch(batch: PlannedBatch) -> Iterator[tuple[int, bytes]]:
     try:
         with open(path, "rb") as f:
             f.seek(batch.byte_start)
-            left = batch.byte_end - batch.byte_start
-            # Line by line, as the planner cut them: an over-long line is read past, never held.
-            for line, size in _lines(f, max_record_bytes(), digest.update):
-                if isinstance(line, OversizedRecord):
-                    yield line_no, line
-                elif raw := _record(line):
-                    yield line_no, raw
-                line_no += 1
-                left -= size
-                if left <= 0:
-                    break
+            yield from _range_records(f, batch, digest)
     except OSError as exc:
         raise SourceError(f"source file {path} cannot be read: {exc.strerror}", file=str(path)) from None
     if batch.checksum is not None and (found := _checksum_text(digest)) != batch.checksum:
@@ -363,6 +414,36 @@ def read_batch(batch: PlannedBatch) -> Iterator[tuple[int, bytes]]:
             f"{batch.byte_start}-{batch.byte_end}) has checksum {found}, {batch.checksum} at planning, though "
             "its size and mtime are unchanged; start a new run to load its current content",
             file=str(path), batch=batch.index)
+
+
+def _range_records(f: IO[bytes], batch: PlannedBatch, digest: hashlib._Hash) -> Iterator[tuple[int, bytes]]:
+    """The records of the batch's byte range, ``f`` positioned at its start, line by line as the planner cut
+    them (an over-long line is read past, never held); ``digest`` gets every byte read."""
+    line_no = batch.line_start
+    left = batch.byte_end - batch.byte_start
+    for line, size in _lines(f, max_record_bytes(), digest.update):
+        if isinstance(line, OversizedRecord):
+            yield line_no, line
+        elif raw := _record(line):
+            yield line_no, raw
+        line_no += 1
+        left -= size
+        if left <= 0:
+            break
+
+
+def _read_object_range(batch: PlannedBatch, options: Mapping[str, Any] | None) -> Iterator[tuple[int, bytes]]:
+    """An object's batch, by byte range from its store: the version and size are checked when it is opened,
+    the checksum after its last record (as for a file)."""
+    obj = SourceObject(batch.file, batch.file_size, batch.file_mtime_ns, batch.version)
+    digest = _hasher()
+    with storage.open_range(obj, batch.byte_start, batch.byte_end, batch.index, options) as f:
+        yield from _range_records(f, batch, digest)
+    if batch.checksum is not None and (found := _checksum_text(digest)) != batch.checksum:
+        raise SourceChanged(
+            f"source object {batch.file} changed after the run was planned: batch {batch.index} (bytes "
+            f"{batch.byte_start}-{batch.byte_end}) has checksum {found}, {batch.checksum} at planning; start a "
+            "new run to load its current content", file=batch.file, batch=batch.index)
 
 
 def _record(line: bytes) -> bytes:

@@ -94,13 +94,16 @@ class WorkerProcs:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log_dir = log_dir
 
-    def start(self, n: int = 1, burst: bool = False) -> list[subprocess.Popen[bytes]]:
+    def start(self, n: int = 1, burst: bool = False, *, cwd: Path = ROOT, env: dict[str, str] | None = None
+              ) -> list[subprocess.Popen[bytes]]:
+        """``cwd`` and ``env``: where the workers run and their whole environment (default: the repository and
+        this process's environment)."""
         started = []
         for _ in range(n):
             args = [sys.executable, "-m", "loader.cli", "worker"] + (["--burst"] if burst else [])
             log = open(self.log_dir / f"worker-{len(self.procs)}.log", "ab")  # noqa: SIM115
-            p = subprocess.Popen(args, cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+            p = subprocess.Popen(args, cwd=cwd, env=os.environ.copy() if env is None else env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
             self.procs.append(p)
             started.append(p)

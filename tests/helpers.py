@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,16 +35,22 @@ def write_ndjson(path: Path, records: list[Any], *, gz: bool = False) -> Path:
 
 
 def write_catalog(folder: Path, jobs: dict[str, dict[str, Any]]) -> Path:
-    """A jobs.toml with the given [jobs.NAME] tables (values: str, int, list of str)."""
+    """A jobs.toml with the given [jobs.NAME] tables (values: str, int, list of str, dict as an inline table)."""
     out = []
     for name, table in jobs.items():
         out.append(f"[jobs.{json.dumps(name)}]")
         for key, value in table.items():
-            out.append(f"{key} = {json.dumps(value)}")
+            out.append(f"{key} = {_toml_value(value)}")
         out.append("")
     path = folder / "jobs.toml"
     path.write_text("\n".join(out))
     return path
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
 
 
 def job_name(prefix: str = "job") -> str:
@@ -87,3 +94,46 @@ def remove_poison(pg: psycopg.Connection[Any], table: str) -> None:
     """Drop the trigger of ``create_poisoned_target_table``: every record loads again."""
     schema, name = table.split(".")
     pg.execute(sql.SQL("DROP TRIGGER poison ON {}").format(sql.Identifier(schema, name)))
+
+
+class TcpRelay:
+    """Forwards each TCP connection made to ``listen_host``:``port`` (a free port) to ``target``, with two threads
+    per connection: a port forward in front of a service. ``thawed`` cleared, every byte is held without closing
+    anything (a peer that stopped answering, as a stalled network or a stopped process would)."""
+
+    def __init__(self, target: tuple[str, int], listen_host: str = "127.0.0.1") -> None:
+        self._upstream = target
+        self.thawed = threading.Event()
+        self.thawed.set()
+        self._server = socket.create_server((listen_host, 0))
+        self.port = int(self._server.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._upstream)
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, dest: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self.thawed.wait()
+                dest.sendall(data)
+        except OSError:
+            pass
+        finally:
+            source.close()
+            dest.close()
+
+    def close(self) -> None:
+        self.thawed.set()
+        self._server.close()

@@ -19,7 +19,7 @@ import loader
 from loader import browse
 from loader.queue import batch_job_id
 
-from .helpers import create_target_table, free_port, job_name, write_catalog, write_ndjson
+from .helpers import TcpRelay, create_target_table, free_port, job_name, write_catalog, write_ndjson
 
 pytestmark = [pytest.mark.usefixtures("ledger"), pytest.mark.slow]
 
@@ -636,44 +636,6 @@ def test_a_reconciler_holds_its_lock_until_what_it_found_is_queued_again(ledger,
         assert got
 
 
-class _FreezableProxy:
-    """A TCP proxy to Redis that can stop answering (hold every byte) without closing a connection: a Redis
-    that hangs, as a stalled network or a stopped process would."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._upstream = (host, port)
-        self.thawed = threading.Event()
-        self.thawed.set()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._upstream)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, dest: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                self.thawed.wait()
-                dest.sendall(data)
-        except OSError:
-            pass
-        finally:
-            source.close()
-            dest.close()
-
-    def close(self) -> None:
-        self.thawed.set()
-        self._server.close()
-
-
 def test_the_heartbeat_goes_on_while_reconciling_hangs_on_a_redis_that_stopped_answering(
         tmp_path, target_schema, pg, own_workers, own_queue, monkeypatch):
     """Redis stops answering (no error, no close): the reconciler's Redis calls hang until their socket timeout,
@@ -684,7 +646,7 @@ def test_the_heartbeat_goes_on_while_reconciling_hangs_on_a_redis_that_stopped_a
     from loader import runs
 
     real = urlsplit(os.environ["REDIS_URL"])
-    proxy = _FreezableProxy(real.hostname or "127.0.0.1", real.port or 6379)
+    proxy = TcpRelay((real.hostname or "127.0.0.1", real.port or 6379))
     try:
         monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{proxy.port}{real.path or '/0'}")
         own_workers.start(1)

@@ -1,0 +1,366 @@
+"""Objects in stores that fsspec reaches (S3 and S3-compatible, GCS, Azure, HTTP): find, describe and open them.
+
+A job's ``source`` may be a URL instead of a path. This module is the one place that talks to fsspec: the
+planner and the workers see a :class:`SourceObject` (its URL as the user would write it, its size, version
+and whether it can be read by byte range) and a binary file object, and every store error comes out as a
+SourceError that names the object and never a credential.
+
+Credentials come from each store's standard configuration (for S3 the AWS environment variables, including
+``AWS_ENDPOINT_URL``, profiles and instance roles), plus the job's ``storage_options``, whose strings may name
+environment variables as ``"${VAR}"``: they are expanded here, at use, on the host that reads, so the catalog
+and the ledger hold only the names.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import IO, Any
+from urllib.parse import parse_qsl, urlsplit
+
+from . import db
+from .errors import CatalogError, SourceChanged, SourceError
+
+#: URL schemes read through fsspec; anything else (no scheme, or ``file://``) is a path on this host.
+REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https"})
+#: Schemes whose sources are one object each: a glob is not expanded (``*`` is a valid character in a URL).
+SINGLE_OBJECT_SCHEMES = frozenset({"http", "https"})
+#: Which package brings each scheme's file system, for the error when it is not installed.
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+             "abfss": "adlfs", "http": "aiohttp", "https": "aiohttp"}
+#: Bytes fetched per request while an object is read in order (planning, and a batch's byte range).
+BLOCK_BYTES = 8 << 20
+#: ``"${VAR}"``: an environment variable's value, expanded where the options are used.
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: Option names that hold secrets: their values must be "${VAR}" references, never literal text.
+_SECRET_NAME_RE = re.compile(r"secret|password|token|credential|(^|_)key$|account_key|sas|connection_string",
+                             re.IGNORECASE)
+#: Query parameters that make a URL a credential (presigned S3/GCS URLs, Azure SAS): refused in a source.
+_SIGNED_QUERY = frozenset({"x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
+                           "x-goog-credential", "sig", "signature", "token", "access_token"})
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """One file or object of a source, as planning saw it.
+
+    ``name`` is what the ledger, the contract and the console show: the path, or the URL as the user would
+    write it (``s3://bucket/key``). ``version`` is the store's identity of this content (S3 ETag or version
+    id, GCS generation, HTTP ETag), None for local files. ``ranged``: a batch can be read again by byte range
+    (local files, S3/GCS/Azure, HTTP servers that honour ``Range``); otherwise its bytes are kept in the ledger.
+    """
+
+    name: str
+    size: int
+    mtime_ns: int
+    version: str | None = None
+    ranged: bool = True
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.name)
+
+
+def scheme(source: str) -> str:
+    """The URL scheme of ``source`` in lower case, or '' for a plain path."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", source)
+    return m.group(1).lower() if m else ""
+
+
+def is_remote(source: str) -> bool:
+    """True when ``source`` is read through fsspec (an object store or HTTP), not from this host's disk."""
+    return scheme(source) in REMOTE_SCHEMES
+
+
+def check_source_url(source: str, job: str) -> None:
+    """Refuse a source URL that carries a credential (``user:password@``, a presigned or SAS query): the
+    catalog and the ledger keep the source as written, so a secret there would be shown and stored."""
+    parts = urlsplit(source)
+    if parts.password is not None or (parts.username and scheme(source) in SINGLE_OBJECT_SCHEMES):
+        raise CatalogError(f"job {job!r}: source must not carry credentials (user:password@); give them in "
+                           "storage_options as \"${VAR}\" references", job=job, key="source")
+    signed = sorted(k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SIGNED_QUERY)
+    if signed:
+        raise CatalogError(f"job {job!r}: source must not carry a signature or token in its query ({signed[0]}); "
+                           "give credentials in storage_options as \"${VAR}\" references", job=job, key="source")
+
+
+def check_options(value: object, job: str, where: str = "storage_options") -> dict[str, Any]:
+    """Check a job's ``storage_options`` table as written in the catalog (never expanded here).
+
+    Values are strings, numbers, booleans or nested tables; an option whose name says it is a secret (key,
+    secret, token, password, credential, SAS, connection string) must be exactly one ``"${VAR}"`` reference.
+    """
+    if not isinstance(value, dict):
+        raise CatalogError(f"job {job!r}: {where} must be a table of options", job=job, key="storage_options")
+    for name, v in value.items():
+        here = f"{where}.{name}"
+        if isinstance(v, dict):
+            check_options(v, job, here)
+        elif isinstance(v, str):
+            if _SECRET_NAME_RE.search(name) and not _VAR_RE.fullmatch(v):
+                raise CatalogError(f"job {job!r}: {here} is a secret: write it as \"${{VAR}}\", the name of an "
+                                   "environment variable that holds it, never the value itself",
+                                   job=job, key="storage_options")
+        elif isinstance(v, list):
+            if not all(isinstance(x, str | int | float | bool) for x in v):
+                raise CatalogError(f"job {job!r}: {here} must hold plain values", job=job, key="storage_options")
+        elif not isinstance(v, int | float | bool):
+            raise CatalogError(f"job {job!r}: {here} must be a string, number, boolean or table, found {v!r}",
+                               job=job, key="storage_options")
+    return value
+
+
+def expand_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` with each ``"${VAR}"`` replaced by the variable's value on this host.
+
+    The values expanded are registered with :func:`loader.db.redact`, so an error or a log line that echoes
+    one shows ``***`` instead. A variable that is not set is a SourceError naming the variable.
+    """
+    def expand(v: Any, where: str) -> Any:
+        if isinstance(v, Mapping):
+            return {k: expand(x, f"{where}.{k}") for k, x in v.items()}
+        if isinstance(v, list):
+            return [expand(x, where) for x in v]
+        if not isinstance(v, str):
+            return v
+
+        def value(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                raise SourceError(f"{where} names the environment variable {name}, which is not set on this host",
+                                  option=where, variable=name)
+            found = os.environ[name]
+            db.add_secret(found)
+            return found
+
+        return _VAR_RE.sub(value, v)
+
+    return {k: expand(v, f"storage_options.{k}") for k, v in (options or {}).items()}
+
+
+#: Environment variables that configure a store (credentials, endpoints, profiles, regions).
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS", "AZURE_")
+#: File systems made in this process, by scheme, expanded options and the stores' environment variables.
+_cache: dict[tuple[str, str, tuple[tuple[str, str], ...]], Any] = {}
+
+
+def _filesystem(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """The fsspec file system for ``url`` and the path inside it."""
+    try:
+        import fsspec.core
+    except ImportError:  # pragma: no cover - fsspec is a dependency
+        raise SourceError("reading URLs needs fsspec: pip install fsspec s3fs", source=url) from None
+    kind = scheme(url)
+    expanded = expand_options(options)
+    # fsspec caches file systems by their options only: one made before a credential variable changed would be
+    # used with the old credentials. Ours are keyed by the store's environment variables too.
+    key = (kind, repr(sorted(expanded.items())),
+           tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))))
+    try:
+        fs = _cache.get(key)
+        if fs is None:
+            fs, _ = fsspec.core.url_to_fs(url, skip_instance_cache=True, **expanded)
+            _cache[key] = fs
+        path = fs._strip_protocol(url) if kind not in SINGLE_OBJECT_SCHEMES else url
+    except ImportError:
+        package = _PACKAGES.get(kind, kind)
+        extra = {"gcsfs": "gcs", "adlfs": "azure"}.get(package)
+        how = f"pip install 'dataloader-console[{extra}]'" if extra else f"pip install {package}"
+        raise SourceError(f"source {url}: reading {kind}:// URLs needs the {package} package ({how})",
+                          source=url) from None
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - fsspec implementations raise anything on bad options
+        raise store_error(url, exc) from None
+    return fs, path
+
+
+def store_error(url: str, exc: BaseException) -> SourceError:
+    """A store's exception as a SourceError for people: what happened to which object, never a credential."""
+    kind = type(exc).__name__
+    if kind in ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError", "DefaultCredentialsError"):
+        hint = {"s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)",
+                "gs": "set GOOGLE_APPLICATION_CREDENTIALS", "az": "set AZURE_STORAGE_ACCOUNT_NAME and a key or SAS"}
+        what = hint.get({"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}.get(scheme(url), scheme(url)),
+                        "configure the store's credentials")
+        text = f"no credentials to read {url}: {what}, or give storage_options in the catalog"
+        return SourceError(db.redact(text), source=url)
+    if isinstance(exc, FileNotFoundError):
+        return SourceError(db.redact(f"source object {url} not found (or its bucket does not exist): {exc}"),
+                           source=url)
+    if isinstance(exc, PermissionError):
+        return SourceError(db.redact(f"access to source object {url} denied: {exc}"), source=url)
+    return SourceError(db.redact(f"source object {url} cannot be read: {kind}: {exc}"), source=url)
+
+
+def resolve(pattern: str, options: Mapping[str, Any] | None) -> list[SourceObject]:
+    """The objects a URL names, in lexicographic order of their keys (the order that decides which record wins
+    across objects); a glob that matches nothing, a missing object or bucket is a clear SourceError."""
+    import fsspec.core
+
+    fs, path = _filesystem(pattern, options)
+    single = scheme(pattern) in SINGLE_OBJECT_SCHEMES
+    try:
+        fs.invalidate_cache()  # a listing cached by an earlier run in this process is not what the store holds
+        if not single and fsspec.core.has_magic(path):
+            found = fs.glob(path, detail=True)
+            infos = [found[p] for p in sorted(found) if found[p].get("type", "file") == "file"]
+            if not infos:
+                raise SourceError(f"source {pattern} matches no object", source=pattern)
+        else:
+            info = fs.info(path)
+            if info.get("type", "file") != "file":
+                raise SourceError(f"source {pattern} is not an object (a prefix or directory?)", source=pattern)
+            infos = [info]
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each store raises its own; all become SourceError
+        raise store_error(pattern, exc) from None
+    return [_describe(fs, pattern if single else fs.unstrip_protocol(i["name"]), i) for i in infos]
+
+
+def _describe(fs: Any, url: str, info: Mapping[str, Any]) -> SourceObject:
+    size = info.get("size")
+    ranged = size is not None and info.get("partial", True) is not False
+    if ranged and scheme(url) in SINGLE_OBJECT_SCHEMES:
+        ranged = _honours_range(fs, url, int(size or 0))
+    return SourceObject(url, int(size) if size is not None else -1, _mtime_ns(info), _version(info), ranged)
+
+
+def _honours_range(fs: Any, url: str, size: int) -> bool:
+    """Whether an HTTP server answers a ``Range`` request with just those bytes (a server that sends the whole
+    body instead cannot re-read a batch by range: its batches keep their bytes in the ledger)."""
+    if size < 2:
+        return False
+    try:
+        with fs.open(url, "rb", block_size=2, cache_type="none") as f:
+            f.seek(1)
+            return len(f.read(1)) == 1
+    except ValueError:  # fsspec: "The HTTP server doesn't appear to support range requests"
+        return False
+    except Exception as exc:  # noqa: BLE001
+        raise store_error(url, exc) from None
+
+
+def _version(info: Mapping[str, Any]) -> str | None:
+    """The content's identity as the store describes it. The ETag first: listings (a glob) and HEAD both give
+    it, while S3 gives a version id only to HEAD on a versioned bucket (the planner lists, a worker HEADs)."""
+    for key in ("ETag", "etag", "generation", "VersionId"):
+        v = info.get(key)
+        if v not in (None, "", "null"):
+            return f"{key}={v}"
+    return None
+
+
+def _mtime_ns(info: Mapping[str, Any]) -> int:
+    for key in ("LastModified", "last_modified", "updated", "mtime", "Last-Modified"):
+        v = info.get(key)
+        try:
+            if isinstance(v, datetime):
+                return int(v.timestamp() * 1_000_000) * 1000
+            if isinstance(v, str) and v:
+                return int(parsedate_to_datetime(v).timestamp() * 1_000_000) * 1000 if "," in v else \
+                    int(datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp() * 1_000_000) * 1000
+            if isinstance(v, int | float):
+                return int(v * 1_000_000_000)
+        except (ValueError, TypeError):
+            continue
+    return 0
+
+
+def open_stream(obj: SourceObject, options: Mapping[str, Any] | None) -> IO[bytes]:
+    """The object's bytes from the start, read in order (planning): buffered, so ``readline`` is cheap."""
+    fs, path = _filesystem(obj.name, options)
+    try:
+        if scheme(obj.name) in SINGLE_OBJECT_SCHEMES:
+            f = fs.open(path, "rb", block_size=0)  # one streamed GET: no Range needed
+        else:
+            f = fs.open(path, "rb", block_size=BLOCK_BYTES, cache_type="readahead")
+            # s3fs took the object's ETag as it opened it (and reads with If-Match on it): it must be the one
+            # listed, or the batches would be planned from bytes their version does not describe.
+            found = _version(getattr(f, "details", None) or {})
+            if obj.version is not None and found is not None and found != obj.version:
+                f.close()
+                raise SourceChanged(f"source object {obj.name} changed while it was planned ({obj.version} -> "
+                                    f"{found}); start a new run", file=obj.name)
+    except SourceChanged:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise store_error(obj.name, exc) from None
+    return _Guarded(obj.name, f)
+
+
+def open_range(obj: SourceObject, start: int, end: int, batch: int, options: Mapping[str, Any] | None) -> IO[bytes]:
+    """The object's bytes from ``start`` on, fetched in requests of at most ``end - start`` bytes (a batch re-read
+    by a worker: the store sends little more than the batch's range), after checking that the object is still
+    the version planned: a different ETag/version or size is SourceChanged at once. For S3 the store itself
+    refuses the reads of an object replaced after that (s3fs sends ``If-Match``), and the batch checksum
+    catches it for every store."""
+    fs, path = _filesystem(obj.name, options)
+    try:
+        fs.invalidate_cache(path)
+        # s3fs takes the object's ETag when it opens it and sends it as If-Match with every range it reads.
+        f = fs.open(path, "rb", block_size=max(1, min(end - start, BLOCK_BYTES)), cache_type="readahead")
+        info = getattr(f, "details", None) or {}
+        if _version(info) is None:  # fsspec's HTTP file keeps only the size: ask for the headers
+            info = fs.info(path)
+    except Exception as exc:  # noqa: BLE001
+        raise store_error(obj.name, exc) from None
+    now = SourceObject(obj.name, int(info.get("size", -1)), _mtime_ns(info), _version(info))
+    if (obj.version is not None and now.version != obj.version) or (obj.size >= 0 and now.size != obj.size):
+        f.close()
+        raise SourceChanged(
+            f"source object {obj.name} changed after the run was planned ({obj.version or 'no version'}, "
+            f"{obj.size} bytes -> {now.version or 'no version'}, {now.size} bytes); start a new run to load its "
+            "current content", file=obj.name, batch=batch)
+    g = _Guarded(obj.name, f, batch)
+    g.seek(start)
+    return g
+
+
+class _Guarded(io.BufferedReader):
+    """A store's file object, buffered (fsspec's own ``readline`` reads a byte at a time), whose errors come out
+    as SourceError naming the object, and a replaced object (s3fs's FileExpired) as SourceChanged."""
+
+    def __init__(self, name: str, raw: Any, batch: int | None = None) -> None:
+        super().__init__(raw, buffer_size=1 << 20)
+        self._name = name
+        self._batch = batch
+
+    def _guard(self, exc: Exception) -> Exception:
+        if type(exc).__name__ == "FileExpired":
+            return SourceChanged(f"source object {self._name} changed while it was read (its ETag changed); start "
+                                 "a new run to load its current content", file=self._name, batch=self._batch)
+        if isinstance(exc, SourceError):
+            return exc
+        return store_error(self._name, exc)
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return super().read(size)
+        except Exception as exc:  # noqa: BLE001
+            raise self._guard(exc) from None
+
+    def readline(self, size: int | None = -1) -> bytes:
+        try:
+            return super().readline(size)
+        except Exception as exc:  # noqa: BLE001
+            raise self._guard(exc) from None
+
+    def read1(self, size: int = -1) -> bytes:
+        try:
+            return super().read1(size)
+        except Exception as exc:  # noqa: BLE001
+            raise self._guard(exc) from None
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            return super().readinto(buffer)
+        except Exception as exc:  # noqa: BLE001
+            raise self._guard(exc) from None

@@ -1,0 +1,136 @@
+"""Real object stores on loopback for the tests: moto's S3-compatible server and plain HTTP file servers.
+
+Nothing here stands in for fsspec or boto: the loader talks to these servers over TCP as it would to AWS or a
+web server, and the tests put and rewrite objects through the same protocol (boto3 against the S3 server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import http.server
+import os
+import re
+import threading
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+#: Credentials the S3 server accepts (moto checks none; the loader must still find some, as with AWS).
+S3_KEY_ID = "AKIAOBJECTSTORETEST1"
+S3_SECRET = "objstore-test-secret-Zq8vKp3LmN"
+
+
+@contextlib.contextmanager
+def s3_server(host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """moto's S3 server in a thread of this process; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    from .helpers import free_port
+
+    server = ThreadedMotoServer(ip_address=host, port=port or free_port(), verbose=False)
+    server.start()
+    try:
+        yield f"http://{host}:{server._port}"
+    finally:
+        server.stop()
+
+
+def s3_client(endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=S3_KEY_ID,
+                        aws_secret_access_key=S3_SECRET)
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The standard AWS variables that point the loader (and its workers) at the server."""
+    return {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with ``Range: bytes=a-b`` answered 206, and an ETag of the file's mtime and size."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def send_head(self) -> Any:
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(404, "File not found")
+            return None
+        st = path.stat()
+        f = open(path, "rb")  # noqa: SIM115 - the base class closes it after copying
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        start, end = 0, st.st_size - 1
+        if m:
+            start = int(m.group(1))
+            end = min(int(m.group(2)) if m.group(2) else end, st.st_size - 1)
+            if start >= st.st_size:
+                f.close()
+                self.send_error(416, "Range not satisfiable")
+                return None
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{st.st_size}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
+        self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
+        self.end_headers()
+        f.seek(start)
+        return _Limited(f, end - start + 1)
+
+
+class _Limited:
+    """The first ``n`` bytes of a file, for copyfile()."""
+
+    def __init__(self, f: Any, n: int) -> None:
+        self.f, self.left = f, n
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.f.read(size)
+        self.left -= len(data)
+        return bytes(data)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _NoRangeHandler(http.server.SimpleHTTPRequestHandler):
+    """The standard library's file server: it ignores ``Range`` and always sends the whole file (200)."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+@contextlib.contextmanager
+def http_server(directory: Path, *, ranges: bool) -> Iterator[str]:
+    """An HTTP server for ``directory`` on loopback, honouring ``Range`` or not; yields its base URL."""
+    handler = partial(_RangeHandler if ranges else _NoRangeHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def serve(directory: Path, port: int, *, ranges: bool = True) -> None:
+    """Serve ``directory`` on 127.0.0.1:``port`` until killed (a process of its own: bench/objstore.py)."""
+    handler = partial(_RangeHandler if ranges else _NoRangeHandler, directory=str(directory))
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve(Path(sys.argv[1]), int(sys.argv[2]))
