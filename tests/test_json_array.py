@@ -66,7 +66,7 @@ def test_a_planned_json_array_keeps_each_element_as_one_line_and_an_over_long_on
     path = tmp_path / "a.json"
     path.write_bytes(b'[\n {"id": "a"},\n {"id": "b", "x": "' + b"x" * 200
                      + b'"},\n {"id": "c",\r\n "v": 1.50, "s": "a\\nb"}\n]')
-    [batch] = sources.plan_batches([path], 10)
+    [batch] = sources.plan_batches(sources.resolve_source(str(path)), 10)
     assert (batch.line_start, batch.line_count, batch.records) == (1, 3, 3)
     assert batch.payload is not None and batch.checksum == sources.checksum(batch.payload)
     lines = zlib.decompress(batch.payload).split(b"\n")
@@ -82,7 +82,7 @@ def test_a_json_array_source_that_breaks_off_fails_planning_naming_the_file(tmp_
     path = tmp_path / "broken.json"
     path.write_bytes(b'[{"id": "a"}, {"id": "b"')
     with pytest.raises(SourceError, match="broken.json is not valid JSON: the array ends inside element 2"):
-        list(sources.plan_batches([path], 10))
+        list(sources.plan_batches(sources.resolve_source(str(path)), 10))
 
 
 def test_an_element_nested_deeper_than_the_decoder_goes_is_one_element_not_a_failed_planning(monkeypatch):
