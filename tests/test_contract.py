@@ -50,7 +50,7 @@ def test_elapsed_and_throughput_count_loading_time_not_the_idle_time_before_a_re
     catalog = write_catalog(tmp_path, {job: {"source": f"data/{job}.ndjson", "target_table": table,
                                              "source_id": "id"}})
     create_poisoned_target_table(pg, table, "poison")
-    ref = runs_mod.create_run(loader.load_catalog(catalog).get(job), batch_size=100)
+    ref = runs_mod.create_run(loader.load_catalog(catalog).get(job), actor="test", batch_size=100)
     run = ref.etl_run_id
     assert planning.plan_run(job, run) == [0, 1, 2, 3]
     # Two batches at once, so the attempts' intervals may overlap: overlapping time counts once.

@@ -212,7 +212,7 @@ def test_nothing_configured_sends_nothing_and_never_imports_openlineage(tmp_path
 import sys, loader
 from loader import lineage, loading, planning, runs
 spec = loader.list_jobs({str(catalog)!r}).get({job!r})
-ref = runs.create_run(spec, batch_size=100)
+ref = runs.create_run(spec, actor="test", batch_size=100)
 for b in planning.plan_run(ref.etl_job_id, ref.etl_run_id):
     loading.load_batch(ref.etl_job_id, ref.etl_run_id, b)
 print(loader.run_contract(ref.etl_job_id, ref.etl_run_id)["status"], lineage.configured(), lineage._current,
