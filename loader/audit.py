@@ -18,6 +18,7 @@ import psycopg
 import sqlalchemy as sa
 from psycopg.types.json import Jsonb
 
+from . import config
 from .db import ledger_table
 from .errors import ConfigError
 from .ledger import actions
@@ -59,7 +60,7 @@ def default_actor() -> str:
         >>> os.environ["ETL_ACTOR"] = "nightly-cron"; default_actor()
         'nightly-cron'
     """
-    named = os.environ.get("ETL_ACTOR", "").strip()
+    named = config.get("ETL_ACTOR")
     if named:
         return check_actor(named)
     try:

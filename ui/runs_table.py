@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -16,8 +16,11 @@ from .errors import show_error
 from .routes import run_path
 
 
-def recent_runs(job: str | None, *, limit: int, empty: str) -> list[dict[str, Any]]:
+def recent_runs(job: str | None, *, limit: int, empty: str,
+                visible: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
     """``loader.list_runs(job, limit)``, newest first; [] after saying why (the error, or ``empty``).
+
+    ``visible(job)`` keeps only the runs of jobs the person may view (the others are not there for them).
 
     Example::
 
@@ -30,6 +33,8 @@ def recent_runs(job: str | None, *, limit: int, empty: str) -> list[dict[str, An
     except LoaderError as exc:
         show_error(exc)
         return []
+    if visible is not None:
+        runs = [r for r in runs if visible(r["etl_job_id"])]
     if not runs:
         st.info(empty, icon=":material/history:")
     return runs
