@@ -32,6 +32,7 @@ else:  # imported by the ASGI server, once, before any session
     from streamlit.runtime.pages_manager import PagesManager
 
     from loader.hosts import bind_warning
+    from ui.after_sign_in import AfterSignIn
     from ui.hosts import HostCheck
     from ui.identity import keep_the_tcp_peer
     from ui.routes import configure_process, refuse_a_ledger_behind, routes
@@ -47,4 +48,4 @@ else:  # imported by the ASGI server, once, before any session
     refuse_a_ledger_behind()  # exits, naming `dataloader initdb`, when the ledger is missing or behind
     configure_process()  # the console's reads run under ETL_CONSOLE_STATEMENT_TIMEOUT (workers' do not)
     # HostCheck runs before Streamlit's own middleware: page, websocket and data routes alike.
-    app = st.App("Home.py", routes=routes(), middleware=[Middleware(HostCheck)])
+    app = st.App("Home.py", routes=routes(), middleware=[Middleware(HostCheck), Middleware(AfterSignIn)])

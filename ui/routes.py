@@ -417,6 +417,8 @@ def _door(handler: Callable[[Request], Response]) -> Callable[[Request], Respons
 
 def routes() -> list[BaseRoute]:
     """The routes to give ``st.App``; API routes first so a job named ``api`` cannot shadow them."""
+    from .after_sign_in import sign_in
+
     run = API_PATH + "/{job}/{run}"
     return [
         Route(run + "/batches", _guard(batches_page, limited=True), methods=["GET"]),
@@ -425,6 +427,7 @@ def routes() -> list[BaseRoute]:
         Route(run + "/logs.ndjson", _guard(logs_ndjson, limited=True), methods=["GET"]),
         Route(run + "/metrics.csv", _guard(metrics_csv, limited=True), methods=["GET"]),
         Route(run + "/rejects.ndjson", _guard(rejects_ndjson, limited=True, role=OPERATE), methods=["GET"]),
+        Route(f"{PAGE_PATH}/api/sign-in", sign_in, methods=["GET"]),
         Route(PAGE_PATH + "/{rest:path}", _door(deep_link), methods=["GET"]),
         Route("/", _door(root), methods=["GET"]),
     ]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import html
+from urllib.parse import urlencode
+
 import streamlit as st
 
 from loader.access import AuthMode
 from loader.errors import LoaderError
 
 from .identity import Person, session_person
+from .layout import inject_css
+from .routes import PAGE_PATH
 from .text import alert, caption
 
 #: The permanent note under ETL_AUTH=none.
@@ -30,10 +35,14 @@ def admit() -> Person:
         caption(NO_SIGN_IN_NOTE)
         return person
     if person.email is None:
+        inject_css()
         st.title(SIGN_IN_REQUIRED, anchor=False)
         if mode is AuthMode.OIDC:
             st.write("Sign in to see the Data Loader console.")
-            st.button("Sign in", type="primary", on_click=st.login, key="dl-sign-in")
+            # Through the console's own route, so that the page this link named opens after the sign-in.
+            q = st.query_params
+            link = f"{PAGE_PATH}/api/sign-in?{urlencode({k: q[k] for k in ('job', 'run') if k in q})}"
+            st.html(f'<a class="dl-sign-in" href="{html.escape(link)}" target="_self">Sign in</a>')
         else:
             st.write("This console is reached through your organisation's sign-in: open it through the address "
                      "your team uses, or ask who runs it.")
