@@ -42,6 +42,7 @@ def print_summary(c: dict[str, Any], *, failed_batches: bool = True) -> None:
     out = sys.stdout.write
     out(f"etl_job_id:  {c['etl_job_id']}\netl_run_id:  {c['etl_run_id']}\n")
     out(f"status:      {STATUS_ICONS.get(c['status'], '')} {c['status']}\n")
+    out(f"started by:  {_one_line(c.get('started_by') or '(not recorded)')}\n")
     out(f"target:      {c['target_table']}   batch size {c['batch_size']:,}\n")
     out(f"started_at:  {c['started_at']}   loaded_at: {c['loaded_at'] or '-'}   "
         f"completed_at: {c['completed_at'] or '-'}\n")

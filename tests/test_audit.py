@@ -148,6 +148,7 @@ def test_the_cli_acts_as_etl_actor_else_the_os_user_and_runs_shows_who_started_e
     assert "by-os-user" in lines[1] and lines[1].endswith(f"by {getpass.getuser()}")
     as_json = json.loads(dataloader("runs", job, "--json", env=env).stdout)
     assert [r["started_by"] for r in as_json] == ["nightly-cron", getpass.getuser()]
+    assert "\nstarted by:  nightly-cron\n" in dataloader("status", job, "by-cron", env=env).stdout
     status = json.loads(dataloader("status", job, "by-os-user", "--json", env=env).stdout)
     assert status["started_by"] == getpass.getuser()
     assert [(a["actor"], a["action"], a["detail"]) for a in status["actions"]] == [

@@ -225,7 +225,7 @@ def test_run_ids_must_be_uuids_or_slugs_and_unique_per_job(tmp_path, target_sche
     with pytest.raises(ConfigError, match="UUID or a slug"):
         runs_mod.create_run(spec, actor="test", run_id="Has Spaces")
     ref = runs_mod.create_run(spec, actor="test", run_id="nightly-1")
-    runs_mod.cancel(job, ref.etl_run_id)
+    runs_mod.cancel(job, ref.etl_run_id, actor="test")
     with pytest.raises(RunConflict, match="already used"):
         runs_mod.create_run(spec, actor="test", run_id="nightly-1")
     assert runs_mod.create_run(spec, actor="test", run_id="3F2504E0-4F89-11D3-9A0C-0305E82C3301").etl_run_id == \
