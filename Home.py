@@ -31,6 +31,7 @@ else:  # imported by the ASGI server, once, before any session
     from starlette.middleware import Middleware
     from streamlit.runtime.pages_manager import PagesManager
 
+    from loader.errors import LoaderError
     from loader.hosts import bind_warning
     from ui.after_sign_in import AfterSignIn
     from ui.hosts import HostCheck
@@ -41,7 +42,11 @@ else:  # imported by the ASGI server, once, before any session
     # in Streamlit's legacy pages/-directory mode and shows a spurious "Page not found" dialog.
     PagesManager.uses_pages_directory = False
 
-    keep_the_tcp_peer()  # under ETL_AUTH=proxy the peer checked is the one that connected (ui/identity.py)
+    try:
+        keep_the_tcp_peer()  # under ETL_AUTH=proxy the peer checked is the one that connected (ui/identity.py)
+    except LoaderError as exc:  # ETL_AUTH is none of none, oidc, proxy: nobody could be let in
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     warning = bind_warning(st.config.get_option("server.address") or "")
     if warning:
         print(warning, file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -371,12 +372,18 @@ def signature_token(signature: tuple[int, ...]) -> str:
     return "-".join(str(x) for x in signature)
 
 
-def list_runs(job: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """Recent runs, newest first, with their headline counts (batches summed per listed run only)."""
+def list_runs(job: str | None = None, limit: int = 50, *, hidden_jobs: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Recent runs, newest first, with their headline counts (batches summed per listed run only).
+
+    ``hidden_jobs``: jobs whose runs are left out before the ``limit`` is applied (the console's jobs a
+    person may not view), so that they take no place in the list.
+    """
     b = batches.c
     recent = sa.select(runs).order_by(runs.c.started_at.desc()).limit(limit)
     if job is not None:
         recent = recent.where(runs.c.etl_job_id == job)
+    if hidden_jobs:
+        recent = recent.where(runs.c.etl_job_id.not_in(list(hidden_jobs)))
     r = recent.subquery("r")
     counts = (sa.select(sa.func.sum(b.rows_inserted).label("rows_inserted"),
                         sa.func.sum(b.rows_updated).label("rows_updated"),

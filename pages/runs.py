@@ -16,7 +16,7 @@ st.page_link("pages/data_loader.py", label="Start a load in the Data Loader", ic
 @st.fragment(run_every=2)
 def recent() -> None:
     runs = recent_runs(None, limit=100, empty="No runs yet. Start one from the Data Loader page.",
-                       visible=page_person().may_view)
+                       person=page_person())
     if not runs:
         return
     df = runs_frame(runs, ["Open", "Job", "Run ID", "Status", "Started", "Batches", "Failed", "Inserted", "Updated"])

@@ -127,3 +127,19 @@ def test_the_catalog_checks_a_jobs_viewers_and_operators_and_reports_a_bad_one_w
     assert loaded.errors["typo"].context["key"] == "viewers" and "'example.com'" in str(loaded.errors["typo"])
     assert "operators must be a list" in str(loaded.errors["not-a-list"])
     assert loaded.jobs["payroll"].to_dict()["viewers"] == ["@example.com"]
+
+
+def test_the_console_refuses_to_start_with_an_unknown_etl_auth_saying_so():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .helpers import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "streamlit", "run", "Home.py", "--server.headless", "true",
+                          "--server.port", str(free_port())], cwd=root, env={**os.environ, "ETL_AUTH": "ldap"},
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 1
+    assert "error: ETL_AUTH must be none, oidc or proxy, found 'ldap'" in out.stderr

@@ -57,6 +57,13 @@ class Person:
         """May start, retry, cancel and force-start runs of the job and download its rejected records."""
         return self.rules.may_operate(self.email, job_access(job))
 
+    def hidden_jobs(self) -> list[str]:
+        """The catalog's jobs (valid or broken) this person may not view: left out of every list."""
+        catalog = current_catalog()
+        if catalog is None or self.rules.mode is AuthMode.NONE:
+            return []
+        return sorted(j for j in (*catalog.jobs, *catalog.errors) if not self.may_view(j))
+
     def may_see_broken_jobs(self) -> bool:
         """Broken jobs of the catalog (their names and errors) are shown to operators only, under a sign-in
         mode: their own ``viewers`` cannot be read, so they are nobody's to view."""
