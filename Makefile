@@ -34,7 +34,7 @@ $(PY):
 		{ rm -rf $(VENV); echo "python3 -m venv failed: on Debian/Ubuntu, apt-get install python3-venv"; exit 1; }
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e '.[test,local,lineage]'
+	$(PY) -m pip install -e '.[test,local,lineage,auth]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -929,13 +929,13 @@ class PanelDriver:
         """The failed batch queued again (``runs.reset_failed_batches``: the run back to loading)."""
         from loader import runs
 
-        runs.reset_failed_batches(self.job, self.run, [index])
+        runs.reset_failed_batches(self.job, self.run, [index], actor="bench")
 
     def create(self) -> None:
         """A new run, queued (``runs.create_run``)."""
         from loader import runs
 
-        runs.create_run(loader.JobSpec.from_dict(seed_ledger.job_spec(self.job)), run_id=self.run,
+        runs.create_run(loader.JobSpec.from_dict(seed_ledger.job_spec(self.job)), actor="bench", run_id=self.run,
                         batch_size=seed_ledger.BATCH_SIZE)
 
     def start_planning(self) -> None:
@@ -957,7 +957,7 @@ class PanelDriver:
         """The run canceled (``runs.cancel``: unstarted batches canceled, its queued jobs removed)."""
         from loader import runs
 
-        runs.cancel(self.job, self.run)
+        runs.cancel(self.job, self.run, actor="bench")
 
 
 class PanelWatch:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import ledger, runs
+from . import audit, ledger, runs
 from .catalog import Catalog, load_catalog
 from .contract import run_contract, run_status
 from .errors import ServiceError
@@ -26,20 +26,22 @@ def list_jobs(catalog: str | Path | Catalog | None = None) -> Catalog:
 
 
 def start_run(job: str, *, run_id: str | None = None, batch_size: int | None = None, force: bool = False,
-              catalog: str | Path | Catalog | None = None) -> RunRef:
+              catalog: str | Path | Catalog | None = None, actor: str | None = None) -> RunRef:
     """Start a run of ``job``: it is queued at once and its lineage returned.
 
-    Refuses (RunConflict) while the job has a run in progress, unless ``force=True``.
+    Refuses (RunConflict) while the job has a run in progress, unless ``force=True``. ``actor`` is who
+    starts it (the run's ``started_by`` and its audit trail); None: ``ETL_ACTOR``, else the OS user name.
 
     Example::
 
-        ref = start_run("orders", batch_size=1000)
+        ref = start_run("orders", batch_size=1000, actor="ana@example.com")
         print(ref.etl_job_id, ref.etl_run_id)
     """
     from .queue import enqueue_plan  # RQ is imported when a run is queued, not with the API
 
     spec = list_jobs(catalog).get(job)
-    ref = runs.create_run(spec, run_id=run_id, batch_size=batch_size, force=force)
+    ref = runs.create_run(spec, actor=audit.actor_or_default(actor), run_id=run_id, batch_size=batch_size,
+                          force=force)
     try:
         enqueue_plan(ref.etl_job_id, ref.etl_run_id)
     except ServiceError as exc:
@@ -48,20 +50,20 @@ def start_run(job: str, *, run_id: str | None = None, batch_size: int | None = N
     return ref
 
 
-def cancel_run(job: str, run: str) -> str:
+def cancel_run(job: str, run: str, *, actor: str | None = None) -> str:
     """Cancel an active run; returns 'canceled', or the run's final state when every batch had already
-    ended (the run then finishes as its batches say: see ``runs.cancel``)."""
-    return runs.cancel(job, run).status
+    ended (the run then finishes as its batches say: see ``runs.cancel``). ``actor`` as for ``start_run``."""
+    return runs.cancel(job, run, actor=audit.actor_or_default(actor)).status
 
 
-def retry_run(job: str, run: str, batches: list[int] | None = None) -> list[int]:
+def retry_run(job: str, run: str, batches: list[int] | None = None, *, actor: str | None = None) -> list[int]:
     """Re-run the failed batches (all, or those listed) of a failed or partial_success run.
 
-    Returns the batch indexes queued again.
+    Returns the batch indexes queued again. ``actor`` as for ``start_run``.
     """
     from .queue import enqueue_batches
 
-    deliveries = runs.reset_failed_batches(job, run, batches)
+    deliveries = runs.reset_failed_batches(job, run, batches, actor=audit.actor_or_default(actor))
     indexes = sorted(deliveries)
     enqueue_batches(job, run, indexes, trigger="manual", deliveries=deliveries)
     return indexes

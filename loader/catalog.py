@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 
 from . import config, storage
-from .errors import CatalogError, JobNotFound
+from .access import JobAccess, parse_principals
+from .errors import CatalogError, ConfigError, JobNotFound
 
 #: A job name: what people type in the CLI and see in URLs.
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -32,6 +33,8 @@ KEYS: dict[str, str] = {
     "schema": "JSON Schema file (draft 2020-12 unless $schema says otherwise)",
     "batch_size": "records per batch (100..10000)",
     "max_attempts": "attempts per batch for transient database errors",
+    "viewers": "who may look at the job's runs, within ETL_VIEWERS (e-mails and @domain suffixes)",
+    "operators": "who may act on the job's runs, within ETL_OPERATORS (e-mails and @domain suffixes)",
 }
 REQUIRED_KEYS = ("source", "target_table", "source_id")
 
@@ -58,10 +61,21 @@ class JobSpec:
     #: The store's options as written in the catalog: "${VAR}" references stay unexpanded (loader.storage
     #: expands them where they are used), so the ledger's snapshot holds no secret.
     storage_options: dict[str, Any] | None = None
+    #: The job's own narrowing of ETL_VIEWERS / ETL_OPERATORS (None: not narrowed), as written.
+    viewers: tuple[str, ...] | None = None
+    operators: tuple[str, ...] | None = None
 
     @property
     def target(self) -> str:
         return f"{self.target_schema}.{self.target_table}"
+
+    @property
+    def access(self) -> JobAccess:
+        """The job's roles for loader.access (checked when the catalog was read)."""
+        return JobAccess(
+            None if self.viewers is None else parse_principals(self.viewers, where=f"job {self.name!r}: viewers"),
+            None if self.operators is None else parse_principals(self.operators,
+                                                                  where=f"job {self.name!r}: operators"))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +91,8 @@ class JobSpec:
             "batch_size": self.batch_size,
             "max_attempts": self.max_attempts,
             "storage_options": self.storage_options,
+            "viewers": None if self.viewers is None else list(self.viewers),
+            "operators": None if self.operators is None else list(self.operators),
         }
 
     @classmethod
@@ -94,6 +110,8 @@ class JobSpec:
             batch_size=data.get("batch_size"),
             max_attempts=data.get("max_attempts"),
             storage_options=data.get("storage_options"),
+            viewers=None if data.get("viewers") is None else tuple(data["viewers"]),
+            operators=None if data.get("operators") is None else tuple(data["operators"]),
         )
 
 
@@ -242,6 +260,9 @@ def _check_job(name: str, table: object, base: Path) -> JobSpec:
             raise CatalogError(f"job {name!r}: max_attempts must be a whole number from 1 to 20, "
                                f"found {max_attempts!r}", job=name, key="max_attempts")
 
+    roles = {key: _check_principals(table[key], name, key) if key in table else None
+             for key in ("viewers", "operators")}
+
     schema_path: str | None = None
     schema: dict[str, Any] | None = None
     if table.get("schema") is not None:
@@ -252,7 +273,20 @@ def _check_job(name: str, table: object, base: Path) -> JobSpec:
         target_table=table_name, source_id=source_id, required=required_paths,
         schema_path=schema_path, schema=schema, batch_size=batch_size, max_attempts=max_attempts,
         storage_options=storage_options,
+        viewers=roles["viewers"], operators=roles["operators"],
     )
+
+
+def _check_principals(value: object, job: str, key: str) -> tuple[str, ...]:
+    """A job's ``viewers`` / ``operators``: a list of e-mails, ``@domain`` suffixes or ``*``."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CatalogError(f"job {job!r}: {key} must be a list of e-mail addresses and @domain suffixes, "
+                           f"found {value!r}", job=job, key=key)
+    try:
+        parse_principals(value, where=f"job {job!r}: {key}")
+    except ConfigError as exc:
+        raise CatalogError(str(exc), job=job, key=key) from None
+    return tuple(v.strip() for v in value)
 
 
 def _load_schema(value: object, job: str, base: Path) -> tuple[str, dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from . import api, config, db, ledger, storage
+from .audit import default_actor
 from .contract import list_runs, run_contract
 from .errors import LoaderError, ServiceError
 from .exports import iter_logs_ndjson, iter_metrics_csv, iter_rejects_ndjson
@@ -20,6 +21,11 @@ from .runs import QUEUE_DRAINS_ITSELF, cancel
 from .states import RUN_LOOKS, RunStatus
 
 STATUS_ICONS = {s.value: look.glyph for s, look in RUN_LOOKS.items() if s is not RunStatus.IDLE}
+
+
+def _one_line(text: str) -> str:
+    """Outside text (an actor) on one terminal line: control characters shown as escapes, never obeyed."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _print_json(value: Any) -> None:
@@ -36,6 +42,7 @@ def print_summary(c: dict[str, Any], *, failed_batches: bool = True) -> None:
     out = sys.stdout.write
     out(f"etl_job_id:  {c['etl_job_id']}\netl_run_id:  {c['etl_run_id']}\n")
     out(f"status:      {STATUS_ICONS.get(c['status'], '')} {c['status']}\n")
+    out(f"started by:  {_one_line(c.get('started_by') or '(not recorded)')}\n")
     out(f"target:      {c['target_table']}   batch size {c['batch_size']:,}\n")
     out(f"started_at:  {c['started_at']}   loaded_at: {c['loaded_at'] or '-'}   "
         f"completed_at: {c['completed_at'] or '-'}\n")
@@ -173,7 +180,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print("no runs yet")
     for r in rows:
         print(f"{r['started_at']}  {r['etl_job_id']:<16} {r['etl_run_id']:<38} {r['status']:<16} "
-              f"ins {r['rows_inserted']:>9,} upd {r['rows_updated']:>9,} rej {r['validation_failures']:>7,}")
+              f"ins {r['rows_inserted']:>9,} upd {r['rows_updated']:>9,} rej {r['validation_failures']:>7,}  "
+              f"by {_one_line(r['started_by'] or '(not recorded)')}")
     return 0
 
 
@@ -187,7 +195,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    done = cancel(args.job, args.run)
+    done = cancel(args.job, args.run, actor=default_actor())
     if done.note:  # every batch had ended already: the run finished instead
         print(f"run {args.job}/{args.run}: {done.note}")
         return 0

@@ -74,6 +74,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ETL_CONSOLE_MAX_STREAMS", "200",
             "run event streams (Server-Sent Events) one console process keeps open at once; more get 503"),
     Setting("ETL_DATA_DIR", ".data", "where embedded PostgreSQL and Redis keep their data"),
+    Setting("ETL_ACTOR", "", "who the CLI and the Python API act as in the audit trail; unset: the OS user name"),
+    Setting("ETL_AUTH", "none", "how the console identifies people: none (nobody; anyone reaching it can act), "
+            "oidc (Streamlit's st.login, [auth] in .streamlit/secrets.toml) or proxy (a header set by an "
+            "authenticating reverse proxy)"),
+    Setting("ETL_AUTH_HEADER", "X-Forwarded-Email", "under ETL_AUTH=proxy, the request header holding the "
+            "person's e-mail"),
+    Setting("ETL_TRUSTED_PROXIES", "127.0.0.1/32,::1/128", "under ETL_AUTH=proxy, the networks (CIDR, "
+            "comma-separated) whose requests' identity header is believed; from any other peer it is ignored"),
+    Setting("ETL_VIEWERS", "*", "who may look at runs (comma-separated e-mails and @domain suffixes; * anyone "
+            "identified)"),
+    Setting("ETL_OPERATORS", "", "who may start, retry, cancel and download rejected records (same syntax); "
+            "unset: everybody under ETL_AUTH=none, nobody under oidc and proxy"),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

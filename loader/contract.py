@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -9,6 +10,7 @@ from urllib.parse import quote
 import sqlalchemy as sa
 
 from . import config, db
+from .audit import run_actions
 from .errors import RunNotFound
 from .ledger import attempts, batches, events, rejects, runs
 from .states import ACTIVE_RUN_STATES, AttemptStatus, BatchStatus, batch_status_label
@@ -244,6 +246,7 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
         now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
         loading_ms = float(conn.execute(loading_ms_query(job, run, now, run_row.completed_at)).scalar_one())
         examples = validation_examples(conn, job, run)
+        history = run_actions(conn, job, run)
         batch_list: list[dict[str, Any]] = []
         if include_batches:
             fragments = log_fragments(conn, job, run)
@@ -271,6 +274,8 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
         "error_code": run_row.error_code,
         "error_message": run_row.error_message,
         "forced": run_row.forced,
+        "started_by": run_row.started_by,
+        "actions": history,
         "version": max(int(run_row.change_seq), int(m.change_seq or 0)),
     }
 
@@ -367,12 +372,18 @@ def signature_token(signature: tuple[int, ...]) -> str:
     return "-".join(str(x) for x in signature)
 
 
-def list_runs(job: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """Recent runs, newest first, with their headline counts (batches summed per listed run only)."""
+def list_runs(job: str | None = None, limit: int = 50, *, hidden_jobs: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Recent runs, newest first, with their headline counts (batches summed per listed run only).
+
+    ``hidden_jobs``: jobs whose runs are left out before the ``limit`` is applied (the console's jobs a
+    person may not view), so that they take no place in the list.
+    """
     b = batches.c
     recent = sa.select(runs).order_by(runs.c.started_at.desc()).limit(limit)
     if job is not None:
         recent = recent.where(runs.c.etl_job_id == job)
+    if hidden_jobs:
+        recent = recent.where(runs.c.etl_job_id.not_in(list(hidden_jobs)))
     r = recent.subquery("r")
     counts = (sa.select(sa.func.sum(b.rows_inserted).label("rows_inserted"),
                         sa.func.sum(b.rows_updated).label("rows_updated"),
@@ -380,6 +391,7 @@ def list_runs(job: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
                         sa.func.count().filter(b.status == BatchStatus.FAILED.value).label("batches_failed"))
               .where(b.etl_job_id == r.c.etl_job_id, b.etl_run_id == r.c.etl_run_id).lateral("c"))
     q = (sa.select(r.c.etl_job_id, r.c.etl_run_id, r.c.status, r.c.batch_size, r.c.started_at, r.c.completed_at,
+                   r.c.started_by,
                    r.c.batches_total, counts.c.rows_inserted, counts.c.rows_updated, counts.c.validation_failures,
                    counts.c.batches_failed)
          .select_from(r.join(counts, sa.true())).order_by(r.c.started_at.desc()))
@@ -387,6 +399,7 @@ def list_runs(job: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         rows = conn.execute(q).all()
     return [{"etl_job_id": x.etl_job_id, "etl_run_id": x.etl_run_id, "status": x.status,
              "batch_size": x.batch_size, "started_at": iso(x.started_at), "completed_at": iso(x.completed_at),
+             "started_by": x.started_by,
              "batches_total": x.batches_total, "rows_inserted": int(x.rows_inserted or 0),
              "rows_updated": int(x.rows_updated or 0), "validation_failures": int(x.validation_failures or 0),
              "batches_failed": int(x.batches_failed or 0)} for x in rows]

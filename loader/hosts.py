@@ -109,15 +109,18 @@ def is_loopback(address: str) -> bool:
 def bind_warning(address: str) -> str | None:
     """The warning to print when the console listens on ``address`` beyond this machine, else None.
 
-    The console has no sign-in: whoever reaches its port can start, retry and cancel runs and
-    download every run's logs and rejected records.
+    Under ``ETL_AUTH=none`` the console has no sign-in: whoever reaches its port can start, retry and
+    cancel runs and download every run's logs and rejected records. Under ``proxy`` or ``oidc`` it
+    identifies people (loader/access.py) and there is nothing to warn about.
 
     Example::
 
         >>> bind_warning("127.0.0.1") is None
         True
     """
-    if is_loopback(address):
+    from .access import AuthMode, auth_mode
+
+    if is_loopback(address) or auth_mode() is not AuthMode.NONE:
         return None
     where = address or "every interface"
     return (f"WARNING: the console listens on {where}, not only on this machine, and has no sign-in: anyone "

@@ -49,8 +49,12 @@ class Element:
     head: str = ""
 
 
+class ArraySyntaxError(SourceError):
+    """The text is not one JSON array of elements: what is wrong and after which element."""
+
+
 def _no_constant(name: str) -> None:
-    raise SourceError(f"{name} is not a JSON number")
+    raise ArraySyntaxError(f"{name} is not a JSON number")
 
 
 #: A number cut by the end of a read parses as its first part followed by at most this many characters
@@ -105,7 +109,7 @@ def elements(f: IO[bytes], limit: int, head: int) -> Iterator[Element]:
     try:
         t = _Text(f)
         if t.skip_space() != "[":
-            raise SourceError("the top level must be one JSON array")
+            raise ArraySyntaxError("the top level must be one JSON array")
         t.pos += 1
         count = 0
         if t.skip_space() == "]":
@@ -119,28 +123,28 @@ def elements(f: IO[bytes], limit: int, head: int) -> Iterator[Element]:
                 if c == "]":
                     break
                 if c != ",":
-                    raise SourceError(f"expected ',' or ']' after element {count}, found {c or 'the end'!r}")
+                    raise ArraySyntaxError(f"expected ',' or ']' after element {count}, found {c or 'the end'!r}")
                 if t.skip_space() == "]":
-                    raise SourceError(f"a trailing comma after element {count}")
+                    raise ArraySyntaxError(f"a trailing comma after element {count}")
         if t.skip_space():
-            raise SourceError("unexpected text after the array's end")
+            raise ArraySyntaxError("unexpected text after the array's end")
     except UnicodeDecodeError as exc:
-        raise SourceError(f"not UTF-8 text ({exc.reason})") from None
+        raise ArraySyntaxError(f"not UTF-8 text ({exc.reason})") from None
 
 
 def _element(t: _Text, limit: int, head: int, count: int) -> Element:
     first = t.skip_space()
     if not first:
-        raise SourceError(f"the array ends early, after element {count - 1}")
+        raise ArraySyntaxError(f"the array ends early, after element {count - 1}")
     if first == _BOM:  # the decoder would skip it as if it were spacing; JSON has none there
-        raise SourceError(f"element {count} starts with a byte order mark (U+FEFF)")
+        raise ArraySyntaxError(f"element {count} starts with a byte order mark (U+FEFF)")
     while True:
         start = t.pos
         try:
             _, end = _DECODER.raw_decode(t.buf, start)
         except simplejson.JSONDecodeError as exc:
             if t.eof:
-                raise SourceError(f"element {count}: {exc.msg}") from None
+                raise ArraySyntaxError(f"element {count}: {exc.msg}") from None
             # Cut by the end of what was read (or bad text further on): find its end first, then parse it.
             return _scan(t, limit, head, count)
         except RecursionError:  # nested deeper than the decoder goes: the scanner finds its end
@@ -226,7 +230,7 @@ def _scan(t: _Text, limit: int, head: int, count: int) -> Element:
         if done or (not t.more() and scalar):
             break
         if t.eof and not t.buf:
-            raise SourceError(f"the array ends inside element {count}")
+            raise ArraySyntaxError(f"the array ends inside element {count}")
         pos = 0
     if over:
         return Element("", size, whole=False, head=first)
@@ -234,11 +238,11 @@ def _scan(t: _Text, limit: int, head: int, count: int) -> Element:
     try:
         _, end = _DECODER.raw_decode(text)
     except simplejson.JSONDecodeError as exc:
-        raise SourceError(f"element {count}: {exc.msg}") from None
+        raise ArraySyntaxError(f"element {count}: {exc.msg}") from None
     except RecursionError:
         # Too deep to check here: validation rejects it as one record (nested deeper than it allows),
         # as it does such an NDJSON line.
         return Element(text, size)
     if end != len(text):
-        raise SourceError(f"element {count}: unexpected text after the value")
+        raise ArraySyntaxError(f"element {count}: unexpected text after the value")
     return Element(text, size)

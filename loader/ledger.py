@@ -82,6 +82,8 @@ runs = sa.Table(
     sa.Column("plan_worker", sa.Text),
     sa.Column("queue", sa.Text, nullable=False),
     sa.Column("change_seq", sa.BigInteger, change_seq, nullable=False, server_default=change_seq.next_value()),
+    # 0004: who started the run (NULL: started before 0004); the whole history is in ``actions``.
+    sa.Column("started_by", sa.Text),
     sa.CheckConstraint(check_constraint("status", STORED_RUN_STATES), name="runs_status_check"),
     sa.Index("runs_job_started_idx", "etl_job_id", sa.text("started_at DESC")),
     sa.Index("runs_active_idx", "etl_job_id", postgresql_where=sa.text(
@@ -193,6 +195,22 @@ events = sa.Table(
     _run_fk("events"),
     sa.Index("events_run_idx", "etl_job_id", "etl_run_id", "id"),
     sa.Index("events_batch_idx", "etl_job_id", "etl_run_id", "batch_index", "id"),
+)
+
+#: 0004: the audit trail. One row per start, forced start, retry and cancel, written in the transaction
+#: that does it (loader/audit.py); ``at`` is the database's clock.
+actions = sa.Table(
+    "actions", metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+    sa.Column("etl_job_id", sa.Text, nullable=False),
+    sa.Column("etl_run_id", sa.Text, nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.clock_timestamp()),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("detail", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.CheckConstraint("action IN ('start', 'forced_start', 'retry', 'cancel')", name="actions_action_check"),
+    _run_fk("actions"),
+    sa.Index("actions_run_idx", "etl_job_id", "etl_run_id", "id"),
 )
 
 

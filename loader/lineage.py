@@ -192,6 +192,7 @@ class Snapshot:
     rows_written: int
     error_code: str | None
     error_message: str | None
+    started_by: str | None = None
     config_key: tuple[str, ...] = field(default=())
 
 
@@ -224,7 +225,7 @@ def snapshot(job: str, run: str, status: str, event_type: str) -> Snapshot:
                                                                          "json_shape_errors")}},
         rows_written=int(m["rows_inserted"]) + int(m["rows_updated"]),
         error_code=contract["error_code"], error_message=_error_message(contract),
-        config_key=_config_key())
+        started_by=contract["started_by"], config_key=_config_key())
 
 
 def _error_message(contract: dict[str, Any]) -> str | None:
@@ -310,7 +311,7 @@ def build_event(snap: Snapshot) -> RunEvent:
     run_facets: dict[str, Any] = {"dataloader": DataLoaderRunFacet(
         etl_job_id=snap.job, etl_run_id=snap.run, status=snap.status, batch_size=snap.batch_size,
         retry=snap.retry, forced=snap.forced, metrics=snap.metrics, error_code=snap.error_code,
-        producer=PRODUCER)}
+        started_by=snap.started_by, producer=PRODUCER)}
     if snap.error_message is not None:
         run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
             message=snap.error_message, programmingLanguage="python", producer=PRODUCER)

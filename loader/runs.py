@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import config, db, lineage, states
+from . import audit, config, db, lineage, states
 from .catalog import JobSpec
 from .db import ledger_table
 from .errors import ConfigError, RunConflict, RunNotFound, ServiceError
@@ -53,9 +53,14 @@ def check_run_id(value: str) -> str:
         "starting with a letter or digit, at most 63 characters", run=value)
 
 
-def create_run(spec: JobSpec, *, run_id: str | None = None, batch_size: int | None = None,
+def create_run(spec: JobSpec, *, actor: str, run_id: str | None = None, batch_size: int | None = None,
                force: bool = False) -> RunRef:
-    """Insert a queued run; refuses a second active run of the same job unless ``force``."""
+    """Insert a queued run; refuses a second active run of the same job unless ``force``.
+
+    ``actor`` (who starts it) is recorded as the run's ``started_by`` and in the audit trail, in the same
+    transaction: ``forced_start`` when ``force`` let it start beside a run in progress.
+    """
+    actor = audit.check_actor(actor)
     run = check_run_id(run_id) if run_id else new_run_id()
     size = config.check_batch_size(batch_size) if batch_size is not None else (
         spec.batch_size or config.default_batch_size())
@@ -64,11 +69,11 @@ def create_run(spec: JobSpec, *, run_id: str | None = None, batch_size: int | No
     with db.connection() as conn, conn.transaction():
         # Serialises starts of one job, so two starts cannot both pass the in-progress check.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"dataloader.start.{spec.name}"])
+        active = conn.execute(sql.SQL(
+            "SELECT etl_run_id, status FROM {} WHERE etl_job_id = %s AND status = ANY(%s) "
+            "ORDER BY started_at DESC LIMIT 1").format(runs),
+            [spec.name, [s.value for s in ACTIVE_RUN_STATES]]).fetchone()
         if not force:
-            active = conn.execute(sql.SQL(
-                "SELECT etl_run_id, status FROM {} WHERE etl_job_id = %s AND status = ANY(%s) "
-                "ORDER BY started_at DESC LIMIT 1").format(runs),
-                [spec.name, [s.value for s in ACTIVE_RUN_STATES]]).fetchone()
             if active is not None:
                 raise RunConflict(
                     f"job {spec.name!r} already has a run in progress ({active[0]}, {active[1]}); "
@@ -76,11 +81,18 @@ def create_run(spec: JobSpec, *, run_id: str | None = None, batch_size: int | No
         try:
             with conn.transaction():
                 states.create_run(conn, spec.name, run, batch_size=size, max_attempts=max_attempts,
-                                  target=spec.target, spec=spec.to_dict(), forced=force, queue=config.get("ETL_QUEUE"))
+                                  target=spec.target, spec=spec.to_dict(), forced=force, queue=config.get("ETL_QUEUE"),
+                                  started_by=actor)
         except psycopg.errors.UniqueViolation:
             raise RunConflict(f"run id {run!r} is already used by job {spec.name!r}; choose another",
                               job=spec.name, run=run) from None
-        log_event(conn, spec.name, run, "run_queued", batch_size=size, forced=force, target=spec.target)
+        # A forced start is one that overrode a run in progress (force with none in progress is a plain start).
+        if force and active is not None:
+            audit.record(conn, spec.name, run, actor, audit.Action.FORCED_START, batch_size=size,
+                         run_in_progress=active[0], its_status=active[1])
+        else:
+            audit.record(conn, spec.name, run, actor, audit.Action.START, batch_size=size)
+        log_event(conn, spec.name, run, "run_queued", batch_size=size, forced=force, target=spec.target, actor=actor)
     lineage.run_event(spec.name, run, RunStatus.QUEUED.value)
     return RunRef(spec.name, run, RunStatus.QUEUED.value, size)
 
@@ -114,7 +126,7 @@ QUEUE_DRAINS_ITSELF = ("its batch jobs stay queued and each ends at once, loadin
                        "it: the queue drains itself")
 
 
-def cancel(job: str, run: str) -> Cancellation:
+def cancel(job: str, run: str, *, actor: str) -> Cancellation:
     """Cancel an active run: batches not yet started never start; committed ones stay.
 
     The cancel is a barrier. It locks the run row, which waits only for batch commits in flight (each
@@ -123,15 +135,17 @@ def cancel(job: str, run: str) -> Cancellation:
     batches are recorded ``canceled`` (never to run) in the same transaction, then their RQ jobs leave the
     queue, so a canceled 10k-batch run does not leave 10k jobs behind. Planning never holds the run row,
     so a cancel during planning returns at once and the planner stops. Redis being unreachable does not
-    undo or fail the cancel. A run whose batches have all ended is not canceled but finished.
+    undo or fail the cancel. A run whose batches have all ended is not canceled but finished. ``actor``
+    is recorded in the audit trail in the cancel's transaction, with what came of it (``outcome``).
 
     Example::
 
-        >>> cancel("orders", "nightly-1").status  # doctest: +SKIP
+        >>> cancel("orders", "nightly-1", actor="ana@example.com").status  # doctest: +SKIP
         'canceled'
     """
     from .queue import remove_run_jobs
 
+    actor = audit.check_actor(actor)
     runs = ledger_table("runs")
     with db.connection() as conn, lineage.after_commit(job, run) as lineage_run, conn.transaction():
         row = conn.execute(sql.SQL(
@@ -152,7 +166,8 @@ def cancel(job: str, run: str) -> Cancellation:
             final = states.finalize_run(conn, job, run)
             final_status = str(final[0]) if final else status
             note = f"every batch of the run had already ended: the run finished as {final_status}, not canceled"
-            log_event(conn, job, run, "cancel_too_late", level="warning", status=final_status, note=note)
+            audit.record(conn, job, run, actor, audit.Action.CANCEL, outcome=final_status, status_before=status)
+            log_event(conn, job, run, "cancel_too_late", level="warning", status=final_status, note=note, actor=actor)
             if final:
                 lineage_run.moved_to(final_status)
                 log_event(conn, job, run, "run_completed", status=final_status, batches_succeeded=final[1],
@@ -161,8 +176,10 @@ def cancel(job: str, run: str) -> Cancellation:
         states.cancel_run(conn, job, run)
         lineage_run.moved_to(RunStatus.CANCELED.value)
         unstarted = states.cancel_batches(conn, job, run)
+        audit.record(conn, job, run, actor, audit.Action.CANCEL, outcome=RunStatus.CANCELED.value,
+                     status_before=status, unstarted_batches=len(unstarted))
         log_event(conn, job, run, "run_canceled", level="warning", unstarted_batches=len(unstarted),
-                  batches_planned=total)
+                  batches_planned=total, actor=actor)
     try:
         dequeued = remove_run_jobs(job, run, unstarted, queue=queue,
                                    plan=status in (RunStatus.QUEUED.value, RunStatus.VALIDATING.value))
@@ -190,11 +207,14 @@ def is_canceled(job: str, run: str) -> bool:
     return row is not None and row[0] == RunStatus.CANCELED.value
 
 
-def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -> dict[int, int]:
+def reset_failed_batches(job: str, run: str, batches: list[int] | None = None, *, actor: str) -> dict[int, int]:
     """Put failed batches (all, or those named) back to pending and the run back to loading.
 
-    Returns {batch: delivery}: each is queued as a new delivery, under an RQ job id of its own.
+    Returns {batch: delivery}: each is queued as a new delivery, under an RQ job id of its own. ``actor``
+    is recorded in the audit trail in the same transaction, with the batches retried (``batches``) and
+    whether they were named or all the failed ones (``asked``).
     """
+    actor = audit.check_actor(actor)
     b_table = ledger_table("batches")
     with db.connection() as conn, conn.transaction():
         row = conn.execute(sql.SQL(
@@ -224,6 +244,8 @@ def reset_failed_batches(job: str, run: str, batches: list[int] | None = None) -
             raise RunConflict(f"run {job}/{run} has no failed batch to retry", job=job, run=run)
         deliveries = states.requeue_failed_batches(conn, job, run, failed)
         states.reopen_for_retry(conn, job, run)
-        log_event(conn, job, run, "retry_requested", batches=failed)
+        audit.record(conn, job, run, actor, audit.Action.RETRY, batches=failed,
+                     asked="named" if batches is not None else "all_failed")
+        log_event(conn, job, run, "retry_requested", batches=failed, actor=actor)
     lineage.run_event(job, run, RunStatus.LOADING.value, retry=True)
     return deliveries

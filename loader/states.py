@@ -231,14 +231,14 @@ Conn = psycopg.Connection[Any]
 
 _CREATE_RUN = sql.SQL(
     "INSERT INTO {} (etl_job_id, etl_run_id, status, batch_size, max_attempts, target_table, "
-    "spec, forced, queue) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s)")
+    "spec, forced, queue, started_by) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s)")
 
 
 def create_run(conn: Conn, job: str, run: str, *, batch_size: int, max_attempts: int, target: str,
-               spec: dict[str, Any], forced: bool, queue: str) -> None:
+               spec: dict[str, Any], forced: bool, queue: str, started_by: str) -> None:
     """(start) -> queued. A duplicate run id raises psycopg's UniqueViolation."""
     conn.execute(_CREATE_RUN.format(ledger_table("runs")),
-                 [job, run, batch_size, max_attempts, target, Jsonb(spec), forced, queue])
+                 [job, run, batch_size, max_attempts, target, Jsonb(spec), forced, queue, started_by])
 
 
 _PLAN = sql.SQL(

@@ -24,7 +24,7 @@ from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from . import db
-from .errors import CatalogError, SourceChanged, SourceError
+from .errors import CatalogError, LoaderError, SourceChanged, SourceError
 
 #: URL schemes read through fsspec; anything else (no scheme, or ``file://``) is a path on this host.
 REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https"})
@@ -38,11 +38,17 @@ BLOCK_BYTES = 8 << 20
 #: ``"${VAR}"``: an environment variable's value, expanded where the options are used.
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: Option names that hold secrets: their values must be "${VAR}" references, never literal text.
-_SECRET_NAME_RE = re.compile(r"secret|password|token|credential|(^|_)key$|account_key|sas|connection_string",
+_SECRET_NAME_RE = re.compile(r"secret|passw|token|credential|(^|[_-])key$|account_key|access_key|api[_-]?key|"
+                             r"sas|connection_string|authorization|cookie|(^|[_-])auth$|signature|(^|[_-])sig$",
                              re.IGNORECASE)
+#: What a "secret" option may say in plain words: gcsfs's ``token`` modes ("anon", "google_default", ...).
+_NOT_SECRETS = frozenset({"anon", "google_default", "cache", "cloud", "browser"})
+#: A URL with a password in it (``scheme://user:password@host``), wherever an option holds one.
+_USERINFO_RE = re.compile(r"://[^/@\s]*:[^/@\s]*@")
 #: Query parameters that make a URL a credential (presigned S3/GCS URLs, Azure SAS): refused in a source.
 _SIGNED_QUERY = frozenset({"x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-                           "x-goog-credential", "sig", "signature", "token", "access_token"})
+                           "x-goog-credential", "sig", "signature", "token", "access_token", "api_key", "apikey",
+                           "key", "code", "password", "secret", "auth"})
 
 
 @dataclass(frozen=True)
@@ -98,21 +104,41 @@ def check_options(value: object, job: str, where: str = "storage_options") -> di
     """
     if not isinstance(value, dict):
         raise CatalogError(f"job {job!r}: {where} must be a table of options", job=job, key="storage_options")
-    for name, v in value.items():
-        here = f"{where}.{name}"
+
+    def secret(here: str) -> CatalogError:
+        return CatalogError(f"job {job!r}: {here} is a secret: write it as \"${{VAR}}\", the name of an "
+                            "environment variable that holds it, never the value itself", job=job,
+                            key="storage_options")
+
+    # Every name on the way counts: headers = {Authorization = ...}, client_kwargs.headers.X-Api-Key, a list
+    # under "secret"; a number or a boolean under such a name is a written secret too.
+    def check(v: object, here: str, hidden: bool) -> None:
         if isinstance(v, dict):
-            check_options(v, job, here)
-        elif isinstance(v, str):
-            if _SECRET_NAME_RE.search(name) and not _VAR_RE.fullmatch(v):
-                raise CatalogError(f"job {job!r}: {here} is a secret: write it as \"${{VAR}}\", the name of an "
-                                   "environment variable that holds it, never the value itself",
-                                   job=job, key="storage_options")
+            for name, x in v.items():
+                check(x, f"{here}.{name}", hidden or bool(_SECRET_NAME_RE.search(str(name))))
         elif isinstance(v, list):
-            if not all(isinstance(x, str | int | float | bool) for x in v):
-                raise CatalogError(f"job {job!r}: {here} must hold plain values", job=job, key="storage_options")
-        elif not isinstance(v, int | float | bool):
+            for x in v:
+                if isinstance(x, dict | list):
+                    raise CatalogError(f"job {job!r}: {here} must hold plain values", job=job,
+                                       key="storage_options")
+                check(x, here, hidden)
+        elif isinstance(v, str):
+            if hidden and not _VAR_RE.fullmatch(v) and v not in _NOT_SECRETS:
+                raise secret(here)
+            if _USERINFO_RE.search(v):
+                raise CatalogError(f"job {job!r}: {here} holds a URL with a password (user:password@): give the "
+                                   "password as a \"${VAR}\" option of its own", job=job, key="storage_options")
+        elif isinstance(v, bool):
+            pass  # a switch, never a secret
+        elif isinstance(v, int | float):
+            if hidden:
+                raise secret(here)
+        else:
             raise CatalogError(f"job {job!r}: {here} must be a string, number, boolean or table, found {v!r}",
                                job=job, key="storage_options")
+
+    for name, v in value.items():
+        check(v, f"{where}.{name}", bool(_SECRET_NAME_RE.search(str(name))))
     return value
 
 
@@ -181,8 +207,14 @@ def _filesystem(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
     return fs, path
 
 
-def store_error(url: str, exc: BaseException) -> SourceError:
-    """A store's exception as a SourceError for people: what happened to which object, never a credential."""
+def store_error(url: str, exc: BaseException) -> LoaderError:
+    """A store's exception as a SourceError for people: what happened to which object, never a credential.
+
+    The loader's own errors go as they are: the queue's job timeout (raised inside a read) must stay a
+    timeout, which is retried, not become a source error, which is not.
+    """
+    if isinstance(exc, LoaderError):
+        return exc
     kind = type(exc).__name__
     if kind in ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError", "DefaultCredentialsError"):
         hint = {"s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)",
@@ -337,8 +369,6 @@ class _Guarded(io.BufferedReader):
         if type(exc).__name__ == "FileExpired":
             return SourceChanged(f"source object {self._name} changed while it was read (its ETag changed); start "
                                  "a new run to load its current content", file=self._name, batch=self._batch)
-        if isinstance(exc, SourceError):
-            return exc
         return store_error(self._name, exc)
 
     def read(self, size: int | None = -1) -> bytes:

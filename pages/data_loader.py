@@ -12,8 +12,9 @@ from loader import LoaderError, RunConflict, config
 from ui import format as fmt
 from ui.errors import show_error
 from ui.grid_state import GridState, read_grid_state, rebuild_filters, rebuild_sort, url_value
+from ui.identity import OPERATORS_ONLY, operator_label, page_person, session_person
 from ui.layout import inject_css
-from ui.monitor import empty_monitor, render_monitor
+from ui.monitor import empty_monitor, not_found_monitor, render_monitor
 from ui.routes import run_path
 from ui.run_toasts import expect_start
 from ui.runs_table import recent_runs, runs_frame
@@ -92,9 +93,17 @@ def _on_job_change() -> None:
 
 
 def _start(cfg: RunConfig, force: bool) -> bool:
-    """Start the run; the engine's own check (one transaction) decides whether a run is in progress."""
+    """Start the run; the engine's own check (one transaction) decides whether a run is in progress.
+
+    The person's role is read again here, at the click, whatever the button showed.
+    """
+    person = session_person()
+    if not person.may_operate(cfg.job or ""):
+        ss.dl_start_error = f"{OPERATORS_ONLY}: you may look at this job's runs but not start one."
+        return False
     try:
-        ref = loader.start_run(cfg.job or "", run_id=cfg.run_id, batch_size=cfg.batch_size, force=force)
+        ref = loader.start_run(cfg.job or "", run_id=cfg.run_id, batch_size=cfg.batch_size, force=force,
+                               actor=person.actor)
     except RunConflict as exc:
         if loader.find_run(cfg.job or "", cfg.run_id) is not None:
             # The Run ID was taken meanwhile: said under the field by the full rerun, never the dialog.
@@ -161,8 +170,9 @@ def _job_warning(job: str | None) -> None:
 def _start_area(cfg: RunConfig) -> None:
     """Start Load and the confirmation dialog (a fragment: a click reruns only this)."""
     why = None if cfg.valid else fmt.md_text("Fix the configuration first: " + "; ".join(cfg.problems.values()))
-    if st.button("Start Load", type="primary", disabled=not cfg.valid, key="start-load", icon=":material/play_arrow:",
-                 help=why):
+    operator = cfg.job is None or page_person().may_operate(cfg.job)
+    if st.button(operator_label("Start Load", operator), type="primary", disabled=not cfg.valid or not operator,
+                 key="start-load", icon=":material/play_arrow:", help=why):
         ss.dl_confirm = None
         if _start(cfg, force=False):
             st.rerun()
@@ -181,7 +191,9 @@ def _start_area(cfg: RunConfig) -> None:
 
 def _config_panel(catalog: loader.Catalog | None, catalog_error: str | None) -> None:
     st.header("Run Configuration", anchor=False)
-    jobs = sorted(catalog.jobs) if catalog else []
+    person = page_person()
+    # A job the person may not view appears nowhere: not here, not in the runs lists, not from a link.
+    jobs = sorted(j for j in catalog.jobs if person.may_view(j)) if catalog else []
     if catalog_error:
         alert(catalog_error)
     if "cfg_job" not in ss:
@@ -195,7 +207,7 @@ def _config_panel(catalog: loader.Catalog | None, catalog_error: str | None) -> 
     if catalog is not None and not jobs:
         st.info("No jobs configured yet: add a [jobs.NAME] table to the catalog (ETL_JOBS_FILE).",
                 icon=":material/inventory_2:")
-    if catalog is not None and catalog.errors:
+    if catalog is not None and catalog.errors and person.may_see_broken_jobs():
         with st.expander(f"{len(catalog.errors)} job(s) in the catalog are broken"):
             for name, err in catalog.errors.items():
                 st.text(f"{name}: {err}")
@@ -308,7 +320,9 @@ def main() -> None:
             _config_panel(catalog, catalog_error)
         with right:
             grid_state: dict[str, Any] = {}
-            if ss.dl_job and ss.dl_run:
+            if ss.dl_job and ss.dl_run and not page_person().may_view(ss.dl_job):
+                not_found_monitor(ss.dl_job, ss.dl_run)  # said exactly as for a run that does not exist
+            elif ss.dl_job and ss.dl_run:
                 url = ss.dl_grid_url
                 grid_state = render_monitor(ss.dl_job, ss.dl_run, url.statuses, url.sort or None, url.filters or None)
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from ui.identity import page_person
 from ui.layout import inject_css
 from ui.runs_table import recent_runs, runs_frame
 
@@ -14,7 +15,8 @@ st.page_link("pages/data_loader.py", label="Start a load in the Data Loader", ic
 
 @st.fragment(run_every=2)
 def recent() -> None:
-    runs = recent_runs(None, limit=100, empty="No runs yet. Start one from the Data Loader page.")
+    runs = recent_runs(None, limit=100, empty="No runs yet. Start one from the Data Loader page.",
+                       person=page_person())
     if not runs:
         return
     df = runs_frame(runs, ["Open", "Job", "Run ID", "Status", "Started", "Batches", "Failed", "Inserted", "Updated"])

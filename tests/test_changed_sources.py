@@ -40,7 +40,7 @@ def planned_run(tmp_path: Path, target_schema: str, n: int, *, batch_size: int =
         os.utime(source, ns=(mtime_ns, mtime_ns))
     catalog = write_catalog(tmp_path, {name: {"source": f"d/a{suffix}", "target_table": f"{target_schema}.t",
                                               "source_id": "id"}})
-    ref = runs.create_run(loader.load_catalog(catalog).get(name), batch_size=batch_size)
+    ref = runs.create_run(loader.load_catalog(catalog).get(name), actor="test", batch_size=batch_size)
     indexes = planning.plan_run(name, ref.etl_run_id)
     enqueue_batches(name, ref.etl_run_id, indexes)
     return name, ref.etl_run_id, source

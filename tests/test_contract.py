@@ -50,7 +50,7 @@ def test_elapsed_and_throughput_count_loading_time_not_the_idle_time_before_a_re
     catalog = write_catalog(tmp_path, {job: {"source": f"data/{job}.ndjson", "target_table": table,
                                              "source_id": "id"}})
     create_poisoned_target_table(pg, table, "poison")
-    ref = runs_mod.create_run(loader.load_catalog(catalog).get(job), batch_size=100)
+    ref = runs_mod.create_run(loader.load_catalog(catalog).get(job), actor="test", batch_size=100)
     run = ref.etl_run_id
     assert planning.plan_run(job, run) == [0, 1, 2, 3]
     # Two batches at once, so the attempts' intervals may overlap: overlapping time counts once.
@@ -80,3 +80,18 @@ def test_elapsed_and_throughput_count_loading_time_not_the_idle_time_before_a_re
     wall = (datetime.fromisoformat(c["completed_at"]) - datetime.fromisoformat(c["started_at"])).total_seconds()
     assert m["elapsed_ms"] == pytest.approx(wall * 1000, abs=1) and m["elapsed_ms"] > m["loading_ms"] + 2500
     assert m["throughput_rps"] == pytest.approx(400 * 1000 / m["loading_ms"], rel=0.01 + 1 / m["loading_ms"])
+
+
+def test_runs_of_hidden_jobs_are_left_out_before_the_limit_so_they_take_no_place_in_the_list(tmp_path, target_schema):
+    write_ndjson(tmp_path / "d.ndjson", [{"id": 1}])
+    shown, hidden = job_name("shown"), job_name("hidden")
+    catalog = write_catalog(tmp_path, {name: {"source": "d.ndjson", "target_table": f"{target_schema}.t",
+                                              "source_id": "id"} for name in (shown, hidden)})
+    spec = loader.load_catalog(catalog)
+    older = runs_mod.create_run(spec.get(shown), actor="test")
+    for _ in range(3):  # newer than the shown job's run
+        runs_mod.create_run(spec.get(hidden), actor="test", force=True)
+    listed = [r["etl_run_id"] for r in loader.list_runs(limit=1, hidden_jobs=[hidden])]
+    assert listed == [older.etl_run_id]
+    assert hidden not in {r["etl_job_id"] for r in loader.list_runs(limit=50, hidden_jobs=[hidden])}
+    assert [r["etl_job_id"] for r in loader.list_runs(hidden, limit=5)] == [hidden] * 3

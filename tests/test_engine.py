@@ -99,7 +99,7 @@ def test_later_record_wins_across_batches_whatever_order_they_commit(tmp_path, t
     spec = loader.load_catalog(catalog).get(job)
     from loader import runs as runs_mod
 
-    ref = runs_mod.create_run(spec, batch_size=100)
+    ref = runs_mod.create_run(spec, actor="test", batch_size=100)
     assert planning.plan_run(job, ref.etl_run_id) == [0, 1]
     assert loading.load_batch(job, ref.etl_run_id, 1).status == "succeeded"
     assert loading.load_batch(job, ref.etl_run_id, 0).status == "succeeded"
@@ -115,9 +115,9 @@ def test_a_later_run_wins_over_an_earlier_one_still_loading(tmp_path, target_sch
     spec = loader.load_catalog(catalog).get(job)
     from loader import runs as runs_mod
 
-    early = runs_mod.create_run(spec)
+    early = runs_mod.create_run(spec, actor="test")
     write_ndjson(Path(spec.source), [{"id": "k", "v": "new"}])
-    late = runs_mod.create_run(spec, force=True)
+    late = runs_mod.create_run(spec, actor="test", force=True)
     planning.plan_run(job, late.etl_run_id)
     loading.load_batch(job, late.etl_run_id, 0)
     write_ndjson(Path(spec.source), [{"id": "k", "v": "old"}])
@@ -170,7 +170,7 @@ def test_a_batch_job_executed_twice_changes_nothing(tmp_path, target_schema, pg,
     spec = loader.load_catalog(catalog).get(job)
     from loader import runs as runs_mod
 
-    ref = runs_mod.create_run(spec, batch_size=100)
+    ref = runs_mod.create_run(spec, actor="test", batch_size=100)
     planning.plan_run(job, ref.etl_run_id)
     results = []
     threads = [threading.Thread(target=lambda: results.append(loading.load_batch(job, ref.etl_run_id, 0)))
@@ -208,10 +208,10 @@ def test_starting_a_second_run_of_a_busy_job_is_refused_unless_forced(tmp_path, 
     spec = loader.load_catalog(catalog).get(job)
     from loader import runs as runs_mod
 
-    first = runs_mod.create_run(spec)
+    first = runs_mod.create_run(spec, actor="test")
     with pytest.raises(RunConflict, match="already has a run in progress"):
-        runs_mod.create_run(spec)
-    forced = runs_mod.create_run(spec, force=True)
+        runs_mod.create_run(spec, actor="test")
+    forced = runs_mod.create_run(spec, actor="test", force=True)
     assert forced.etl_run_id != first.etl_run_id
 
 
@@ -221,14 +221,14 @@ def test_run_ids_must_be_uuids_or_slugs_and_unique_per_job(tmp_path, target_sche
     from loader import runs as runs_mod
 
     with pytest.raises(ConfigError, match="UUID or a slug"):
-        runs_mod.create_run(spec, run_id="<img src=x onerror=alert(1)>")
+        runs_mod.create_run(spec, actor="test", run_id="<img src=x onerror=alert(1)>")
     with pytest.raises(ConfigError, match="UUID or a slug"):
-        runs_mod.create_run(spec, run_id="Has Spaces")
-    ref = runs_mod.create_run(spec, run_id="nightly-1")
-    runs_mod.cancel(job, ref.etl_run_id)
+        runs_mod.create_run(spec, actor="test", run_id="Has Spaces")
+    ref = runs_mod.create_run(spec, actor="test", run_id="nightly-1")
+    runs_mod.cancel(job, ref.etl_run_id, actor="test")
     with pytest.raises(RunConflict, match="already used"):
-        runs_mod.create_run(spec, run_id="nightly-1")
-    assert runs_mod.create_run(spec, run_id="3F2504E0-4F89-11D3-9A0C-0305E82C3301").etl_run_id == \
+        runs_mod.create_run(spec, actor="test", run_id="nightly-1")
+    assert runs_mod.create_run(spec, actor="test", run_id="3F2504E0-4F89-11D3-9A0C-0305E82C3301").etl_run_id == \
         "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
 
 
@@ -244,7 +244,7 @@ def test_cancel_stops_pending_batches_and_keeps_committed_ones(tmp_path, target_
     spec = loader.load_catalog(catalog).get(job)
     from loader import runs as runs_mod
 
-    ref = runs_mod.create_run(spec, batch_size=100)
+    ref = runs_mod.create_run(spec, actor="test", batch_size=100)
     planning.plan_run(job, ref.etl_run_id)
     loading.load_batch(job, ref.etl_run_id, 0)
     assert loader.cancel_run(job, ref.etl_run_id) == "canceled"
@@ -375,7 +375,7 @@ def test_planning_delivered_twice_plans_once_and_never_replans_a_loading_run(tmp
     spec = loader.load_catalog(catalog).get(job)
     from loader import runs as runs_mod
 
-    ref = runs_mod.create_run(spec, batch_size=100)
+    ref = runs_mod.create_run(spec, actor="test", batch_size=100)
     results: list[list[int]] = []
     threads = [threading.Thread(target=lambda: results.append(planning.plan_run(job, ref.etl_run_id)))
                for _ in range(2)]
@@ -399,7 +399,7 @@ def planned_run(tmp_path, target_schema, records: list, batch_size: int = 100, *
     spec = loader.load_catalog(catalog).get(job)
     from loader import runs as runs_mod
 
-    ref = runs_mod.create_run(spec, batch_size=batch_size)
+    ref = runs_mod.create_run(spec, actor="test", batch_size=batch_size)
     planning.plan_run(job, ref.etl_run_id)
     return job, ref.etl_run_id, table, Path(spec.source)
 

@@ -528,7 +528,7 @@ def test_a_cancel_that_races_the_last_commit_ends_the_run_success_when_every_bat
     from loader import loading, planning, runs
 
     catalog, job = setup_job(tmp_path, target_schema, 300)
-    ref = runs.create_run(loader.load_catalog(catalog).get(job), batch_size=100)
+    ref = runs.create_run(loader.load_catalog(catalog).get(job), actor="test", batch_size=100)
     run = ref.etl_run_id
     assert planning.plan_run(job, run) == [0, 1, 2]
     loading.load_batch(job, run, 0)
@@ -537,7 +537,7 @@ def test_a_cancel_that_races_the_last_commit_ends_the_run_success_when_every_bat
     with psycopg.connect(pg.info.dsn) as holder:
         holder.execute(sql.SQL("SELECT 1 FROM {} WHERE etl_job_id = %s AND etl_run_id = %s FOR SHARE").format(
             _ledger("runs")), [job, run])
-        canceler = threading.Thread(target=lambda: results.update(cancel=runs.cancel(job, run)))
+        canceler = threading.Thread(target=lambda: results.update(cancel=runs.cancel(job, run, actor="test")))
         canceler.start()
         _wait_for(lambda: pg.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                      "AND query LIKE %s", ["%FOR NO KEY UPDATE%"]).fetchone(), 30, "the cancel to wait")
@@ -654,7 +654,8 @@ def test_the_heartbeat_goes_on_while_reconciling_hangs_on_a_redis_that_stopped_a
         _wait_for(lambda: pg.execute(beats, [own_queue]).fetchone(), 30, "the worker's first beat")
         proxy.thawed.clear()  # Redis hangs from now on
         catalog, job = setup_job(tmp_path, target_schema, 300)
-        ref = runs.create_run(loader.load_catalog(catalog).get(job), batch_size=100)  # its planning job is "lost"
+        # its planning job is "lost"
+        ref = runs.create_run(loader.load_catalog(catalog).get(job), actor="test", batch_size=100)
         pg.execute(sql.SQL("UPDATE {} SET started_at = now() - interval '1 minute' WHERE etl_job_id = %s").format(
             _ledger("runs")), [job])
         seen = []

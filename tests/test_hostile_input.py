@@ -158,7 +158,7 @@ def test_a_record_postgresql_refuses_past_our_checks_costs_that_record_not_its_b
     write_ndjson(tmp_path / "r.ndjson", records)
     catalog = write_catalog(tmp_path, {"refused": {"source": "r.ndjson", "target_table": f"{target_schema}.t",
                                                    "source_id": "id"}})
-    ref = runs_mod.create_run(loader.load_catalog(catalog).get("refused"), batch_size=100)
+    ref = runs_mod.create_run(loader.load_catalog(catalog).get("refused"), actor="test", batch_size=100)
     assert planning.plan_run("refused", ref.etl_run_id) == [0]
     out = loading.load_batch("refused", ref.etl_run_id, 0)
     assert out.status == "succeeded" and out.attempts == 1
@@ -198,7 +198,7 @@ def test_a_record_the_target_table_refuses_in_the_upsert_costs_that_record_not_i
     write_ndjson(tmp_path / "u.ndjson", records)
     catalog = write_catalog(tmp_path, {"upsert-refused": {"source": "u.ndjson", "target_table": f"{target_schema}.t",
                                                           "source_id": "id"}})
-    ref = runs_mod.create_run(loader.load_catalog(catalog).get("upsert-refused"), batch_size=100)
+    ref = runs_mod.create_run(loader.load_catalog(catalog).get("upsert-refused"), actor="test", batch_size=100)
     assert planning.plan_run("upsert-refused", ref.etl_run_id) == [0, 1]
     first = loading.load_batch("upsert-refused", ref.etl_run_id, 0)
     second = loading.load_batch("upsert-refused", ref.etl_run_id, 1)

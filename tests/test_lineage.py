@@ -116,7 +116,7 @@ def test_a_successful_run_sends_start_running_complete_with_one_run_id_the_table
     catalog, job, source = make_job(tmp_path, target_schema, 250)
     write_ndjson(source, [{"id": f"k{i}", "v": i} for i in range(240)] + [{"v": 1}] * 5 + ["[1]"] * 5)
     own_workers.start(2)
-    ref = loader.start_run(job, catalog=catalog, batch_size=100)
+    ref = loader.start_run(job, catalog=catalog, batch_size=100, actor="ana@example.com")
     contract = loader.wait_for_run(job, ref.etl_run_id, timeout=60)
     assert contract["status"] == "success"
 
@@ -142,6 +142,7 @@ def test_a_successful_run_sends_start_running_complete_with_one_run_id_the_table
     assert (facet["etl_run_id"], facet["batch_size"], facet["status"], facet["retry"]) == (ref.etl_run_id, 100,
                                                                                            "success", 0)
     assert facet["metrics"]["rows_inserted"] == 240 and facet["metrics"]["required_field_errors"] == 5
+    assert {e["run"]["facets"]["dataloader"]["started_by"] for e in events} == {"ana@example.com"}
     assert "errorMessage" not in complete["run"]["facets"]
 
 
@@ -212,7 +213,7 @@ def test_nothing_configured_sends_nothing_and_never_imports_openlineage(tmp_path
 import sys, loader
 from loader import lineage, loading, planning, runs
 spec = loader.list_jobs({str(catalog)!r}).get({job!r})
-ref = runs.create_run(spec, batch_size=100)
+ref = runs.create_run(spec, actor="test", batch_size=100)
 for b in planning.plan_run(ref.etl_job_id, ref.etl_run_id):
     loading.load_batch(ref.etl_job_id, ref.etl_run_id, b)
 print(loader.run_contract(ref.etl_job_id, ref.etl_run_id)["status"], lineage.configured(), lineage._current,

@@ -50,7 +50,7 @@ def plan(tmp_path: Path, table: dict[str, Any], *, batch_size: int = 100) -> tup
     """A run of a job with ``table`` as its catalog entry, planned here and its batches queued: (job, run)."""
     name = job_name("obj")
     catalog = write_catalog(tmp_path, {name: table})
-    ref = runs.create_run(loader.load_catalog(catalog).get(name), batch_size=batch_size)
+    ref = runs.create_run(loader.load_catalog(catalog).get(name), actor="test", batch_size=batch_size)
     enqueue_batches(name, ref.etl_run_id, planning.plan_run(name, ref.etl_run_id))
     return name, ref.etl_run_id
 
@@ -254,7 +254,16 @@ def test_an_s3_object_replaced_while_a_batch_is_being_read_fails_as_changed_thro
     ({"source": "https://user:pa55word@example.org/x.ndjson"}, "source must not carry credentials"),
     ({"source": "https://example.org/x.ndjson?X-Amz-Signature=abc&X-Amz-Credential=def"},
      "source must not carry a signature or token in its query (X-Amz-Credential)"),
-], ids=["literal-secret", "nested-literal-secret", "password-in-url", "presigned-url"])
+    ({"source": "https://example.org/x.ndjson", "storage_options": {"headers": {"Authorization": "Bearer t0k"}}},
+     "storage_options.headers.Authorization is a secret"),
+    ({"source": "s3://b/x.ndjson", "storage_options": {"password": 12345678}}, "storage_options.password is a secret"),
+    ({"source": "s3://b/x.ndjson", "storage_options": {"secret": ["s3cr3t"]}}, "storage_options.secret is a secret"),
+    ({"source": "s3://b/x.ndjson", "storage_options": {"endpoint_url": "https://u:pw@minio:9000"}},
+     "storage_options.endpoint_url holds a URL with a password"),
+    ({"source": "https://example.org/x.ndjson?api_key=s3cr3t"},
+     "source must not carry a signature or token in its query (api_key)"),
+], ids=["literal-secret", "nested-literal-secret", "password-in-url", "presigned-url", "header", "number", "list",
+        "url-in-option", "api-key-query"])
 def test_the_catalog_refuses_a_secret_written_in_it(tmp_path, table, message):
     name = job_name("sec")
     catalog = loader.load_catalog(write_catalog(tmp_path, {name: {"target_table": "s.t", "source_id": "id", **table}}))
@@ -297,3 +306,17 @@ def test_an_object_in_a_versioned_bucket_loads_its_batches_by_range(tmp_path, s3
     job, run = plan(tmp_path, {"source": f"s3://{bucket}/v/*.ndjson", "target_table": table, "source_id": "id"})
     assert [loading.load_batch(job, run, i).status for i in range(2)] == ["succeeded", "succeeded"]
     assert len(loaded(pg, table)) == 150
+
+
+def test_a_job_timeout_inside_an_object_read_stays_a_timeout_and_a_changed_array_object_stays_changed():
+    """The queue's timeout raised while a store is read is retried as a timeout, not failed for good as a source
+    error; an object that changes while a JSON array is read is source_changed, not "not valid JSON"."""
+    from loader import storage
+    from loader.errors import JobTimeout, SourceChanged
+
+    class TimedOut(JobTimeout):
+        pass
+
+    assert isinstance(storage.store_error("s3://b/k", TimedOut("job timed out")), TimedOut)
+    assert isinstance(storage.store_error("s3://b/k", SourceChanged("changed")), SourceChanged)
+    assert type(storage.store_error("s3://b/k", OSError("reset"))).__name__ == "SourceError"

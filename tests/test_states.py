@@ -106,12 +106,12 @@ def test_every_run_transition_moves_only_from_its_allowed_states(ledger, pg):
 
 def test_a_run_is_created_queued_and_a_duplicate_run_id_is_refused(ledger, pg):
     states.create_run(pg, "states", "created-once", batch_size=100, max_attempts=4, target="stg.t", spec={},
-                      forced=False, queue=QUEUE)
+                      forced=False, queue=QUEUE, started_by="test")
     assert run_status(pg, "states", "created-once") == RunStatus.QUEUED.value
     assert ALLOWED_RUN[None] == {RunStatus.QUEUED}
     with pytest.raises(psycopg.errors.UniqueViolation):
         states.create_run(pg, "states", "created-once", batch_size=100, max_attempts=4, target="stg.t", spec={},
-                          forced=False, queue=QUEUE)
+                          forced=False, queue=QUEUE, started_by="test")
 
 
 def test_a_run_with_a_batch_still_open_does_not_start_committing(ledger, pg):

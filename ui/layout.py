@@ -35,6 +35,12 @@ a:focus-visible, button:focus-visible, input:focus-visible, [role="option"]:focu
 .dl-card[title] .dl-l { text-decoration: underline dotted; text-underline-offset: 3px; cursor: help; }
 .dl-l { font-size: 0.875rem; margin: 0; }
 .dl-v { font-size: 1.35rem; margin: 0; font-variant-numeric: tabular-nums; }
+/* The run's history of actions (ui/run_header.py history). */
+.dl-history ol { margin: 0 0 0.5rem 1.2rem; padding: 0; font-size: 0.875rem; overflow-wrap: anywhere; }
+.dl-history p { margin-bottom: 0.1rem; }
+/* The Sign in link under ETL_AUTH=oidc (ui/sign_in.py), drawn as a primary button. */
+.dl-sign-in { display: inline-block; padding: 0.4rem 1rem; border-radius: 0.5rem; background: #1d4ed8;
+  color: #fff !important; text-decoration: none; font-weight: 600; }
 .dl-sr-only { position: absolute !important; width: 1px; height: 1px; padding: 0; margin: -1px;
   overflow: hidden; clip: rect(0, 0, 0, 0); white-space: nowrap; border: 0; }
 /* Alerts and captions holding outside text (ui/text.py). */

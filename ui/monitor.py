@@ -14,7 +14,7 @@ from .batches_panel import batches_panel
 from .run_actions import actions
 from .run_cache import cached, key, load
 from .run_charts import duration_charts
-from .run_header import cards, header, live_region
+from .run_header import cards, header, history, live_region
 from .run_toasts import show_toasts
 from .text import alert, md_code
 from .validation_summary import validation_summary
@@ -33,8 +33,7 @@ def _live(job: str, run: str) -> None:
     try:
         c, stale = load(job, run)
     except loader.RunNotFound:
-        st.info(f"No run {md_code(run)} for job {md_code(job)}. Pick a run from the list or start one.",
-                icon=":material/search_off:")
+        _not_found(job, run)
         return
     show_toasts(job, run, c, stale)
     if c is None:
@@ -42,6 +41,7 @@ def _live(job: str, run: str) -> None:
         st.badge("Stale", icon=":material/cloud_off:", color="orange")
         return
     header(c, stale, REFRESH_SECONDS)
+    history(c)
     cards(c)
     live_region(c, key=key(job, run, "live-region"))
     validation_summary(c, job, run)
@@ -77,6 +77,17 @@ def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str,
     st.fragment(duration_charts, run_every=CHART_SECONDS if active else None)(job, run)
     # Until the grid reports a change, the URL keeps the sort and filter it was opened with.
     return {"status": chosen, "sort": state.get("sort", init_sort), "filter": state.get("filter", init_filters)}
+
+
+def _not_found(job: str, run: str) -> None:
+    st.info(f"No run {md_code(run)} for job {md_code(job)}. Pick a run from the list or start one.",
+            icon=":material/search_off:")
+
+
+def not_found_monitor(job: str, run: str) -> None:
+    """The right panel for a run the person may not view: the same words as for a run that does not exist."""
+    st.header("Run Monitor", anchor=False)
+    _not_found(job, run)
 
 
 def empty_monitor() -> None:

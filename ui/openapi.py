@@ -75,7 +75,9 @@ _SSE_EVENT = {"type": "object", "required": ["event", "data", "id"],
 
 def _errors(*codes: int) -> dict[str, Any]:
     why = {400: "a parameter is refused (the message says which and why)",
-           404: "no such run (or batch, or API path)",
+           401: "sign-in required (ETL_AUTH proxy or oidc, and no identity)",
+           403: "the person may not view this console, or (rejected records) is not an operator of the job",
+           404: "no such run (or batch, or API path), or a job the person may not view",
            503: "busy, timed out or the database is away: try again after Retry-After seconds"}
     out: dict[str, Any] = {str(c): {"description": why[c],
                                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -101,7 +103,7 @@ _RUN_PARAMS = [
 def _get(summary: str, responses: dict[str, Any], params: list[dict[str, Any]] | None = None,
          description: str = "") -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "parameters": [*_RUN_PARAMS, *(params or [])],
-                          "responses": {**responses, **_errors(400, 404, 503)}}
+                          "responses": {**responses, **_errors(400, 401, 403, 404, 503)}}
     if description:
         op["description"] = description
     return {"get": op}
@@ -151,8 +153,8 @@ def document() -> dict[str, Any]:
             f"{run}/metrics.csv": _get("The run's metrics as CSV", _ok("text/csv", text, "one header and one row")),
             f"{run}/rejects.ndjson": _get("The run's rejected records, one JSON object a line",
                                           _ok("application/x-ndjson", text, "the rejected records")),
-            "/openapi.json": {"get": {"summary": "This document", "responses": _ok(
-                "application/json", {"type": "object"}, "the OpenAPI document")}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {**_ok(
+                "application/json", {"type": "object"}, "the OpenAPI document"), **_errors(401, 403, 503)}}},
         },
         "components": {"schemas": {"Error": _ERROR, "Batch": BATCH}},
     }

@@ -35,6 +35,7 @@ from loader.errors import ConfigError, LedgerNotReady, LoaderError, RunNotFound,
 from loader.runs import SLUG_RE, UUID_RE
 
 from .grid_state import has_js_code_marker
+from .identity import OPERATORS_ONLY, request_person
 
 #: Where the console page lives (server.baseUrlPath "etl" + st.Page url_path "data-loader").
 PAGE_PATH = "/etl/data-loader"
@@ -166,15 +167,48 @@ def _busy(message: str) -> JSONResponse:
                         headers={**NO_STORE, "Retry-After": str(RETRY_AFTER)})
 
 
-def _guard(handler: Callable[[Request], Response], *, limited: bool = False) -> Callable[[Request], Response]:
-    """Map errors to what the caller sees: 400 bad parameter, 404 unknown run, 503 busy, timed out or
-    database down (with ``Retry-After``).
+#: What a route asks of the person: to view the run's job, to operate it (rejected records: raw source
+#: data), or only to be admitted to the console (a deep link: it redirects to the page, which decides).
+Role = str
+VIEW, OPERATE, ENTER = "view", "operate", "enter"
+
+
+def _refusal(request: Request, role: Role) -> Response | None:
+    """401 when nobody is identified (under ``proxy`` / ``oidc``), 403 when ETL_VIEWERS does not admit the
+    person, 404 (the words of an unknown run) for a job they may not view, 403 for an operator's route;
+    None when the request may go on. Decided before anything else is read: a refusal says nothing more."""
+    person = request_person(request)
+    if not person.signed_in:
+        return _error(401, "sign-in required")
+    if not person.may_use_console():
+        return _error(403, "you may not view this console (ETL_VIEWERS)")
+    if role == ENTER:
+        return None
+    job, run = request.path_params.get("job", ""), request.path_params.get("run", "")
+    if not person.may_view(job):
+        return _error(404, str(RunNotFound(f"no run {run!r} for job {job!r}")))
+    if role == OPERATE and not person.may_operate(job):
+        return _error(403, f"{OPERATORS_ONLY}: rejected records hold raw source data")
+    return None
+
+
+def _guard(handler: Callable[[Request], Response], *, limited: bool = False, role: Role = VIEW
+           ) -> Callable[[Request], Response]:
+    """Map errors to what the caller sees: 401/403/404 for a person without the ``role`` (see
+    :func:`_refusal`), 400 bad parameter, 404 unknown run, 503 busy, timed out or database down (with
+    ``Retry-After``).
 
     ``limited``: the handler takes a slot of the :func:`limiter` first, and gives it back when it
     returns (a download then goes on with a :func:`streams` slot, see :class:`_Body`).
     """
 
     def endpoint(request: Request) -> Response:
+        try:
+            refused = _refusal(request, role)
+        except ConfigError as exc:  # ETL_AUTH, ETL_VIEWERS... wrong: nobody is let in
+            return _error(503, f"the console's sign-in settings are wrong: {exc}")
+        if refused is not None:
+            return refused
         if any(has_js_code_marker(k) or has_js_code_marker(v) for k, v in request.query_params.multi_items()):
             return _error(400, "a query parameter holds the grid's JS-code marker ('::JSCODE::'): refused")
         release: Callable[[], None] | None = None
@@ -394,8 +428,28 @@ def root(request: Request) -> Response:
     return RedirectResponse(PAGE_PATH, status_code=307)
 
 
+def _door(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
+    """A redirect to the page (no data) for an admitted person. Under ``oidc`` it stays open to anyone, so
+    that a deep link survives the round trip through the provider: the page itself asks to sign in."""
+
+    def endpoint(request: Request) -> Response:
+        from loader.access import AuthMode, auth_mode
+
+        try:
+            if auth_mode() is not AuthMode.OIDC and (refused := _refusal(request, ENTER)) is not None:
+                return refused
+        except ConfigError as exc:
+            return _error(503, f"the console's sign-in settings are wrong: {exc}")
+        return handler(request)
+
+    endpoint.__name__ = handler.__name__
+    return endpoint
+
+
 def routes() -> list[BaseRoute]:
     """The routes to give ``st.App``; API routes first so a job named ``api`` cannot shadow them."""
+    from .after_sign_in import sign_in
+
     run = API_PATH + "/{job}/{run}"
     return [
         Route(run + "/batches", _guard(batches_page, limited=True), methods=["GET"]),
@@ -403,9 +457,10 @@ def routes() -> list[BaseRoute]:
         Route(run + "/version", _guard(version), methods=["GET"]),
         Route(run + "/logs.ndjson", _guard(logs_ndjson, limited=True), methods=["GET"]),
         Route(run + "/metrics.csv", _guard(metrics_csv, limited=True), methods=["GET"]),
-        Route(run + "/rejects.ndjson", _guard(rejects_ndjson, limited=True), methods=["GET"]),
+        Route(run + "/rejects.ndjson", _guard(rejects_ndjson, limited=True, role=OPERATE), methods=["GET"]),
         Route(run + "/events", _guard(run_events), methods=["GET"]),
-        Route(PAGE_PATH + "/api/openapi.json", openapi, methods=["GET"]),
-        Route(PAGE_PATH + "/{rest:path}", deep_link, methods=["GET"]),
-        Route("/", root, methods=["GET"]),
+        Route(PAGE_PATH + "/api/openapi.json", _guard(openapi, role=ENTER), methods=["GET"]),
+        Route(f"{PAGE_PATH}/api/sign-in", sign_in, methods=["GET"]),
+        Route(PAGE_PATH + "/{rest:path}", _door(deep_link), methods=["GET"]),
+        Route("/", _door(root), methods=["GET"]),
     ]

@@ -13,7 +13,9 @@ from loader.runs import cancel
 
 from . import format as fmt
 from .errors import show_error
+from .identity import OPERATORS_ONLY, operator_label, page_person, session_person
 from .run_cache import key
+from .text import alert
 
 
 def _path(url: str) -> str:
@@ -26,13 +28,26 @@ def _close_dialog() -> None:
     st.session_state["dl_dialog"] = None
 
 
+def _operator(job: str, where: str) -> str | None:
+    """The actor when this session's person may act on the job now (the roles read again at the click,
+    whatever the buttons showed); None after saying why not."""
+    person = session_person()
+    if person.may_operate(job):
+        return person.actor
+    alert(f"{where}: {OPERATORS_ONLY}. You may look at this run but not act on it.")
+    return None
+
+
 @st.dialog("Retry all failed batches?", on_dismiss=_close_dialog)
 def _confirm_retry(job: str, run: str, failed: int) -> None:
     st.write(f"{failed} failed batch(es) of this run will be queued again. Committed batches are not touched.")
     with st.container(horizontal=True):
         if st.button("Retry failed batches", type="primary", key="dlg-retry-yes"):
+            actor = _operator(job, "Retry")
+            if actor is None:
+                return
             try:
-                queued = loader.retry_run(job, run)
+                queued = loader.retry_run(job, run, actor=actor)
             except LoaderError as exc:
                 show_error(exc, where="Retry")
                 return
@@ -49,8 +64,11 @@ def _confirm_cancel(job: str, run: str) -> None:
     st.write("Batches not started yet will never start; batches already committed stay committed.")
     with st.container(horizontal=True):
         if st.button("Cancel run", type="primary", key="dlg-cancel-yes"):
+            actor = _operator(job, "Cancel")
+            if actor is None:
+                return
             try:
-                done = cancel(job, run)
+                done = cancel(job, run, actor=actor)
             except LoaderError as exc:
                 show_error(exc, where="Cancel")
                 return
@@ -70,19 +88,20 @@ def _confirm_cancel(job: str, run: str) -> None:
 def actions(c: dict[str, Any], job: str, run: str) -> None:
     """The buttons, and the dialog the user opened (it stays open across reruns until answered)."""
     m = c["metrics"]
-    can_retry = c["status"] in fmt.RETRYABLE and m["batches_failed"] > 0
+    operator = page_person().may_operate(job)
+    can_retry = c["status"] in fmt.RETRYABLE and m["batches_failed"] > 0 and operator
     with st.container(horizontal=True, wrap=True, gap="small"):
-        if st.button("Retry failed batches", icon=":material/replay:", disabled=not can_retry,
-                     key=key(job, run, "retry"),
+        if st.button(operator_label("Retry failed batches", operator), icon=":material/replay:",
+                     disabled=not can_retry, key=key(job, run, "retry"),
                      help="Queue every failed batch again (the run must be failed or partial_success)"):
             st.session_state["dl_dialog"] = ("retry", job, run)
-        if st.button("Cancel run", icon=":material/block:", disabled=c["status"] not in fmt.ACTIVE,
-                     key=key(job, run, "cancel")):
+        if st.button(operator_label("Cancel run", operator), icon=":material/block:",
+                     disabled=c["status"] not in fmt.ACTIVE or not operator, key=key(job, run, "cancel")):
             st.session_state["dl_dialog"] = ("cancel", job, run)
         st.link_button("Download logs (NDJSON)", _path(c["logs_url"]), icon=":material/download:")
         st.link_button("Download metrics (CSV)", _path(c["metrics_download_url"]), icon=":material/download:")
     dialog = st.session_state.get("dl_dialog")
     if dialog == ("retry", job, run) and can_retry:
         _confirm_retry(job, run, m["batches_failed"])
-    elif dialog == ("cancel", job, run) and c["status"] in fmt.ACTIVE:
+    elif dialog == ("cancel", job, run) and c["status"] in fmt.ACTIVE and operator:
         _confirm_cancel(job, run)

@@ -28,18 +28,58 @@ def header(c: dict[str, Any], stale: str | None, refresh_seconds: float) -> None
     st.markdown(" ".join(line))
     if stale:
         alert(stale, "warning")
-    st.text(f"etl_job_id: {c['etl_job_id']}\netl_run_id: {c['etl_run_id']}")
+    # Lineage, and who started the run (text from outside: st.text shows it as given, never as Markdown).
+    started_by = c.get("started_by") or "(not recorded: started before the audit trail)"
+    st.text(f"etl_job_id: {c['etl_job_id']}\netl_run_id: {c['etl_run_id']}\nstarted by: {started_by}")
     if c.get("error_message"):
         alert(f"{c.get('error_code') or 'error'}: {c['error_message']}")
 
 
-def _time(label: str, value: str | None, zone_name: str | None) -> str:
-    """``Started: <local time>`` with the UTC ISO time on hover and in ``datetime``."""
+#: How many of the run's actions the header lists (the newest; the contract and the logs export hold all).
+HISTORY_SHOWN = 10
+
+
+def _detail(action: dict[str, Any]) -> str:
+    """What was asked, in a few words (plain text: the caller escapes it)."""
+    d = action.get("detail") or {}
+    kind = action["action"]
+    if kind == "retry":
+        batches = d.get("batches") or []
+        shown = ", ".join(str(b) for b in batches[:10]) + (" …" if len(batches) > 10 else "")
+        return f"retry of batch(es) {shown}" if d.get("asked") == "named" else f"retry of every failed batch ({shown})"
+    if kind == "cancel":
+        return "cancel" if d.get("outcome") == "canceled" else f"cancel (too late: the run ended {d.get('outcome')})"
+    if kind == "forced_start":
+        return f"forced start beside run {d.get('run_in_progress')} ({d.get('its_status')})"
+    return f"start (batch size {d.get('batch_size')})"
+
+
+def history(c: dict[str, Any]) -> None:
+    """The run's actions, oldest first: who asked what, when (one escaped HTML block)."""
+    acts = c.get("actions") or []
+    if not acts:
+        return
+    zone_name = zone()
+    items = "".join(
+        f"<li>{_time_tag(a['at'], zone_name)} · {html.escape(a['actor'])} · "
+        f"{html.escape(_detail(a))}</li>" for a in acts[-HISTORY_SHOWN:])
+    more = f" (the last {HISTORY_SHOWN} of {len(acts)})" if len(acts) > HISTORY_SHOWN else ""
+    st.html(f'<section class="dl-history" aria-label="History of actions"><p class="dl-caption">History{more}</p>'
+            f"<ol>{items}</ol></section>")
+
+
+def _time_tag(value: str | None, zone_name: str | None) -> str:
+    """The local time, with the UTC ISO time on hover and in ``datetime``."""
     shown = html.escape(fmt.local_time(value, zone_name))
     if value is None:
-        return f"<span>{label}: {shown}</span>"
+        return shown
     iso = html.escape(value)
-    return f'<span>{label}: <time datetime="{iso}" title="UTC: {iso}">{shown}</time></span>'
+    return f'<time datetime="{iso}" title="UTC: {iso}">{shown}</time>'
+
+
+def _time(label: str, value: str | None, zone_name: str | None) -> str:
+    """``Started: <local time>``."""
+    return f"<span>{label}: {_time_tag(value, zone_name)}</span>"
 
 
 def _title(tip: str | None) -> str:

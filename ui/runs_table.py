@@ -13,11 +13,15 @@ from loader import LoaderError
 
 from . import format as fmt
 from .errors import show_error
+from .identity import Person
 from .routes import run_path
 
 
-def recent_runs(job: str | None, *, limit: int, empty: str) -> list[dict[str, Any]]:
+def recent_runs(job: str | None, *, limit: int, empty: str, person: Person | None = None) -> list[dict[str, Any]]:
     """``loader.list_runs(job, limit)``, newest first; [] after saying why (the error, or ``empty``).
+
+    With ``person``, only the runs of jobs they may view: the others are left out by the query (they take
+    no place in the ``limit``) and checked again here (a job the catalog no longer narrows the same way).
 
     Example::
 
@@ -26,10 +30,12 @@ def recent_runs(job: str | None, *, limit: int, empty: str) -> list[dict[str, An
             st.dataframe(runs_frame(runs, ["Job", "Run ID", "Status"]))
     """
     try:
-        runs = loader.list_runs(job, limit=limit)
+        runs = loader.list_runs(job, limit=limit, hidden_jobs=person.hidden_jobs() if person else ())
     except LoaderError as exc:
         show_error(exc)
         return []
+    if person is not None:
+        runs = [r for r in runs if person.may_view(r["etl_job_id"])]
     if not runs:
         st.info(empty, icon=":material/history:")
     return runs

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from . import format as fmt
+from .identity import operator_label, page_person
 from .routes import API_PATH
 from .run_cache import key
 
@@ -37,4 +38,7 @@ def validation_summary(c: dict[str, Any], job: str, run: str) -> None:
             "batch_index": st.column_config.NumberColumn("Batch #"), "source_file": "File",
             "line_no": st.column_config.NumberColumn("Line")})
         rejects = f"{API_PATH}/{quote(job, safe='')}/{quote(run, safe='')}/rejects.ndjson"
-        st.link_button("Download rejected records (NDJSON)", rejects, icon=":material/download:")
+        # Rejected records are raw source data: operators only (the route refuses anyone else too).
+        operator = page_person().may_operate(job)
+        st.link_button(operator_label("Download rejected records (NDJSON)", operator), rejects,
+                       icon=":material/download:", disabled=not operator)

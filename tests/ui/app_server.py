@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ class StreamlitServer:
     """``python -m streamlit run <script>`` on a free port, answering its health check; ``stop()`` ends it.
 
     ``base`` is the app's server.baseUrlPath ("/etl" for the console, see .streamlit/config.toml).
-    ``address`` is passed as ``--server.address`` (None: none, the config file decides).
+    ``address`` is passed as ``--server.address`` (None: none, the config file decides); ``port`` is a free
+    one unless given; ``args`` are more options of ``streamlit run`` (``--secrets.files``...).
     ETL_CONSOLE_URL is the app's own URL unless ``env`` names one.
     The app runs in its own session (stopped with its children) and writes to
     ``log_dir/<log_name>-<port>.log``. Raises RuntimeError, naming the log, when the app exits or
@@ -51,8 +52,8 @@ class StreamlitServer:
 
     def __init__(self, script: str, cwd: Path, *, log_dir: Path, log_name: str = "console", base: str = "/etl",
                  env: Mapping[str, str] | None = None, timeout: float = 60.0,
-                 address: str | None = "127.0.0.1") -> None:
-        self.port = free_port()
+                 address: str | None = "127.0.0.1", port: int | None = None, args: Sequence[str] = ()) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         given = {} if env is None else env
         env = {**(os.environ if env is None else env), "ETL_CONSOLE_URL": given.get("ETL_CONSOLE_URL", self.url)}
@@ -61,7 +62,7 @@ class StreamlitServer:
         self.log = open(log_dir / f"{log_name}-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(self.port),
-             "--server.headless", "true", *where, "--browser.gatherUsageStats", "false"],
+             "--server.headless", "true", *where, "--browser.gatherUsageStats", "false", *args],
             cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

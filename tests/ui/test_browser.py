@@ -263,7 +263,7 @@ def test_a_canceled_runs_unstarted_batches_say_so_in_the_grid_the_filter_the_car
     loader.start_run(demo.job, run_id="canceled", batch_size=200)  # 1050 rows: 6 batches; nobody listens
     planning.plan_run(demo.job, "canceled")
     assert loading.load_batch(demo.job, "canceled", 0).status == "succeeded"
-    runs.cancel(demo.job, "canceled")
+    runs.cancel(demo.job, "canceled", actor="test")
     for index in range(1, 6):  # a queued job of a canceled run, delivered: its batch is recorded never to run
         assert loading.load_batch(demo.job, "canceled", index).status == "skipped"
     m = loader.run_contract(demo.job, "canceled")["metrics"]

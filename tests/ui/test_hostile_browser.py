@@ -303,3 +303,18 @@ def test_js_code_markers_in_every_url_parameter_are_dropped_with_a_note_and_neve
     expect(grid.locator(".ag-row[row-index='0'] [col-id='rows_attempted']")).to_have_text("50", timeout=20_000)
     assert page.get_by_text("The link's").count() == 0
     assert_inert(page)
+
+
+def test_hostile_actors_in_the_history_and_started_by_show_as_text_and_never_run(console, demo, browser, pg):
+    """Actors come from a proxy header, ETL_ACTOR or a notebook: HTML, script and Markdown stay text."""
+    import loader
+
+    actor = f"{IMG}{SCRIPT} {MD}"
+    ref = loader.start_run(demo.job, run_id="hostile-actor", batch_size=500, actor=actor)
+    loader.wait_for_run(demo.job, ref.etl_run_id, timeout=60)
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    open_page(page, f"{console.url}/etl/data-loader/{demo.job}/hostile-actor")
+    page.get_by_text(f"started by: {actor}").wait_for(timeout=30_000)
+    history = page.locator(".dl-history li")
+    assert history.count() == 1 and actor in history.inner_text()
+    assert_inert(page)
