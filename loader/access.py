@@ -67,7 +67,12 @@ def parse_email(value: str | None) -> str | None:
     """
     if value is None:
         return None
-    text = value.strip(" \t").lower()  # spaces around are noise; a line break or a control character is not
+    raw = value.strip(" \t")  # spaces around are noise; a line break or a control character is not
+    # ASCII only: lower() folds some other letters into ASCII ones (KELVIN SIGN -> "k"), which would let
+    # "\u212aate@corp.com" pass for kate@corp.com.
+    if not raw.isascii():
+        return None
+    text = raw.lower()
     if len(text) > MAX_EMAIL or not text.isprintable() or not _EMAIL.match(text):
         return None
     return text if _DOMAIN.match(text.rsplit("@", 1)[1]) else None

@@ -143,3 +143,34 @@ def test_the_console_refuses_to_start_with_an_unknown_etl_auth_saying_so():
                          capture_output=True, text=True, timeout=90)
     assert out.returncode == 1
     assert "error: ETL_AUTH must be none, oidc or proxy, found 'ldap'" in out.stderr
+
+
+def test_an_unreadable_catalog_keeps_the_last_good_roles_and_with_none_read_nobody_views_any_job(tmp_path, monkeypatch):
+    """Under a sign-in mode a catalog caught broken (a bad edit, a half-written file) keeps the roles the last
+    good read gave; one never read closes every job, instead of opening each to every global viewer."""
+    from ui import identity
+
+    monkeypatch.setenv("ETL_AUTH", "proxy")
+    monkeypatch.setenv("ETL_VIEWERS", "@example.com")
+    monkeypatch.setenv("ETL_OPERATORS", "@example.com")
+    folder = tmp_path / "c"
+    folder.mkdir()
+    catalog = write_catalog(folder, {
+        "secret": {"source": "s.ndjson", "target_table": "stg.s", "source_id": "id", "viewers": ["ops@example.com"]},
+        "open": {"source": "o.ndjson", "target_table": "stg.o", "source_id": "id"}})
+    monkeypatch.setenv("ETL_JOBS_FILE", str(catalog))
+    eve = identity.Person("eve@example.com", identity.rules())
+    assert eve.may_view("open") and not eve.may_view("secret")
+    catalog.write_text("this is [ not toml")
+    assert eve.may_view("open") and not eve.may_view("secret")
+    assert not eve.may_operate("secret")
+    monkeypatch.setenv("ETL_JOBS_FILE", str(tmp_path / "never-there.toml"))
+    assert not eve.may_view("open") and not eve.may_view("secret")
+    monkeypatch.setenv("ETL_AUTH", "none")  # no sign-in: the global rules, as before
+    assert identity.Person(None, identity.rules()).may_view("open")
+
+
+def test_an_email_with_letters_outside_ascii_identifies_nobody():
+    """lower() folds the KELVIN SIGN into "k": "\u212aate@corp.com" must not pass for kate@corp.com."""
+    assert parse_email("\u212aate@corp.com") is None and parse_email("ana@exämple.com") is None
+    assert parse_email("Kate@Corp.com") == "kate@corp.com"

@@ -15,6 +15,8 @@ from loader.states import BatchStatus
 from . import format as fmt
 from .attempt_timeline import attempt_timeline
 from .errors import show_error
+from .identity import operator_label, page_person
+from .run_actions import operator_actor
 from .run_cache import cached, key, zone
 
 
@@ -37,10 +39,15 @@ def _read(job: str, run: str, index: int) -> dict[str, Any] | None | bool:
 
 
 def _retry_button(job: str, run: str, index: int) -> None:
-    if not st.button("Retry this batch", icon=":material/replay:", key=key(job, run, f"retry-{index}")):
+    allowed = page_person().may_operate(job)
+    if not st.button(operator_label("Retry this batch", allowed), icon=":material/replay:",
+                     key=key(job, run, f"retry-{index}"), disabled=not allowed):
+        return
+    actor = operator_actor(job, "Retry")  # the roles read again at the click, whatever the button showed
+    if actor is None:
         return
     try:
-        loader.retry_run(job, run, [index])
+        loader.retry_run(job, run, [index], actor=actor)
     except LoaderError as exc:
         show_error(exc, where="Retry")
     else:

@@ -78,7 +78,9 @@ def job_access(job: str) -> JobAccess | None:
     """
     catalog = current_catalog()
     if catalog is None:
-        return None
+        # Never read (missing, or broken since the console started): under a sign-in mode nobody may view
+        # any job, rather than every viewer every job (a job's own narrowing would be lost with the file).
+        return None if auth_mode() is AuthMode.NONE else JobAccess(viewers=NOBODY, operators=NOBODY)
     spec = catalog.jobs.get(job)
     if spec is not None:
         return spec.access
@@ -88,25 +90,29 @@ def job_access(job: str) -> JobAccess | None:
 
 
 _catalog_cache: dict[tuple[str, int, int], Catalog] = {}
+#: The last catalog read whole, by path: a file caught half-written, or broken by an edit, keeps the roles
+#: it gave until it reads again.
+_last_good: dict[str, Catalog] = {}
 
 
 def current_catalog() -> Catalog | None:
-    """The catalog file as it is now, read again only when its size or modification time changed;
-    None when it cannot be read (then no job narrows the roles)."""
+    """The catalog file as it is now, read again only when its size or modification time changed; when it
+    cannot be read, the last one read whole; None when none ever was (see :func:`job_access`)."""
     path = config.jobs_file().resolve()
     try:
         st = path.stat()
     except OSError:
-        return None
+        return _last_good.get(str(path))
     stamp = (str(path), st.st_mtime_ns, st.st_size)
     found = _catalog_cache.get(stamp)
     if found is None:
         try:
             found = load_catalog(path)
         except LoaderError:
-            return None
+            return _last_good.get(str(path))
         _catalog_cache.clear()
         _catalog_cache[stamp] = found
+        _last_good[str(path)] = found
     return found
 
 
@@ -178,6 +184,8 @@ def _signed_in_email(request: Request) -> str | None:
     if not isinstance(payload, dict) or payload.get("is_logged_in") is not True:
         return None
     email = payload.get("email")
+    if payload.get("email_verified") is False:  # the provider says it did not check it: anyone could claim it
+        return None
     return email if isinstance(email, str) else None
 
 
@@ -192,6 +200,8 @@ def session_person() -> Person:
         return person_from(mode, header_values=values, peer=_session_peer(), oidc_email=None)
     if mode is AuthMode.OIDC:
         email = st.user.get("email") if st.user.is_logged_in else None
+        if st.user.get("email_verified") is False:  # the provider did not check it: anyone could claim it
+            email = None
         return person_from(mode, header_values=[], peer=None, oidc_email=str(email) if email else None)
     return Person(None, rules())
 

@@ -28,7 +28,7 @@ def _close_dialog() -> None:
     st.session_state["dl_dialog"] = None
 
 
-def _operator(job: str, where: str) -> str | None:
+def operator_actor(job: str, where: str) -> str | None:
     """The actor when this session's person may act on the job now (the roles read again at the click,
     whatever the buttons showed); None after saying why not."""
     person = session_person()
@@ -43,7 +43,7 @@ def _confirm_retry(job: str, run: str, failed: int) -> None:
     st.write(f"{failed} failed batch(es) of this run will be queued again. Committed batches are not touched.")
     with st.container(horizontal=True):
         if st.button("Retry failed batches", type="primary", key="dlg-retry-yes"):
-            actor = _operator(job, "Retry")
+            actor = operator_actor(job, "Retry")
             if actor is None:
                 return
             try:
@@ -64,7 +64,7 @@ def _confirm_cancel(job: str, run: str) -> None:
     st.write("Batches not started yet will never start; batches already committed stay committed.")
     with st.container(horizontal=True):
         if st.button("Cancel run", type="primary", key="dlg-cancel-yes"):
-            actor = _operator(job, "Cancel")
+            actor = operator_actor(job, "Cancel")
             if actor is None:
                 return
             try:

@@ -276,3 +276,46 @@ def test_without_sign_in_the_page_says_anyone_can_act_and_records_its_actions_as
     assert loader.run_contract(demo.job, run)["started_by"] == "anonymous"
     page.goto(f"{console.url}/etl/runs")  # the note is on every page
     page.get_by_text("No sign-in (ETL_AUTH=none)").wait_for(timeout=30_000)
+
+
+def _batch_detail_page(job: str, run: str, index: int, stale_operator: str | None) -> None:
+    """The selected batch's detail as the Run Monitor draws it for a run that may be retried; with
+    ``stale_operator``, the page still holds the operator it admitted earlier (the roles changed since)."""
+    import streamlit as st
+
+    from ui.batch_detail import batch_detail
+    from ui.identity import Person, rules
+    from ui.run_cache import key
+
+    if stale_operator:
+        st.session_state["dl_person"] = Person(stale_operator, rules())
+    st.session_state[key(job, run, "status")] = "partial_success"
+    batch_detail(job, run, index)
+
+
+def test_retry_this_batch_is_for_operators_only_and_checked_again_at_the_click(team, demo, workers, pg,
+                                                                                 target_schema):
+    """Under proxy, a session without an operator's identity sees "Retry this batch (operators only)" disabled;
+    a click that reaches the server anyway (here: a page that admitted an operator before the roles changed)
+    is refused there: nothing queued, nothing recorded."""
+    from streamlit.testing.v1 import AppTest
+
+    create_poisoned_target_table(pg, f"{target_schema}.items", "r250")
+    ref = loader.start_run(team.job, batch_size=500, actor=OPERATOR)
+    c = loader.wait_for_run(team.job, ref.etl_run_id, timeout=60)
+    [failed] = [b["index"] for b in c["batches"] if b["status"] == "failed"]
+    at = AppTest.from_function(_batch_detail_page, args=(team.job, ref.etl_run_id, failed, None), default_timeout=30)
+    at.run()
+    [button] = [b for b in at.button if b.label.startswith("Retry this batch")]
+    assert button.label == "Retry this batch (operators only)" and button.disabled
+    at = AppTest.from_function(_batch_detail_page, args=(team.job, ref.etl_run_id, failed, OPERATOR),
+                               default_timeout=30)
+    at.run()
+    [button] = [b for b in at.button if b.label.startswith("Retry this batch")]
+    assert button.label == "Retry this batch" and not button.disabled
+    at = button.click().run()
+    assert not at.exception
+    assert any("operators only" in m.value for m in at.markdown) or any(
+        "operators only" in getattr(e, "body", "") for e in at.get("html"))
+    after = loader.run_contract(team.job, ref.etl_run_id)
+    assert after["status"] == "partial_success" and [a["action"] for a in after["actions"]] == ["start"]
