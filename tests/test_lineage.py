@@ -130,8 +130,13 @@ def test_a_successful_run_sends_start_running_complete_with_one_run_id_the_table
     complete = events[-1]
     m = contract["metrics"]
     out = complete["outputs"]
-    db_name = os.environ["DATABASE_URL"].rsplit("/", 1)[1]
-    assert [(o["namespace"], o["name"]) for o in out] == [("postgres://127.0.0.1:5432", f"{db_name}.{target_schema}.t")]
+    # Where the test's PostgreSQL is: a TCP host as given, or (the embedded server's Unix socket) localhost.
+    from psycopg.conninfo import conninfo_to_dict
+
+    info = conninfo_to_dict(os.environ["DATABASE_URL"])
+    host = "localhost" if str(info.get("host", "/")).startswith("/") else info["host"]
+    expected = (f"postgres://{host}:{info.get('port', 5432)}", f"{info['dbname']}.{target_schema}.t")
+    assert [(o["namespace"], o["name"]) for o in out] == [expected]
     assert out[0]["outputFacets"]["outputStatistics"]["rowCount"] == m["rows_inserted"] + m["rows_updated"] == 240
     (source_ds,) = complete["inputs"]
     assert (source_ds["namespace"], source_ds["name"]) == ("file", str(source.resolve()))
