@@ -101,8 +101,9 @@ class TcpRelay:
     per connection: a port forward in front of a service. ``thawed`` cleared, every byte is held without closing
     anything (a peer that stopped answering, as a stalled network or a stopped process would)."""
 
-    def __init__(self, target: tuple[str, int], listen_host: str = "127.0.0.1") -> None:
+    def __init__(self, target: tuple[str, int], listen_host: str = "127.0.0.1", source: str | None = None) -> None:
         self._upstream = target
+        self._source = None if source is None else (source, 0)  # the address its connections come from
         self.thawed = threading.Event()
         self.thawed.set()
         self._server = socket.create_server((listen_host, 0))
@@ -116,7 +117,7 @@ class TcpRelay:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(self._upstream)
+                upstream = socket.create_connection(self._upstream, source_address=self._source)
             except OSError:
                 client.close()
                 continue

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,7 +14,7 @@ from playwright.sync_api import expect
 
 import loader
 
-from ..helpers import create_poisoned_target_table, job_name, remove_poison, write_catalog
+from ..helpers import TcpRelay, create_poisoned_target_table, job_name, remove_poison, write_catalog
 from .app_server import StreamlitServer
 from .conftest import ROOT, Demo
 
@@ -199,44 +197,6 @@ def test_an_operator_starts_retries_and_cancels_from_the_page_and_the_ledger_nam
     assert get(proxied, api(team.job, run, "rejects.ndjson"), {HEADER: OPERATOR})[0] == 200
 
 
-class Relay:
-    """A TCP relay on 127.0.0.1 that connects to the console from 127.0.0.2: the browser's requests, its
-    websocket included, reach the console from a peer that ETL_TRUSTED_PROXIES (127.0.0.1/32) does not name."""
-
-    def __init__(self, port: int, source: str = "127.0.0.2") -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.target, self.source = port, source
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target), source_address=(self.source, 0))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.server.close()
-
-
 def test_a_spoofed_identity_header_from_an_untrusted_peer_is_ignored_by_the_routes_and_the_page(
         proxied, team, browser):
     finished_run(team.job, "seen")
@@ -250,7 +210,9 @@ def test_a_spoofed_identity_header_from_an_untrusted_peer_is_ignored_by_the_rout
     # A client's own header beside the proxy's: two values identify nobody.
     assert get(proxied, logs, [(HEADER, VIEWER), (HEADER, OPERATOR)])[0] == 401
     # The page's websocket session from the untrusted peer, header and all: signed out.
-    relay = Relay(proxied.port)
+    # The browser's requests, its websocket included, reach the console from 127.0.0.2, a peer that
+    # ETL_TRUSTED_PROXIES (127.0.0.1/32) does not name.
+    relay = TcpRelay(("127.0.0.1", proxied.port), source="127.0.0.2")
     try:
         page = as_person(browser, OPERATOR)
         page.goto(f"http://127.0.0.1:{relay.port}/etl/data-loader?job={team.job}&run=seen")
