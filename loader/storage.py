@@ -329,16 +329,25 @@ def open_stream(obj: SourceObject, options: Mapping[str, Any] | None) -> IO[byte
 
 
 def open_range(obj: SourceObject, start: int, end: int, batch: int, options: Mapping[str, Any] | None) -> IO[bytes]:
-    """The object's bytes from ``start`` on, fetched in requests of at most ``end - start`` bytes (a batch re-read
-    by a worker: the store sends little more than the batch's range), after checking that the object is still
-    the version planned: a different ETag/version or size is SourceChanged at once. For S3 the store itself
-    refuses the reads of an object replaced after that (s3fs sends ``If-Match``), and the batch checksum
-    catches it for every store."""
+    """The object's bytes from ``start`` on (a batch re-read by a worker), fetched in requests that stop at
+    ``end`` (a batch of at most BLOCK_BYTES is one request for exactly its range), after making sure they are
+    the version planned.
+
+    S3: the planned ETag goes with every ranged GET as ``If-Match``, so the store itself refuses the bytes of an
+    object replaced since planning (SourceChanged) and no HEAD precedes the read (one request per batch instead
+    of two). Other stores: the object's version and size are asked first and a difference is SourceChanged at
+    once. The batch checksum catches a change for every store, after the batch's last record.
+    """
     fs, path = _filesystem(obj.name, options)
+    etag = obj.version[len("ETag="):] if obj.version and obj.version.startswith("ETag=") else None
     try:
+        if etag is not None and obj.size >= 0 and _sends_if_match(fs):
+            f = fs.open(path, "rb", cache_type="none", size=obj.size)
+            f.details = {"name": path, "size": obj.size, "ETag": etag, "type": "file"}
+            f.read_kw = {**f.read_kw, "IfMatch": etag}
+            return _Guarded(obj.name, _RangeRaw(f, start, end), batch, _buffer(start, end), obj.version)
         fs.invalidate_cache(path)
-        # s3fs takes the object's ETag when it opens it and sends it as If-Match with every range it reads.
-        f = fs.open(path, "rb", block_size=max(1, min(end - start, BLOCK_BYTES)), cache_type="readahead")
+        f = fs.open(path, "rb", cache_type="none")
         info = getattr(f, "details", None) or {}
         if _version(info) is None:  # fsspec's HTTP file keeps only the size: ask for the headers
             info = fs.info(path)
@@ -351,21 +360,66 @@ def open_range(obj: SourceObject, start: int, end: int, batch: int, options: Map
             f"source object {obj.name} changed after the run was planned ({obj.version or 'no version'}, "
             f"{obj.size} bytes -> {now.version or 'no version'}, {now.size} bytes); start a new run to load its "
             "current content", file=obj.name, batch=batch)
-    g = _Guarded(obj.name, f, batch)
-    g.seek(start)
-    return g
+    return _Guarded(obj.name, _RangeRaw(f, start, end), batch, _buffer(start, end))
+
+
+def _sends_if_match(fs: Any) -> bool:
+    """Whether ``fs`` is s3fs reading the current version (its files send ``read_kw`` with each ranged GET);
+    a version-aware s3fs asks for the object's details itself."""
+    return type(fs).__name__ == "S3FileSystem" and not getattr(fs, "version_aware", False)
+
+
+def _buffer(start: int, end: int) -> int:
+    """The read buffer for a range: the whole range up to BLOCK_BYTES, so a batch is one request."""
+    return max(1 << 16, min(end - start, BLOCK_BYTES))
+
+
+class _RangeRaw(io.RawIOBase):
+    """A store's file read from ``start`` in requests that never cross ``end`` (past it, as far as asked).
+
+    fsspec's read-ahead cache fetches a block beyond what is read, so a batch read through it costs up to twice
+    its bytes; the file is opened without a cache and each ``readinto`` here is one request.
+    """
+
+    def __init__(self, f: Any, start: int, end: int) -> None:
+        super().__init__()
+        self._f = f
+        self._end = end
+        f.seek(start)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        pos = self._f.tell()
+        want = len(buffer) if pos >= self._end else min(len(buffer), self._end - pos)
+        data = self._f.read(want)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            super().close()
 
 
 class _Guarded(io.BufferedReader):
     """A store's file object, buffered (fsspec's own ``readline`` reads a byte at a time), whose errors come out
     as SourceError naming the object, and a replaced object (s3fs's FileExpired) as SourceChanged."""
 
-    def __init__(self, name: str, raw: Any, batch: int | None = None) -> None:
-        super().__init__(raw, buffer_size=1 << 20)
+    def __init__(self, name: str, raw: Any, batch: int | None = None, buffer_size: int = 1 << 20,
+                 planned: str | None = None) -> None:
+        super().__init__(raw, buffer_size=buffer_size)
         self._name = name
         self._batch = batch
+        self._planned = planned
 
     def _guard(self, exc: Exception) -> Exception:
+        if type(exc).__name__ == "FileExpired" and self._planned is not None:
+            return SourceChanged(f"source object {self._name} changed after the run was planned ({self._planned} "
+                                 "-> another version: the store refused the planned version's bytes); start a new "
+                                 "run to load its current content", file=self._name, batch=self._batch)
         if type(exc).__name__ == "FileExpired":
             return SourceChanged(f"source object {self._name} changed while it was read (its ETag changed); start "
                                  "a new run to load its current content", file=self._name, batch=self._batch)

@@ -232,8 +232,8 @@ def test_an_http_object_rewritten_after_planning_fails_its_batch_as_changed(tmp_
 
 
 def test_an_s3_object_replaced_while_a_batch_is_being_read_fails_as_changed_through_the_stores_if_match(s3):
-    """The version is checked when the batch's object is opened, and s3fs reads each range with If-Match on it:
-    an object replaced between the check and the read is refused by the store, never read half old, half new."""
+    """Each ranged GET carries the planned ETag as If-Match: an object replaced after planning, even after the
+    batch's object was opened, is refused by the store, never read half old, half new."""
     from loader import storage
     from loader.errors import SourceChanged
 
@@ -242,8 +242,33 @@ def test_an_s3_object_replaced_while_a_batch_is_being_read_fails_as_changed_thro
     [obj] = storage.resolve(f"s3://{bucket}/r/a.ndjson", None)
     f = storage.open_range(obj, 0, obj.size, 7, None)
     client.put_object(Bucket=bucket, Key="r/a.ndjson", Body=ndjson([{"id": "k", "v": "new"}]))
-    with pytest.raises(SourceChanged, match=f"^source object s3://{bucket}/r/a.ndjson changed while it was read"):
+    with pytest.raises(SourceChanged, match=f"^source object s3://{bucket}/r/a.ndjson changed after the run was "
+                                            r"planned \(ETag="):
         f.readline()
+
+
+def test_a_batch_of_an_s3_object_is_read_in_one_ranged_get_of_its_bytes_without_a_head(s3, caplog):
+    """A worker re-reads a batch with one request: the ranged GET (If-Match on the planned ETag), no HEAD first
+    and nothing fetched beyond the batch's range (fsspec's read-ahead would fetch a block more)."""
+    import logging
+
+    from loader import storage
+
+    client, bucket = s3
+    body = ndjson([{"id": f"k{i}", "pad": "x" * 100} for i in range(2000)])
+    client.put_object(Bucket=bucket, Key="g/a.ndjson", Body=body)
+    [obj] = storage.resolve(f"s3://{bucket}/g/a.ndjson", None)
+    start = body.index(b"\n", 50_000) + 1
+    end = body.index(b"\n", 150_000) + 1
+    caplog.set_level(logging.INFO, logger="werkzeug")
+    caplog.clear()
+    got = b""
+    with storage.open_range(obj, start, end, 3, None) as f:  # line by line, as a worker reads its batch
+        while len(got) < end - start:
+            got += f.readline()
+    assert got == body[start:end]
+    requests = [r.getMessage() for r in caplog.records if f"/{bucket}/g/a.ndjson" in r.getMessage()]
+    assert len(requests) == 1 and "GET " in requests[0] and " 206 " in requests[0], requests
 
 
 @pytest.mark.parametrize(("table", "message"), [
