@@ -72,6 +72,13 @@ class SourceChanged(SourceError):
     code = "source_changed"
 
 
+class TransientSourceError(SourceError):
+    """A store error that may pass (an HTTP 5xx, 429 or 408, throttling, a connection reset or a timeout, after
+    the store client's own retries): the batch is retried with backoff, as for a transient database error."""
+
+    code = "source_transient"
+
+
 class LedgerNotReady(LoaderError):
     """The ledger schema is missing or older than this code: run `dataloader initdb`."""
 

@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 from . import config, db, lineage, states
 from .catalog import JobSpec
 from .db import ledger_table
-from .errors import JobTimeout, LoaderError, TransientDbError
+from .errors import JobTimeout, LoaderError, TransientDbError, TransientSourceError
 from .events import log_event
 from .retrying import backoff_delay
 from .sources import OversizedRecord, PlannedBatch, from_ledger, read_batch
@@ -126,7 +126,7 @@ def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: 
             error = exc if isinstance(exc, LoaderError) else (
                 db.wrap_db_error(exc, batch=batch) if isinstance(exc, psycopg.Error) or db.is_transient(exc)
                 else None)
-            transient = isinstance(error, TransientDbError | JobTimeout)
+            transient = isinstance(error, TransientDbError | JobTimeout | TransientSourceError)
             if isinstance(exc, JobTimeout):
                 # The queue's job timeout stopped this attempt: it counts, and the job must end now (no
                 # new attempt in a job whose time is up). A batch left 'retried' is queued again by the

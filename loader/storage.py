@@ -13,6 +13,7 @@ and the ledger hold only the names.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -24,7 +25,7 @@ from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from . import db
-from .errors import CatalogError, LoaderError, SourceChanged, SourceError
+from .errors import CatalogError, LoaderError, SourceChanged, SourceError, TransientSourceError
 
 #: URL schemes read through fsspec; anything else (no scheme, or ``file://``) is a path on this host.
 REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https"})
@@ -228,7 +229,33 @@ def store_error(url: str, exc: BaseException) -> LoaderError:
                            source=url)
     if isinstance(exc, PermissionError):
         return SourceError(db.redact(f"access to source object {url} denied: {exc}"), source=url)
+    if is_transient(exc):
+        return TransientSourceError(db.redact(f"source object {url} could not be read just now (a store error "
+                                              f"that may pass: {kind}: {exc})"), source=url)
     return SourceError(db.redact(f"source object {url} cannot be read: {kind}: {exc}"), source=url)
+
+
+#: HTTP statuses that say "not now" rather than "never": timeout, throttling, the server's own errors.
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: How s3fs words those (it turns S3 errors into OSError): 503/SlowDown is EBUSY, 500/InternalError EREMOTEIO.
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                               errno.ECONNREFUSED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH})
+#: Connection-level failures of the stores' clients (botocore, aiohttp), known by name: neither is imported here.
+_TRANSIENT_NAMES = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                              "ConnectionClosedError", "IncompleteReadError", "ResponseStreamingError",
+                              "ServerDisconnectedError", "ClientConnectorError", "ClientOSError",
+                              "ClientPayloadError", "ServerTimeoutError", "FSTimeoutError"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a store's exception may pass if the read is tried again (what a batch's retry is for)."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status in _TRANSIENT_STATUS:  # aiohttp's ClientResponseError (HTTP)
+        return True
+    if type(exc).__name__ in _TRANSIENT_NAMES or isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS and not isinstance(
+        exc, FileNotFoundError | PermissionError)
 
 
 def resolve(pattern: str, options: Mapping[str, Any] | None) -> list[SourceObject]:

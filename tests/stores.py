@@ -11,6 +11,7 @@ import email.utils
 import http.server
 import os
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -51,13 +52,43 @@ def s3_env(endpoint: str) -> dict[str, str]:
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
 
 
+class Faults:
+    """Requests a test wants refused: the next ``unavailable`` ranged GETs are answered 503 Service Unavailable,
+    the next ``resets`` ranged GETs have their connection closed before any answer (as a crashed front end)."""
+
+    def __init__(self) -> None:
+        self.unavailable = 0
+        self.resets = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> str | None:
+        with self._lock:
+            for kind in ("unavailable", "resets"):
+                if getattr(self, kind) > 0:
+                    setattr(self, kind, getattr(self, kind) - 1)
+                    self.refused += 1
+                    return kind
+        return None
+
+
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files with ``Range: bytes=a-b`` answered 206, and an ETag of the file's mtime and size."""
+
+    faults: Faults | None = None
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass
 
     def send_head(self) -> Any:
+        fault = self.faults.take() if self.faults is not None and "Range" in self.headers else None
+        if fault == "unavailable":
+            self.send_error(503, "Service Unavailable")
+            return None
+        if fault == "resets":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
         path = Path(self.translate_path(self.path))
         if not path.is_file():
             self.send_error(404, "File not found")
@@ -111,9 +142,13 @@ class _NoRangeHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def http_server(directory: Path, *, ranges: bool) -> Iterator[str]:
-    """An HTTP server for ``directory`` on loopback, honouring ``Range`` or not; yields its base URL."""
-    handler = partial(_RangeHandler if ranges else _NoRangeHandler, directory=str(directory))
+def http_server(directory: Path, *, ranges: bool, faults: Faults | None = None) -> Iterator[str]:
+    """An HTTP server for ``directory`` on loopback, honouring ``Range`` or not, refusing what ``faults`` asks;
+    yields its base URL."""
+    if faults is not None:
+        handler = partial(type("_FaultyRangeHandler", (_RangeHandler,), {"faults": faults}), directory=str(directory))
+    else:
+        handler = partial(_RangeHandler if ranges else _NoRangeHandler, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

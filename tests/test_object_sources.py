@@ -19,7 +19,7 @@ from loader import loading, planning, runs
 from loader.queue import enqueue_batches
 
 from .helpers import job_name, write_catalog
-from .stores import S3_KEY_ID, S3_SECRET, http_server, s3_client, s3_env, s3_server
+from .stores import S3_KEY_ID, S3_SECRET, Faults, http_server, s3_client, s3_env, s3_server
 
 pytestmark = pytest.mark.usefixtures("ledger")
 
@@ -229,6 +229,40 @@ def test_an_http_object_rewritten_after_planning_fails_its_batch_as_changed(tmp_
     [b] = loader.run_contract(job, run)["batches"]
     assert b["error_code"] == "source_changed"
     assert b["error_message"].startswith(f"source object {base}/export.ndjson changed after the run was planned")
+
+
+@pytest.mark.parametrize(("fault", "times"), [("unavailable", 1), ("resets", 2)])  # aiohttp retries one reset
+def test_a_store_that_fails_a_read_for_a_moment_costs_an_attempt_and_the_batch_loads_on_the_next(
+        tmp_path, target_schema, pg, own_queue, fault, times):
+    """A 503 or a dropped connection (after the store client's own retries) is a transient source error: the
+    attempt is recorded as such and the batch is retried with backoff, as for a transient database error; one
+    that goes on past max_attempts fails the batch for good, naming the object."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "export.ndjson").write_bytes(ndjson([{"id": f"k{i:03d}", "v": i} for i in range(150)]))
+    table = f"{target_schema}.t"
+    faults = Faults()
+    with http_server(www, ranges=True, faults=faults) as base:
+        job, run = plan(tmp_path, {"source": f"{base}/export.ndjson", "target_table": table, "source_id": "id",
+                                   "max_attempts": 3})
+        setattr(faults, fault, times)
+        first = loading.load_batch(job, run, 0)
+        setattr(faults, fault, 1_000)
+        second = loading.load_batch(job, run, 1)
+    assert faults.refused >= 4
+    assert (first.status, first.attempts) == ("succeeded", 2)
+    assert second.status == "failed"
+    c = loader.run_contract(job, run)
+    b0, b1 = c["batches"]
+    assert (b0["status"], b0["attempts"]) == ("succeeded", 2)
+    assert (b1["status"], b1["attempts"], b1["error_code"]) == ("failed", 3, "source_transient")
+    assert b1["error_message"].startswith(f"source object {base}/export.ndjson could not be read just now"), b1
+    schema = os.environ["ETL_LEDGER_SCHEMA"]
+    codes = pg.execute(sql.SQL("SELECT batch_index, attempt, status, error_code FROM {} WHERE etl_run_id = %s "
+                               "ORDER BY 1, 2").format(sql.Identifier(schema, "attempts")), [run]).fetchall()
+    assert codes[:2] == [(0, 1, "retrying", "source_transient"), (0, 2, "succeeded", None)], codes
+    assert [c[3] for c in codes[2:]] == ["source_transient"] * 3, codes
+    assert sorted(loaded(pg, table)) == [f"k{i:03d}" for i in range(100)]
 
 
 def test_an_s3_object_replaced_while_a_batch_is_being_read_fails_as_changed_through_the_stores_if_match(s3):
