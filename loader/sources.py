@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from . import config, json_array, storage
 from .errors import SourceChanged, SourceError
@@ -175,9 +176,18 @@ def from_ledger(index: int, file: str, file_size: int, file_mtime_ns: int, byte_
                         records, ord_start, payload, checksum, version)
 
 
+def is_gzip(name: str) -> bool:
+    """Whether a file or object is gzip, by its name (a URL's path: its query is not part of the name)."""
+    name = name.lower()
+    return (urlsplit(name).path if storage.is_remote(name) else name).endswith(".gz")
+
+
 def source_kind(path: str | Path) -> str:
-    """'ndjson' or 'json' (a top-level array), by the file's suffix; '.gz' is allowed after either."""
+    """'ndjson' or 'json' (a top-level array), by the file's suffix; '.gz' is allowed after either. A URL's
+    suffix is its path's (``s3://b/k.ndjson?versionId=...``, ``https://h/x.json?page=2``)."""
     name = str(path).lower()
+    if storage.is_remote(name):
+        name = urlsplit(name).path
     if name.endswith(".gz"):
         name = name[:-3]
     if name.endswith(NDJSON_SUFFIXES):
@@ -224,7 +234,7 @@ def _local_object(path: Path) -> SourceObject:
 
 
 def _open(source: SourceObject, options: Mapping[str, Any] | None) -> IO[bytes]:
-    gz = source.name.lower().endswith(".gz")
+    gz = is_gzip(source.name)
     if source.remote:
         stream = storage.open_stream(source, options)
         return gzip.GzipFile(fileobj=stream, mode="rb") if gz else stream  # type: ignore[return-value]
@@ -251,7 +261,7 @@ def plan_batches(files: list[SourceObject], batch_size: int, options: Mapping[st
     ord_base = 0
     for path in files:
         kind = source_kind(path.name)
-        keep = path.name.lower().endswith(".gz") or not path.ranged
+        keep = is_gzip(path.name) or not path.ranged
         lines_in_file = 0
         try:
             if kind == "json":

@@ -187,9 +187,12 @@ def _filesystem(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
     expanded = expand_options(options)
     # fsspec caches file systems by their options only: one made before a credential variable changed would be
     # used with the old credentials. Ours are keyed by the store's environment variables too.
-    key = (kind, repr(sorted(expanded.items())),
-           tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))))
     try:
+        # What the URL itself configures (s3fs: version_aware for ?versionId=; adlfs: the account in the host)
+        # belongs to the key too: a file system made for one URL must not read another account or version.
+        from_url = fsspec.get_filesystem_class(kind)._get_kwargs_from_urls(url)
+        key = (kind, repr(sorted(expanded.items())) + repr(sorted(from_url.items())),
+               tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))))
         fs = _cache.get(key)
         if fs is None:
             fs, _ = fsspec.core.url_to_fs(url, skip_instance_cache=True, **expanded)
@@ -264,7 +267,9 @@ def resolve(pattern: str, options: Mapping[str, Any] | None) -> list[SourceObjec
     import fsspec.core
 
     fs, path = _filesystem(pattern, options)
-    single = scheme(pattern) in SINGLE_OBJECT_SCHEMES
+    # One object: an HTTP URL (``*`` and ``?`` are URL characters), or a key with ``?versionId=`` (its ``?`` is
+    # the query's, not a glob's).
+    single = scheme(pattern) in SINGLE_OBJECT_SCHEMES or "?versionId=" in path
     try:
         fs.invalidate_cache()  # a listing cached by an earlier run in this process is not what the store holds
         if not single and fsspec.core.has_magic(path):
@@ -281,7 +286,31 @@ def resolve(pattern: str, options: Mapping[str, Any] | None) -> list[SourceObjec
         raise
     except Exception as exc:  # noqa: BLE001 - each store raises its own; all become SourceError
         raise store_error(pattern, exc) from None
-    return [_describe(fs, pattern if single else fs.unstrip_protocol(i["name"]), i) for i in infos]
+    if single or not fsspec.core.has_magic(path):
+        return [_describe(fs, pattern, infos[0])]  # as written: a ?versionId= or an account in the host stays
+    return [_describe(fs, object_url(pattern, fs.unstrip_protocol(i["name"])), i) for i in infos]
+
+
+#: Schemes whose URLs may name the account in the host (``abfs://container@account.dfs.core.windows.net/p``).
+_ACCOUNT_IN_HOST = frozenset({"az", "abfs", "abfss"})
+
+
+def object_url(pattern: str, found: str) -> str:
+    """The URL of an object a glob found, as the user would write it: adlfs lists ``container/path`` and forgets
+    the account the pattern named in its host, which a worker needs to read the same object.
+
+    Example::
+
+        >>> object_url("abfs://c@acct.dfs.core.windows.net/x/*.ndjson", "abfs://c/x/a.ndjson")
+        'abfs://c@acct.dfs.core.windows.net/x/a.ndjson'
+    """
+    parts = urlsplit(pattern)
+    if scheme(pattern) not in _ACCOUNT_IN_HOST or "@" not in parts.netloc:
+        return found
+    container, _, host = parts.netloc.partition("@")
+    rest = found.split("://", 1)[-1]
+    first, _, key = rest.partition("/")
+    return f"{parts.scheme}://{first}@{host}/{key}" if first == container else found
 
 
 def _describe(fs: Any, url: str, info: Mapping[str, Any]) -> SourceObject:

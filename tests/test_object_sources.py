@@ -367,6 +367,39 @@ def test_an_object_in_a_versioned_bucket_loads_its_batches_by_range(tmp_path, s3
     assert len(loaded(pg, table)) == 150
 
 
+def test_a_source_naming_an_object_version_loads_that_version_even_after_its_latest_was_read_here(
+        tmp_path, s3, target_schema, pg, own_queue):
+    """``s3://bucket/key?versionId=...`` loads that version and keeps the URL as written: the file system made
+    for the plain key earlier in this process (not version aware) is not reused for it."""
+    from loader import storage
+
+    client, bucket = s3
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    old = client.put_object(Bucket=bucket, Key="h/a.ndjson", Body=ndjson([{"id": f"k{i:03d}", "v": "old"}
+                                                                          for i in range(120)]))["VersionId"]
+    client.put_object(Bucket=bucket, Key="h/a.ndjson", Body=ndjson([{"id": "k000", "v": "new"}]))
+    [latest] = storage.resolve(f"s3://{bucket}/h/a.ndjson", None)
+    source = f"s3://{bucket}/h/a.ndjson?versionId={old}"
+    table = f"{target_schema}.t"
+    job, run = plan(tmp_path, {"source": source, "target_table": table, "source_id": "id"})
+    assert [loading.load_batch(job, run, i).status for i in range(2)] == ["succeeded", "succeeded"]
+    rows = loaded(pg, table)
+    assert len(rows) == 120 and set(rows.values()) == {"old"} and latest.size < 100
+    assert {b["source_file"] for b in loader.run_contract(job, run)["batches"]} == {source}
+
+
+def test_an_azure_glob_keeps_the_account_named_in_its_host_in_each_objects_url():
+    """adlfs lists ``container/path`` and drops the account of ``container@account.dfs.core.windows.net``; each
+    object's URL gets it back, so a worker reads the same account's object (no Azure emulator here: the URL
+    building is checked on its own)."""
+    from loader.storage import object_url
+
+    pattern = "abfs://exports@acct1.dfs.core.windows.net/2026/*.ndjson"
+    assert object_url(pattern, "abfs://exports/2026/a.ndjson") == "abfs://exports@acct1.dfs.core.windows.net/2026/a.ndjson"
+    assert object_url("abfs://exports/2026/*.ndjson", "abfs://exports/2026/a.ndjson") == "abfs://exports/2026/a.ndjson"
+    assert object_url("s3://b/2026/*.ndjson", "s3://b/2026/a.ndjson") == "s3://b/2026/a.ndjson"
+
+
 def test_a_job_timeout_inside_an_object_read_stays_a_timeout_and_a_changed_array_object_stays_changed():
     """The queue's timeout raised while a store is read is retried as a timeout, not failed for good as a source
     error; an object that changes while a JSON array is read is source_changed, not "not valid JSON"."""
