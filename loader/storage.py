@@ -185,6 +185,10 @@ def _filesystem(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
         raise SourceError("reading URLs needs fsspec: pip install fsspec s3fs", source=url) from None
     kind = scheme(url)
     expanded = expand_options(options)
+    if kind in SINGLE_OBJECT_SCHEMES:
+        # Offsets are counted in the bytes as stored: a server that compresses on the wire for clients that accept
+        # it would count a batch's range in its gzip encoding (fsspec asks HEAD for "identity" only).
+        expanded["headers"] = {"Accept-Encoding": "identity", **(expanded.get("headers") or {})}
     # fsspec caches file systems by their options only: one made before a credential variable changed would be
     # used with the old credentials. Ours are keyed by the store's environment variables too.
     try:

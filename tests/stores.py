@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import gzip
 import http.server
+import io
 import os
 import re
 import socket
@@ -76,6 +78,8 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files with ``Range: bytes=a-b`` answered 206, and an ETag of the file's mtime and size."""
 
     faults: Faults | None = None
+    #: Send the gzip representation to a client that accepts it (``Content-Encoding: gzip``).
+    compress = False
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass
@@ -94,24 +98,32 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
             self.send_error(404, "File not found")
             return None
         st = path.stat()
-        f = open(path, "rb")  # noqa: SIM115 - the base class closes it after copying
+        f: Any = open(path, "rb")  # noqa: SIM115 - the base class closes it after copying
+        size, etag = st.st_size, f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+        encoded = self.compress and "gzip" in self.headers.get("Accept-Encoding", "")
+        if encoded:  # the gzip representation, whose bytes a Range counts (as Apache's mod_deflate does)
+            body = gzip.compress(f.read(), mtime=0)
+            f.close()
+            f, size, etag = io.BytesIO(body), len(body), etag[:-1] + '-gzip"'
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        start, end = 0, st.st_size - 1
+        start, end = 0, size - 1
         if m:
             start = int(m.group(1))
-            end = min(int(m.group(2)) if m.group(2) else end, st.st_size - 1)
-            if start >= st.st_size:
+            end = min(int(m.group(2)) if m.group(2) else end, size - 1)
+            if start >= size:
                 f.close()
                 self.send_error(416, "Range not satisfiable")
                 return None
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{st.st_size}")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         else:
             self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(end - start + 1))
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
+        self.send_header("ETag", etag)
+        if encoded:
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
         self.end_headers()
         f.seek(start)
@@ -142,11 +154,13 @@ class _NoRangeHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def http_server(directory: Path, *, ranges: bool, faults: Faults | None = None) -> Iterator[str]:
-    """An HTTP server for ``directory`` on loopback, honouring ``Range`` or not, refusing what ``faults`` asks;
-    yields its base URL."""
-    if faults is not None:
-        handler = partial(type("_FaultyRangeHandler", (_RangeHandler,), {"faults": faults}), directory=str(directory))
+def http_server(directory: Path, *, ranges: bool, faults: Faults | None = None, compress: bool = False
+                ) -> Iterator[str]:
+    """An HTTP server for ``directory`` on loopback, honouring ``Range`` or not, refusing what ``faults`` asks,
+    sending gzip content-encoding to clients that accept it when ``compress``; yields its base URL."""
+    if faults is not None or compress:
+        handler = partial(type("_RangeHandlerWith", (_RangeHandler,), {"faults": faults, "compress": compress}),
+                          directory=str(directory))
     else:
         handler = partial(_RangeHandler if ranges else _NoRangeHandler, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
