@@ -237,7 +237,7 @@ def _open(source: SourceObject, options: Mapping[str, Any] | None) -> IO[bytes]:
     gz = is_gzip(source.name)
     if source.remote:
         stream = storage.open_stream(source, options)
-        return gzip.GzipFile(fileobj=stream, mode="rb") if gz else stream  # type: ignore[return-value]
+        return _GzipStream(stream) if gz else stream  # type: ignore[return-value]
     path = Path(source.name)
     try:
         if gz:
@@ -245,6 +245,21 @@ def _open(source: SourceObject, options: Mapping[str, Any] | None) -> IO[bytes]:
         return open(path, "rb")  # noqa: SIM115 - the caller closes it
     except OSError as exc:
         raise SourceError(f"source file {path} cannot be read: {exc.strerror}", file=str(path)) from None
+
+
+class _GzipStream(gzip.GzipFile):
+    """A store's stream, decompressed; closing it closes the stream too (GzipFile leaves a ``fileobj`` it was
+    given open, and the store's connection with it)."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(fileobj=stream, mode="rb")
+        self._stream = stream
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._stream.close()
 
 
 def plan_batches(files: list[SourceObject], batch_size: int, options: Mapping[str, Any] | None = None

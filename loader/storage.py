@@ -17,6 +17,7 @@ import errno
 import io
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -173,8 +174,10 @@ def expand_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 #: Environment variables that configure a store (credentials, endpoints, profiles, regions).
 _ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS", "AZURE_")
-#: File systems made in this process, by scheme, expanded options and the stores' environment variables.
-_cache: dict[tuple[str, str, tuple[tuple[str, str], ...]], Any] = {}
+#: File systems made in this process, by scheme, expanded options and the stores' environment variables; the
+#: least recently used go first beyond CACHED_FILESYSTEMS (a long-lived worker sees many jobs' options).
+_cache: OrderedDict[tuple[str, str, tuple[tuple[str, str], ...]], Any] = OrderedDict()
+CACHED_FILESYSTEMS = 16
 
 
 def _filesystem(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
@@ -201,6 +204,10 @@ def _filesystem(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
         if fs is None:
             fs, _ = fsspec.core.url_to_fs(url, skip_instance_cache=True, **expanded)
             _cache[key] = fs
+            while len(_cache) > CACHED_FILESYSTEMS:
+                _cache.popitem(last=False)
+        else:
+            _cache.move_to_end(key)
         path = fs._strip_protocol(url) if kind not in SINGLE_OBJECT_SCHEMES else url
     except ImportError:
         package = _PACKAGES.get(kind, kind)

@@ -386,6 +386,24 @@ def test_an_object_in_a_versioned_bucket_loads_its_batches_by_range(tmp_path, s3
     assert len(loaded(pg, table)) == 150
 
 
+def test_reading_gzip_objects_closes_their_streams_and_a_long_lived_process_keeps_few_file_systems(s3, monkeypatch):
+    """Planning a .gz object closes the store's stream with the decompressor (GzipFile alone leaves it open, and
+    its connection); file systems made for many option sets are kept up to CACHED_FILESYSTEMS."""
+    from loader import sources, storage
+
+    client, bucket = s3
+    client.put_object(Bucket=bucket, Key="z/a.ndjson.gz", Body=gzip.compress(ndjson([{"id": "k", "v": 1}])))
+    [obj] = storage.resolve(f"s3://{bucket}/z/a.ndjson.gz", None)
+    f = sources._open(obj, None)
+    assert f.read() == ndjson([{"id": "k", "v": 1}])
+    f.close()
+    assert f._stream.closed
+    for i in range(storage.CACHED_FILESYSTEMS + 5):
+        monkeypatch.setenv("AWS_DEFAULT_REGION", f"us-test-{i}")  # a new key each time, as another job's options
+        storage.resolve(f"s3://{bucket}/z/a.ndjson.gz", None)
+    assert len(storage._cache) == storage.CACHED_FILESYSTEMS
+
+
 def test_a_source_naming_an_object_version_loads_that_version_even_after_its_latest_was_read_here(
         tmp_path, s3, target_schema, pg, own_queue):
     """``s3://bucket/key?versionId=...`` loads that version and keeps the URL as written: the file system made
