@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import socket
@@ -106,6 +107,7 @@ class TcpRelay:
         self._source = None if source is None else (source, 0)  # the address its connections come from
         self.thawed = threading.Event()
         self.thawed.set()
+        self._open: set[socket.socket] = set()
         self._server = socket.create_server((listen_host, 0))
         self.port = int(self._server.getsockname()[1])
         threading.Thread(target=self._accept, daemon=True).start()
@@ -121,6 +123,7 @@ class TcpRelay:
             except OSError:
                 client.close()
                 continue
+            self._open.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -134,7 +137,15 @@ class TcpRelay:
         finally:
             source.close()
             dest.close()
+            self._open.discard(source)
+            self._open.discard(dest)
 
     def close(self) -> None:
+        """Stops accepting (shutdown wakes the thread blocked in accept) and closes the relayed connections."""
         self.thawed.set()
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
+        for conn in list(self._open):
+            with contextlib.suppress(OSError):
+                conn.close()

@@ -8,8 +8,10 @@ Needs root (CAP_NET_ADMIN) and the ``ip`` command; :func:`unavailable` says why 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -44,7 +46,7 @@ class RemoteHost:
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:8]
         self.name = f"dlhost-{tag}"
-        subnet = random.randint(0, 255)
+        subnet = _free_subnet()
         self.host_ip, self.remote_ip = f"10.231.{subnet}.1", f"10.231.{subnet}.2"
         host_if, remote_if = f"vh{tag}", f"vr{tag}"
         self._relays: list[TcpRelay] = []
@@ -90,11 +92,25 @@ class RemoteHost:
         return p
 
     def close(self) -> None:
+        """Every step is tried whatever the others did: a process already gone must not leak the namespace."""
         for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
         for relay in self._relays:
-            relay.close()
+            with contextlib.suppress(OSError):
+                relay.close()
         subprocess.run(["ip", "link", "del", self._host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+def _free_subnet() -> int:
+    """A 10.231.X.0/30 no interface of this host has yet (tests running at once each take their own)."""
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    used = {int(m) for m in re.findall(r"inet 10\.231\.(\d+)\.", shown)}
+    free = [n for n in range(256) if n not in used]
+    if not free:
+        raise RuntimeError("every 10.231.X.0/30 subnet is in use: leaked namespaces? ip netns list")
+    return random.choice(free)
