@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -9,7 +10,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import psycopg
 import sqlalchemy as sa
@@ -70,6 +71,12 @@ def add_secret(value: str) -> None:
         _secrets.add(value)
 
 
+def _written_forms(value: str) -> list[str]:
+    """``value`` and the other ways a message may spell it: JSON-escaped, URL-encoded (``%2F``, ``+``)."""
+    forms = {value, json.dumps(value)[1:-1], quote(value, safe=""), quote_plus(value, safe="")}
+    return sorted(forms, key=len, reverse=True)
+
+
 def redact(text: str) -> str:
     """Replace the passwords of DATABASE_URL and REDIS_URL (and of any URL in ``text``), the stores' credential
     variables, the values of a job's ``"${VAR}"`` storage options and signed-URL signatures with ***."""
@@ -80,7 +87,8 @@ def redact(text: str) -> str:
             text = text.replace(password, "***")
     for value in (*(os.environ.get(n, "") for n in SECRET_ENV_VARS), *_secrets):
         if len(value) >= 4:
-            text = text.replace(value, "***")
+            for form in _written_forms(value):  # as it is, and as JSON or a URL would carry it
+                text = text.replace(form, "***")
     text = _SIGNED_QUERY_RE.sub(r"\1***", text)
     return re.sub(r"(\w+://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
 

@@ -144,6 +144,13 @@ def check_options(value: object, job: str, where: str = "storage_options") -> di
     return value
 
 
+#: Options that name where and how to reach a store, never a credential: their "${VAR}" values stay readable
+#: in errors (every other expanded value is masked, whatever its name).
+PUBLIC_OPTIONS = frozenset({"endpoint_url", "region_name", "region", "project", "account_name", "profile",
+                            "default_block_size", "default_cache_type", "anon", "use_ssl", "requester_pays",
+                            "version_aware", "cache_regions", "timeout", "retries"})
+
+
 def expand_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """``storage_options`` with each ``"${VAR}"`` replaced by the variable's value on this host.
 
@@ -164,7 +171,8 @@ def expand_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
                 raise SourceError(f"{where} names the environment variable {name}, which is not set on this host",
                                   option=where, variable=name)
             found = os.environ[name]
-            db.add_secret(found)
+            if where.rsplit(".", 1)[-1].lower() not in PUBLIC_OPTIONS:
+                db.add_secret(found)
             return found
 
         return _VAR_RE.sub(value, v)

@@ -367,11 +367,18 @@ def test_store_credentials_and_values_expanded_from_var_references_are_masked_in
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-in-env-0042")
     monkeypatch.setenv("MY_STORE_TOKEN", "token-from-a-var-0043")
-    options = storage.expand_options({"client_kwargs": {"token": "${MY_STORE_TOKEN}"}, "anon": False})
-    assert options == {"client_kwargs": {"token": "token-from-a-var-0043"}, "anon": False}
+    monkeypatch.setenv("MY_SAS", "sv=2026&sig=a/b+c\"d")
+    monkeypatch.setenv("MY_ENDPOINT", "http://minio.internal:9000")
+    options = storage.expand_options({"client_kwargs": {"token": "${MY_STORE_TOKEN}"}, "anon": False,
+                                      "sas_token": "${MY_SAS}", "endpoint_url": "${MY_ENDPOINT}"})
+    assert options == {"client_kwargs": {"token": "token-from-a-var-0043"}, "anon": False,
+                       "sas_token": "sv=2026&sig=a/b+c\"d", "endpoint_url": "http://minio.internal:9000"}
     text = db.redact("failed with aws-secret-in-env-0042 and token-from-a-var-0043 at "
                      "https://h/x.ndjson?X-Amz-Signature=abcdef&part=1 and https://u:pw1234@h/x")
     assert text == "failed with *** and *** at https://h/x.ndjson?X-Amz-Signature=***&part=1 and https://u:***@h/x"
+    # The SAS as JSON and as a URL would carry it is masked too; the endpoint (not a secret) stays readable.
+    assert db.redact('{"sas": "sv=2026&sig=a/b+c\\"d"} ?q=sv%3D2026%26sig%3Da%2Fb%2Bc%22d at '
+                     "http://minio.internal:9000") == '{"sas": "***"} ?q=*** at http://minio.internal:9000'
 
 
 def test_an_object_in_a_versioned_bucket_loads_its_batches_by_range(tmp_path, s3, target_schema, pg, own_queue):
