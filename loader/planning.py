@@ -11,7 +11,7 @@ from psycopg import sql
 from . import db, lineage, states
 from .catalog import JobSpec
 from .db import ledger_table
-from .errors import LoaderError, TransientDbError
+from .errors import LoaderError, TransientDbError, TransientSourceError
 from .events import log_event
 from .retrying import backoff_delay
 from .sources import plan_batches, resolve_source
@@ -27,7 +27,7 @@ BATCH_COLUMNS = ("etl_job_id", "etl_run_id", "batch_index", "status", "source_fi
 def plan_run(job: str, run: str, worker: str | None = None) -> list[int]:
     """Plan a queued run: create its target table and batches; return the batch indexes to enqueue.
 
-    Transient database errors are retried; any other problem (no source file, a truncated gzip,
+    Transient database and store errors are retried; any other problem (no source file, a truncated gzip,
     a bad target table) fails the run with a clear message. Returns [] when there is nothing to
     load (the run is then final) or the run was canceled or planned already.
     """
@@ -38,7 +38,7 @@ def plan_run(job: str, run: str, worker: str | None = None) -> list[int]:
             return _plan_once(job, run, worker)
         except (LoaderError, psycopg.Error) as exc:
             error = exc if isinstance(exc, LoaderError) else db.wrap_db_error(exc)
-            if isinstance(error, TransientDbError) and attempt < 6:
+            if isinstance(error, TransientDbError | TransientSourceError) and attempt < 6:
                 log_event(None, job, run, "plan_retrying", level="warning", error=str(error))
                 time.sleep(backoff_delay(attempt))
                 continue

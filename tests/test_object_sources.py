@@ -284,6 +284,25 @@ def test_a_store_that_fails_a_read_for_a_moment_costs_an_attempt_and_the_batch_l
     assert sorted(loaded(pg, table)) == [f"k{i:03d}" for i in range(100)]
 
 
+def test_a_store_that_fails_for_a_moment_while_a_run_is_planned_costs_a_retry_not_the_run(
+        tmp_path, target_schema, pg, own_queue):
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "export.ndjson").write_bytes(ndjson([{"id": f"k{i:03d}", "v": i} for i in range(150)]))
+    faults = Faults()
+    faults.unavailable = 1
+    with http_server(www, ranges=True, faults=faults) as base:
+        job, run = plan(tmp_path, {"source": f"{base}/export.ndjson", "target_table": f"{target_schema}.t",
+                                   "source_id": "id"})
+    assert faults.refused == 1
+    c = loader.run_contract(job, run)
+    assert c["status"] == "loading" and c["metrics"]["batches_total"] == 2, c
+    schema = os.environ["ETL_LEDGER_SCHEMA"]
+    events = [e for (e,) in pg.execute(sql.SQL("SELECT event FROM {} WHERE etl_run_id = %s ORDER BY ts").format(
+        sql.Identifier(schema, "events")), [run]).fetchall()]
+    assert events.count("plan_started") == 2 and events[-1] == "plan_completed", events  # planned again
+
+
 def test_an_s3_object_replaced_while_a_batch_is_being_read_fails_as_changed_through_the_stores_if_match(s3):
     """Each ranged GET carries the planned ETag as If-Match: an object replaced after planning, even after the
     batch's object was opened, is refused by the store, never read half old, half new."""
