@@ -74,6 +74,11 @@ def test_a_worker_killed_mid_batch_is_noticed_and_its_batch_finished_by_another(
     abandoned = pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND status = 'abandoned'").format(
         sql.Identifier(schema, "attempts")), [job]).fetchone()
     assert abandoned == (1,)
+    # Batch size 100 goes ten batches an RQ job: the victim's job also held batches 1-9, which the reconciler
+    # queued again (a job started by a worker that stopped beating is lost), each as a delivery of its own.
+    requeued = pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND batch_index BETWEEN 1 AND 9 "
+                                  "AND deliveries >= 1").format(sql.Identifier(schema, "batches")), [job]).fetchone()
+    assert requeued == (9,)
 
 
 def test_redis_flushed_during_a_run_is_recovered_from_the_ledger(
