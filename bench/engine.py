@@ -659,7 +659,7 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-STAGES = ("matrix", "paired", "small", "memory", "profile", "memory_10m")
+STAGES = ("matrix", "paired", "small", "trips", "memory", "profile", "memory_10m")
 #: What runs when --stages is not given: ``memory_10m`` (about 11 GB of data, 10-20 minutes) only when asked.
 DEFAULT_STAGES = ("matrix", "paired", "small", "memory", "profile")
 #: Everything from this line on in BENCHMARKS.md is written by people and kept when the numbers are rewritten.
@@ -680,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                         help="which parts to run: matrix (every method and batch size), paired (best practice "
                              "right before the engine, batch 1000), small (issue 18: batch 100 and 1000 paired "
-                             "with the best practice at the same size, the fixed cost per batch), memory, "
+                             "with the best practice at the same size, the fixed cost per batch), trips (only "
+                             "small's round trip count), memory, "
                              "profile, memory_10m (peak RSS at --huge-records; not in the default) "
                              f"(default: {','.join(DEFAULT_STAGES)})")
     parser.add_argument("--small-records", type=int, default=SMALL_RECORDS,
@@ -722,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         mem_path, _ = generate(args.mem_records, with_changes=False)
         files["bench_mem_small"] = path_a
         files["bench_mem_large"] = mem_path
-    if "small" in stages:
+    if "small" in stages or "trips" in stages:
         small_path, _ = generate(args.small_records, with_changes=False)
         trace_path, _ = generate(TRACE_RECORDS, with_changes=False)
         files["bench_small"] = small_path
@@ -758,8 +759,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"small batches: {args.small_records:,} records, batch {SMALL_BATCHES}, 2 workers paired with "
                 f"the best practice at the same batch size; round trips on {TRACE_RECORDS:,}")
             out["small"] = run_small(env, args.small_records, small_path, trace_path, TRACE_RECORDS, args.repeat)
+        if "trips" in stages:
+            out["trips"] = trace_round_trips(env, trace_path, TRACE_RECORDS)
         if args.before:
-            out["small_before"] = json.loads(Path(args.before).read_text()).get("small")
+            before = json.loads(Path(args.before).read_text())
+            out["small_before"] = {**before["small"], "trips": before.get("trips") or before["small"]["trips"]}
         if "memory" in stages and mem_path is not None:
             out["memory"] = run_memory(env, n, args.mem_records)
         if "memory_10m" in stages:
@@ -913,13 +917,13 @@ def run_small(env: dict[str, str], n: int, path: Path, trace_path: Path, trace_n
 
 
 def trace_round_trips(env: dict[str, str], path: Path, n: int) -> dict[str, Any]:
-    """Messages one worker's main thread (where batches run) sends to PostgreSQL and to Redis, counted by
-    strace (``sendto``/``sendmsg``/``write``/``writev`` on each socket, peer port from ``-yy``), at batch size
-    100 and 1000 over the same source.
+    """Round trips of one worker's main thread (where batches run) to PostgreSQL and to Redis, counted by
+    strace (the socket calls, peer port from ``-yy``), at batch size 100 and 1000 over the same source.
 
-    A send is one request or one pipeline of them (a round trip), or one chunk of COPY data; the difference
-    between the two batch sizes divided by the extra batches is the fixed count per batch, whatever the
-    data and the planning cost.
+    A round trip is a run of sends on a socket ended by a read that returns data: a pipeline (psycopg sends
+    each of its statements with a call of its own, then waits once) is one, a COPY is two (its start, then
+    its data and end). The difference between the two batch sizes divided by the extra batches is the
+    fixed count per batch, whatever the data and the planning cost.
     """
     strace = shutil.which("strace")
     if strace is None:
@@ -930,7 +934,8 @@ def trace_round_trips(env: dict[str, str], path: Path, n: int) -> dict[str, Any]
     try:
         for b in SMALL_BATCHES:
             log_path = DATA / f"strace-b{b}.txt"
-            rec = subprocess.Popen([strace, "-qq", "-yy", "-e", "trace=sendto,sendmsg,write,writev", "-o",
+            rec = subprocess.Popen([strace, "-qq", "-yy", "-e",
+                                    "trace=sendto,sendmsg,write,writev,recvfrom,recvmsg,read", "-o",
                                     str(log_path), "-p", str(workers.pids[0])],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)
@@ -938,11 +943,7 @@ def trace_round_trips(env: dict[str, str], path: Path, n: int) -> dict[str, Any]
             time.sleep(1.0)  # RQ records the last job's end after the run is final
             rec.send_signal(signal.SIGINT)
             rec.wait(timeout=30)
-            per_port: Counter[int] = Counter()
-            for line in log_path.read_text(errors="replace").splitlines():
-                found = re.search(r"->\S*?:(\d+)\]", line)
-                if found:
-                    per_port[int(found.group(1))] += 1
+            per_port = count_round_trips(log_path.read_text(errors="replace"))
             counts[b] = {name: per_port[port] for name, port in ports.items()}
             counts[b]["batches"] = -(-n // b)
             log(f"  round trips B={b}: {counts[b]} ({'ok' if r['ok'] else 'run NOT ok'})")
@@ -953,6 +954,23 @@ def trace_round_trips(env: dict[str, str], path: Path, n: int) -> dict[str, Any]
     return {"records": n, "counts": {str(k): v for k, v in counts.items()},
             "fixed": {name: (counts[small][name] - counts[large][name]) / extra for name in ports},
             "per_batch_small": {name: counts[small][name] / counts[small]["batches"] for name in ports}}
+
+
+def count_round_trips(trace: str) -> Counter[int]:
+    """Round trips per peer port in an strace log (``-yy``): runs of sends each ended by a read with data."""
+    trips: Counter[int] = Counter()
+    sending: set[int] = set()
+    for line in trace.splitlines():
+        found = re.match(r"(\w+)\(\d+<\S*?->\S*?:(\d+)\]>.*= (-?\d+)", line)
+        if not found:
+            continue
+        call, port, result = found.group(1), int(found.group(2)), int(found.group(3))
+        if call.startswith(("send", "write")):
+            sending.add(port)
+        elif result > 0 and port in sending:
+            sending.discard(port)
+            trips[port] += 1
+    return trips
 
 
 def run_memory(env: dict[str, str], n: int, large: int) -> list[dict[str, Any]]:
@@ -1241,18 +1259,18 @@ def render_small(out: dict[str, Any], w: Callable[[str], object]) -> None:
           f"{_f(median([float(x['batch_ms_avg'] or 0) for x in pairs]), 1)} | {verdict} |\n")
     w("\n### Fixed cost per batch\n\n")
     w("CPU: (CPU at batch size 100 - CPU at 1000) / (batches at 100 - batches at 1000) over the runs above, the "
-      "workers' (both, from `/proc`) and the best practice's client. Sends: what one worker's main thread (where "
-      f"batches run) sends to PostgreSQL and to Redis, counted by strace on {small['trips'].get('records', 0):,} "
-      "records at batch size 100 and 1000; one send is one request or pipeline of requests (a round trip) or one "
-      "chunk of COPY data. Fixed = the difference per extra batch; per batch = all sends at batch size 100 / its "
-      "batches (planning included).\n\n")
-    rows = [("this run", small)]
+      "workers' (both, from `/proc`) and the best practice's client. Round trips: those of one worker's main "
+      "thread (where batches run) to PostgreSQL and to Redis, counted by strace on "
+      f"{(out.get('trips') or small.get('trips', {})).get('records', 0):,} records at batch size 100 and 1000 (a run "
+      "of sends on a socket ended by a read that returns data: a pipeline is one, a COPY two). Fixed = the "
+      "difference per extra batch; per batch = all at batch size 100 / its batches (planning included).\n\n")
+    rows = [("this run", {**small, "trips": out.get("trips") or small.get("trips", {})})]
     before = out.get("small_before")
     if before:
         rows.insert(0, ("before", before))
     w("| code | engine worker CPU ms per batch (fixed) | best practice client CPU ms per batch (fixed) | "
-      "sends to PostgreSQL per batch: fixed / all at 100 | sends to Redis per batch: fixed / all at 100 | "
-      "× best at batch 100 |\n")
+      "round trips to PostgreSQL per batch: fixed / all at 100 | round trips to Redis per batch: fixed / all at "
+      "100 | × best at batch 100 |\n")
     w("| --- | ---: | ---: | ---: | ---: | ---: |\n")
     for label, x in rows:
         trips = x.get("trips", {})
