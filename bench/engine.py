@@ -763,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
             out["trips"] = trace_round_trips(env, trace_path, TRACE_RECORDS)
         if args.before:
             before = json.loads(Path(args.before).read_text())
-            out["small_before"] = {**before["small"], "trips": before.get("trips") or before["small"]["trips"]}
+            out["small_before"] = {**before["small"], "trips": before.get("trips") or before["small"]["trips"],
+                                   "commands": [c for c in before["meta"]["commands"] if "small" in c["stages"]]}
         if "memory" in stages and mem_path is not None:
             out["memory"] = run_memory(env, n, args.mem_records)
         if "memory_10m" in stages:
@@ -1239,6 +1240,10 @@ def render_small(out: dict[str, Any], w: Callable[[str], object]) -> None:
     n = small["records"]
     w(f"## Small batches, paired with the best practice at the same batch size (issue 18; {small['repeat']} pairs "
       "each)\n\n")
+    for c in out["meta"]["commands"]:
+        if "small" in c["stages"]:
+            w(f"`{c['command']}`, {c['date']}, {c.get('minutes', '?')} min, load average {c['load_start']} at the "
+              f"start and {c.get('load_end', '?')} at the end (2 cores, shared with PostgreSQL and other work).\n\n")
     w(f"{n:,} records (pass A into a freshly dropped table, JSON Schema on), the engine with 2 workers right "
       "before or after (alternating) the best practice on one connection: COPY to a temp table + one "
       "`INSERT ... ON CONFLICT DO UPDATE` per transaction of the same batch size. The ratio of each pair is the "
@@ -1267,7 +1272,7 @@ def render_small(out: dict[str, Any], w: Callable[[str], object]) -> None:
     rows = [("this run", {**small, "trips": out.get("trips") or small.get("trips", {})})]
     before = out.get("small_before")
     if before:
-        rows.insert(0, ("before", before))
+        rows.insert(0, (f"before ({', '.join(c['date'] for c in before.get('commands', []))})", before))
     w("| code | engine worker CPU ms per batch (fixed) | best practice client CPU ms per batch (fixed) | "
       "round trips to PostgreSQL per batch: fixed / all at 100 | round trips to Redis per batch: fixed / all at "
       "100 | × best at batch 100 |\n")
