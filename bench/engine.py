@@ -1199,9 +1199,10 @@ def render(out: dict[str, Any]) -> str:
     if len(huge) >= 2:
         small, large = huge[0], huge[-1]
         growth = large["hwm_kb"] / small["hwm_kb"] if small["hwm_kb"] else float("nan")
-        w("## Peak worker memory, 10 million records (issue 18, point 4)\n\n")
-        w("`python bench/engine.py --stages memory_10m`: as above, a fresh worker per source, batch size 1000 "
-          "(10,000 batches at 10 million records).\n\n")
+        w(f"## Peak worker memory, {small['records']:,} and {large['records']:,} records (issue 18, point 4)\n\n")
+        w("`python bench/engine.py --stages memory_10m` (`--mem-records`, `--huge-records`; 1,000,000 and "
+          f"10,000,000 unless told): as above, a fresh worker per source, batch size 1000 ({large['records'] // 1000:,} "
+          "batches in the larger run).\n\n")
         w("| records | peak RSS before the run (MiB) | peak RSS after the run (MiB) | rows/s | run ok |\n")
         w("| ---: | ---: | ---: | ---: | --- |\n")
         for x in huge:
