@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -55,6 +56,13 @@ BATCH_SIZES = (100, 1000, 10000)
 WORKER_COUNTS = (1, 2)
 #: Rows per transaction of the in-process baselines (the issue's "1000-row transactions").
 BASELINE_CHUNK = 1000
+#: Issue 18: the records of the small-batch pairing (2 workers against the best practice at the same batch
+#: size, pass A), those of the source whose round trips are counted (1 worker under strace), and the largest
+#: source of the memory check (``memory_10m``, a stage of its own: about 11 GB of NDJSON).
+SMALL_RECORDS = 100_000
+SMALL_BATCHES = (100, 1000)
+TRACE_RECORDS = 20_000
+HUGE_RECORDS = 10_000_000
 
 TARGET_DDL = sql.SQL("""
     CREATE TABLE {} (
@@ -231,8 +239,9 @@ def run_limit(path: Path, records: int) -> float:
     return secs
 
 
-def run_best(path: Path, records: int, *, fresh: bool) -> float:
-    """Per 1000 rows, one transaction: binary COPY into a temp table, one INSERT ... ON CONFLICT."""
+def run_best(path: Path, records: int, *, fresh: bool, chunk: int = BASELINE_CHUNK) -> float:
+    """Per ``chunk`` rows (1000 unless told), one transaction: binary COPY into a temp table, one
+    INSERT ... ON CONFLICT."""
     with _connect() as conn:
         table = _fresh_table(conn, "best_practice") if fresh else sql.Identifier(TARGET_SCHEMA, "best_practice")
         conn.execute("CREATE TEMP TABLE bench_stage (source_id text, data jsonb) ON COMMIT DELETE ROWS")
@@ -240,12 +249,12 @@ def run_best(path: Path, records: int, *, fresh: bool) -> float:
         params = {"job": "bench_best", "run": "a" if fresh else "b"}
         conn.execute("CHECKPOINT")
         t0 = time.perf_counter()
-        for chunk in chunked(read_records(path), BASELINE_CHUNK):
+        for rows in chunked(read_records(path), chunk):
             with conn.transaction():
                 with conn.cursor().copy("COPY pg_temp.bench_stage (source_id, data) FROM STDIN (FORMAT BINARY)"
                                         ) as copy:
                     copy.set_types(["text", "jsonb"])
-                    for sid, obj in chunk:
+                    for sid, obj in rows:
                         copy.write_row((sid, Jsonb(obj)))
                 conn.execute(upsert, params)
         secs = time.perf_counter() - t0
@@ -333,8 +342,10 @@ def run_dlt(path: Path, records: int, *, fresh: bool) -> float:
 
 def engine_env(catalog: Path) -> dict[str, str]:
     env = dict(os.environ)
+    # PYTHONPATH: the workers and the CLI run the code beside this file (a worktree), not whatever checkout
+    # the virtualenv's editable install points at.
     env.update(DATABASE_URL=DSN, REDIS_URL=REDIS, ETL_LEDGER_SCHEMA=LEDGER_SCHEMA, ETL_QUEUE=QUEUE,
-               ETL_JOBS_FILE=str(catalog), PYTHONUNBUFFERED="1")
+               ETL_JOBS_FILE=str(catalog), PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     return env
 
 
@@ -648,7 +659,9 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-STAGES = ("matrix", "paired", "memory", "profile")
+STAGES = ("matrix", "paired", "small", "trips", "memory", "profile", "memory_10m")
+#: What runs when --stages is not given: ``memory_10m`` (about 11 GB of data, 10-20 minutes) only when asked.
+DEFAULT_STAGES = ("matrix", "paired", "small", "memory", "profile")
 #: Everything from this line on in BENCHMARKS.md is written by people and kept when the numbers are rewritten.
 NOTES_MARKER = "<!-- notes: kept by bench/engine.py when it rewrites the numbers above -->"
 
@@ -664,9 +677,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dlt-records", type=int, default=0,
                         help="records for dlt (default: --records; dlt is slow, a smaller source may be used)")
     parser.add_argument("--skip-dlt", action="store_true")
-    parser.add_argument("--stages", default=",".join(STAGES),
+    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                         help="which parts to run: matrix (every method and batch size), paired (best practice "
-                             "right before the engine, batch 1000), memory, profile (default: all)")
+                             "right before the engine, batch 1000), small (issue 18: batch 100 and 1000 paired "
+                             "with the best practice at the same size, the fixed cost per batch), trips (only "
+                             "small's round trip count), memory, "
+                             "profile, memory_10m (peak RSS at --huge-records; not in the default) "
+                             f"(default: {','.join(DEFAULT_STAGES)})")
+    parser.add_argument("--small-records", type=int, default=SMALL_RECORDS,
+                        help=f"records of the small-batch pairing (default {SMALL_RECORDS})")
+    parser.add_argument("--huge-records", type=int, default=HUGE_RECORDS,
+                        help=f"the source of the memory_10m stage (default {HUGE_RECORDS})")
+    parser.add_argument("--before", help="results.json of the code before a change: its 'small' stage is shown "
+                                         "beside this run's as the fixed cost before")
     parser.add_argument("--merge", help="results.json of an earlier run: its stages fill in those not run now")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to write ('-': none)")
     args = parser.parse_args(argv)
@@ -677,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes: tuple[int, ...] = BATCH_SIZES
     if args.quick:
         args.records = min(args.records, 20_000)
+        args.small_records = min(args.small_records, 20_000)
         args.mem_records = min(args.mem_records, 100_000)
         batch_sizes = (1000,)
     if args.repeat < 1:
@@ -699,6 +723,16 @@ def main(argv: list[str] | None = None) -> int:
         mem_path, _ = generate(args.mem_records, with_changes=False)
         files["bench_mem_small"] = path_a
         files["bench_mem_large"] = mem_path
+    if "small" in stages or "trips" in stages:
+        small_path, _ = generate(args.small_records, with_changes=False)
+        trace_path, _ = generate(TRACE_RECORDS, with_changes=False)
+        files["bench_small"] = small_path
+        files["bench_trace"] = trace_path
+    if "memory_10m" in stages:
+        mem_path_1m, _ = generate(args.mem_records, with_changes=False)
+        huge_path, _ = generate(args.huge_records, with_changes=False)
+        files["bench_mem_1m"] = mem_path_1m
+        files["bench_mem_10m"] = huge_path
     catalog = write_catalog(files)
     env = engine_env(catalog)
     avg_bytes = path_a.stat().st_size / n
@@ -721,8 +755,21 @@ def main(argv: list[str] | None = None) -> int:
             out["matrix"] = run_matrix(env, args, n, n_dlt, batch_sizes, path_a, path_b, dlt_paths)
         if "paired" in stages:
             out["paired"] = run_paired(env, n, path_a, path_b, args.repeat)
+        if "small" in stages:
+            log(f"small batches: {args.small_records:,} records, batch {SMALL_BATCHES}, 2 workers paired with "
+                f"the best practice at the same batch size; round trips on {TRACE_RECORDS:,}")
+            out["small"] = run_small(env, args.small_records, small_path, trace_path, TRACE_RECORDS, args.repeat)
+        if "trips" in stages:
+            out["trips"] = trace_round_trips(env, trace_path, TRACE_RECORDS)
+        if args.before:
+            before = json.loads(Path(args.before).read_text())
+            out["small_before"] = {**before["small"], "trips": before.get("trips") or before["small"]["trips"],
+                                   "commands": [c for c in before["meta"]["commands"] if "small" in c["stages"]]}
         if "memory" in stages and mem_path is not None:
             out["memory"] = run_memory(env, n, args.mem_records)
+        if "memory_10m" in stages:
+            out["memory_10m"] = measure_memory(env, (("1m", "bench_mem_1m", args.mem_records),
+                                                     ("10m", "bench_mem_10m", args.huge_records)))
         if "profile" in stages:
             log("profile: 1 worker, batch 1000, pass A then pass B, py-spy --idle")
             out["profile"] = profile_engine(env, "bench_a", "bench_b", n, 1000)
@@ -825,10 +872,117 @@ def run_paired(env: dict[str, str], n: int, path_a: Path, path_b: Path, repeat: 
     return {"repeat": repeat, "pairs": pairs}
 
 
+def run_small(env: dict[str, str], n: int, path: Path, trace_path: Path, trace_n: int,
+              repeat: int) -> dict[str, Any]:
+    """Issue 18: the engine with 2 workers paired with the best practice at the same batch size (100, then
+    1000; pass A into a fresh table, order alternating), the CPU per batch beyond the data, and the round
+    trips per batch counted on one worker.
+
+    The fixed cost per batch is what a batch costs beyond its records: (CPU at batch size 100 - CPU at 1000)
+    / (batches at 100 - batches at 1000), the same data either way, for the workers and for the best
+    practice's client alike.
+    """
+    pairs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    workers = Workers(2, env, "small-w2")
+    try:
+        for rep in range(repeat):
+            for b in SMALL_BATCHES:
+                def best(b: int = b) -> tuple[float, float]:
+                    cpu0 = time.process_time()
+                    secs = run_best(path, n, fresh=True, chunk=b)
+                    return n / secs, time.process_time() - cpu0
+
+                if rep % 2 == 0:
+                    best_rps, best_cpu = best()
+                    r = run_engine(env, "bench_small", b, workers, n, fresh=True)
+                else:
+                    r = run_engine(env, "bench_small", b, workers, n, fresh=True)
+                    best_rps, best_cpu = best()
+                pair = {"best_rps": best_rps, "best_cpu_s": best_cpu, "engine_rps": n / r["secs"],
+                        "engine_cpu_s": r["worker_cpu_s"], "ok": r["ok"], "ratio": n / r["secs"] / best_rps,
+                        "ratio_ledger": n / r["elapsed_s"] / best_rps, "batch_ms_avg": r["batch_ms_avg"]}
+                pairs[f"b{b}"].append(pair)
+                log(f"  small B={b} #{rep + 1}: best {best_rps:,.0f} rows/s, engine (2 workers) {n / r['secs']:,.0f} "
+                    f"rows/s = {pair['ratio']:.2f} ({pair['ratio_ledger']:.2f} ledger), worker CPU "
+                    f"{r['worker_cpu_s']:.1f} s")
+    finally:
+        workers.stop()
+    small, large = SMALL_BATCHES
+    extra = n / small - n / large
+    fixed: dict[str, list[float]] = {"engine_cpu_ms": [], "best_cpu_ms": []}
+    for p_small, p_large in zip(pairs[f"b{small}"], pairs[f"b{large}"], strict=True):
+        fixed["engine_cpu_ms"].append((p_small["engine_cpu_s"] - p_large["engine_cpu_s"]) / extra * 1000)
+        fixed["best_cpu_ms"].append((p_small["best_cpu_s"] - p_large["best_cpu_s"]) / extra * 1000)
+    return {"records": n, "repeat": repeat, "pairs": pairs, "fixed": fixed,
+            "trips": trace_round_trips(env, trace_path, trace_n)}
+
+
+def trace_round_trips(env: dict[str, str], path: Path, n: int) -> dict[str, Any]:
+    """Round trips of one worker's main thread (where batches run) to PostgreSQL and to Redis, counted by
+    strace (the socket calls, peer port from ``-yy``), at batch size 100 and 1000 over the same source.
+
+    A round trip is a run of sends on a socket ended by a read that returns data: a pipeline (psycopg sends
+    each of its statements with a call of its own, then waits once) is one, a COPY is two (its start, then
+    its data and end). The difference between the two batch sizes divided by the extra batches is the
+    fixed count per batch, whatever the data and the planning cost.
+    """
+    strace = shutil.which("strace")
+    if strace is None:
+        return {"error": "strace not found"}
+    ports = {"postgresql": urlsplit(DSN).port or 5432, "redis": urlsplit(REDIS).port or 6379}
+    workers = Workers(1, env, "trace")
+    counts: dict[int, dict[str, int]] = {}
+    try:
+        for b in SMALL_BATCHES:
+            log_path = DATA / f"strace-b{b}.txt"
+            rec = subprocess.Popen([strace, "-qq", "-yy", "-e",
+                                    "trace=sendto,sendmsg,write,writev,recvfrom,recvmsg,read", "-o",
+                                    str(log_path), "-p", str(workers.pids[0])],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(1.0)
+            r = run_engine(env, "bench_trace", b, workers, n, fresh=True)
+            time.sleep(1.0)  # RQ records the last job's end after the run is final
+            rec.send_signal(signal.SIGINT)
+            rec.wait(timeout=30)
+            per_port = count_round_trips(log_path.read_text(errors="replace"))
+            counts[b] = {name: per_port[port] for name, port in ports.items()}
+            counts[b]["batches"] = -(-n // b)
+            log(f"  round trips B={b}: {counts[b]} ({'ok' if r['ok'] else 'run NOT ok'})")
+    finally:
+        workers.stop()
+    small, large = SMALL_BATCHES
+    extra = counts[small]["batches"] - counts[large]["batches"]
+    return {"records": n, "counts": {str(k): v for k, v in counts.items()},
+            "fixed": {name: (counts[small][name] - counts[large][name]) / extra for name in ports},
+            "per_batch_small": {name: counts[small][name] / counts[small]["batches"] for name in ports}}
+
+
+def count_round_trips(trace: str) -> Counter[int]:
+    """Round trips per peer port in an strace log (``-yy``): runs of sends each ended by a read with data."""
+    trips: Counter[int] = Counter()
+    sending: set[int] = set()
+    for line in trace.splitlines():
+        found = re.match(r"(\w+)\(\d+<\S*?->\S*?:(\d+)\]>.*= (-?\d+)", line)
+        if not found:
+            continue
+        call, port, result = found.group(1), int(found.group(2)), int(found.group(3))
+        if call.startswith(("send", "write")):
+            sending.add(port)
+        elif result > 0 and port in sending:
+            sending.discard(port)
+            trips[port] += 1
+    return trips
+
+
 def run_memory(env: dict[str, str], n: int, large: int) -> list[dict[str, Any]]:
     """Peak RSS of a fresh worker loading the small and then the large source (batch 1000, pass A)."""
+    return measure_memory(env, (("small", "bench_mem_small", n), ("large", "bench_mem_large", large)))
+
+
+def measure_memory(env: dict[str, str], sources: tuple[tuple[str, str, int], ...]) -> list[dict[str, Any]]:
+    """Peak RSS (VmHWM) of a fresh worker per source (label, job, records): batch 1000, pass A."""
     memory = []
-    for label, job, records in (("small", "bench_mem_small", n), ("large", "bench_mem_large", large)):
+    for label, job, records in sources:
         log(f"memory: {records:,} records, batch 1000, 1 fresh worker")
         workers = Workers(1, env, f"mem-{label}")
         try:
@@ -993,6 +1147,7 @@ def render(out: dict[str, Any]) -> str:
               f"{_f(median([x['engine_cpu_s'] for x in pairs]) * 100_000 / n, 1)} |\n")
         w("\n")
 
+    render_small(out, w)
     w("## Targets (issue 6, batch size 1000)\n\n")
     for pas in ("a", "b"):
         for wn in WORKER_COUNTS:
@@ -1040,6 +1195,22 @@ def render(out: dict[str, Any]) -> str:
               f"{'yes' if x['ok'] else 'NO'} |\n")
         w("\n")
 
+    huge = out.get("memory_10m") or []
+    if len(huge) >= 2:
+        small, large = huge[0], huge[-1]
+        growth = large["hwm_kb"] / small["hwm_kb"] if small["hwm_kb"] else float("nan")
+        w(f"## Peak worker memory, {small['records']:,} and {large['records']:,} records (issue 18, point 4)\n\n")
+        w("`python bench/engine.py --stages memory_10m` (`--mem-records`, `--huge-records`; 1,000,000 and "
+          f"10,000,000 unless told): as above, a fresh worker per source, batch size 1000 ({large['records'] // 1000:,} "
+          "batches in the larger run).\n\n")
+        w("| records | peak RSS before the run (MiB) | peak RSS after the run (MiB) | rows/s | run ok |\n")
+        w("| ---: | ---: | ---: | ---: | --- |\n")
+        for x in huge:
+            w(f"| {x['records']:,} | {x['hwm_idle_kb'] / 1024:.0f} | {x['hwm_kb'] / 1024:.0f} | {_rps(x['rps'])} | "
+              f"{'yes' if x['ok'] else 'NO'} |\n")
+        w(f"\nPeak worker RSS from {small['records']:,} to {large['records']:,} records: ×{_f(growth)}: "
+          f"**{'flat (within 10%)' if growth <= 1.10 else 'not flat'}**\n\n")
+
     prof = out.get("profile")
     if prof:
         w("## Where the engine's time goes\n\n")
@@ -1059,6 +1230,66 @@ def render(out: dict[str, Any]) -> str:
                 w(f"| `{name}` | {share * 100:.1f}% |\n")
             w("\n")
     return "".join(lines)
+
+
+def render_small(out: dict[str, Any], w: Callable[[str], object]) -> None:
+    """Issue 18's section: batch size 100 and 1000 paired with the best practice at the same size, and the
+    fixed cost per batch (worker CPU, round trips), before and after when ``--before`` gave the earlier run."""
+    small = out.get("small")
+    if not small:
+        return
+    n = small["records"]
+    w(f"## Small batches, paired with the best practice at the same batch size (issue 18; {small['repeat']} pairs "
+      "each)\n\n")
+    for c in out["meta"]["commands"]:
+        if "small" in c["stages"]:
+            w(f"`{c['command']}`, {c['date']}, {c.get('minutes', '?')} min, load average {c['load_start']} at the "
+              f"start and {c.get('load_end', '?')} at the end (2 cores, shared with PostgreSQL and other work).\n\n")
+    w(f"{n:,} records (pass A into a freshly dropped table, JSON Schema on), the engine with 2 workers right "
+      "before or after (alternating) the best practice on one connection: COPY to a temp table + one "
+      "`INSERT ... ON CONFLICT DO UPDATE` per transaction of the same batch size. The ratio of each pair is the "
+      "figure.\n\n")
+    w("| batch | best practice rows/s | engine rows/s (2 workers) | × best, same batch (wall) | × best (ledger "
+      "elapsed) | avg batch ms | target |\n")
+    w("| ---: | ---: | ---: | ---: | ---: | ---: | --- |\n")
+    targets = {"b100": 1.0, "b1000": 1.3}
+    for key, pairs in small["pairs"].items():
+        ratio = median([x["ratio"] for x in pairs])
+        goal = targets.get(key)
+        verdict = "-" if goal is None else f"≥ {goal:.1f}: **{'met' if ratio >= goal else 'not met'}**"
+        bad = sum(1 for x in pairs if not x["ok"])
+        flag = f" ⚠ {bad} run(s) not fully successful" if bad else ""
+        w(f"| {key[1:]}{flag} | {_rps(median([x['best_rps'] for x in pairs]))} | "
+          f"{_rps(median([x['engine_rps'] for x in pairs]))} | **{_spread([x['ratio'] for x in pairs])}** | "
+          f"{_spread([x['ratio_ledger'] for x in pairs])} | "
+          f"{_f(median([float(x['batch_ms_avg'] or 0) for x in pairs]), 1)} | {verdict} |\n")
+    w("\n### Fixed cost per batch\n\n")
+    w("CPU: (CPU at batch size 100 - CPU at 1000) / (batches at 100 - batches at 1000) over the runs above, the "
+      "workers' (both, from `/proc`) and the best practice's client. Round trips: those of one worker's main "
+      "thread (where batches run) to PostgreSQL and to Redis, counted by strace on "
+      f"{(out.get('trips') or small.get('trips', {})).get('records', 0):,} records at batch size 100 and 1000 (a run "
+      "of sends on a socket ended by a read that returns data: a pipeline is one, a COPY two). Fixed = the "
+      "difference per extra batch; per batch = all at batch size 100 / its batches (planning included).\n\n")
+    rows = [("this run", {**small, "trips": out.get("trips") or small.get("trips", {})})]
+    before = out.get("small_before")
+    if before:
+        rows.insert(0, (f"before ({', '.join(c['date'] for c in before.get('commands', []))})", before))
+    w("| code | engine worker CPU ms per batch (fixed) | best practice client CPU ms per batch (fixed) | "
+      "round trips to PostgreSQL per batch: fixed / all at 100 | round trips to Redis per batch: fixed / all at "
+      "100 | × best at batch 100 |\n")
+    w("| --- | ---: | ---: | ---: | ---: | ---: |\n")
+    for label, x in rows:
+        trips = x.get("trips", {})
+        fixed, per = trips.get("fixed", {}), trips.get("per_batch_small", {})
+
+        def sends(name: str, fixed: dict[str, float] = fixed, per: dict[str, float] = per,
+                  error: str = trips.get("error", "n/a")) -> str:
+            return f"{_f(fixed[name], 1)} / {_f(per[name], 1)}" if name in fixed else error
+
+        w(f"| {label} | {_spread(x['fixed']['engine_cpu_ms'])} | {_spread(x['fixed']['best_cpu_ms'])} | "
+          f"{sends('postgresql')} | {sends('redis')} | {_spread([p['ratio'] for p in x['pairs'].get('b100', [])])} "
+          "|\n")
+    w("\n")
 
 
 if __name__ == "__main__":

@@ -9,18 +9,25 @@ from rq.job import Job
 
 from loader import db, states
 from loader.events import log_event
-from loader.queue import batch_job_id, enqueue_batches, enqueue_plan, get_redis, plan_job_id
+from loader.queue import batch_job_id, enqueue_batches, enqueue_plan, get_redis, group_size, plan_job_id
 from loader.reconcile import Reconciled, exclusive, reconcile
 
 #: RQ job states meaning "nobody will run this job again".
 GONE = {None, b"finished", b"failed", b"stopped", b"canceled"}
 
 
-def _missing(redis: Redis, ids: list[str]) -> set[str]:
+def _missing(redis: Redis, ids: list[str], live_workers: set[str] | None = None) -> set[str]:
+    """The job ids nobody will run: gone from Redis or ended, or (given ``live_workers``) started by a worker
+    that stopped beating (a group job whose worker died leaves its later batches pending under it)."""
     pipe = redis.pipeline(transaction=False)
     for job_id in ids:
-        pipe.hget(Job.key_for(job_id), "status")
-    return {job_id for job_id, status in zip(ids, pipe.execute(), strict=True) if status in GONE}
+        pipe.hmget(Job.key_for(job_id), "status", "worker_name")
+    missing = set()
+    for job_id, (status, worker) in zip(ids, pipe.execute(), strict=True):
+        if status in GONE or (live_workers is not None and status == b"started"
+                              and (worker or b"").decode() not in live_workers):
+            missing.add(job_id)
+    return missing
 
 
 def requeue(found: Reconciled, redis: Redis | None = None) -> dict[str, int]:
@@ -30,10 +37,12 @@ def requeue(found: Reconciled, redis: Redis | None = None) -> dict[str, int]:
     for job, run, batch in found.abandoned:
         todo[(job, run)].add(batch)
     if found.pending:
-        ids = {batch_job_id(j, r, b, d): (j, r, b) for j, r, b, d in found.pending}
-        for job_id in _missing(redis, list(ids)):
-            j, r, b = ids[job_id]
-            todo[(j, r)].add(b)
+        ids: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+        for j, r, b, d, size in found.pending:
+            ids[batch_job_id(j, r, b, d, group_size(size))].append((j, r, b))
+        for job_id in _missing(redis, list(ids), found.live_workers):
+            for j, r, b in ids[job_id]:
+                todo[(j, r)].add(b)
     batches = 0
     for (job, run), indexes in todo.items():
         # Each is queued as a new delivery, under a job id of its own: an older delivery that is still

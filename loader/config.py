@@ -58,7 +58,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ETL_WORKER_STALE_SECONDS", "15",
             "seconds without a heartbeat (workers beat every 3 s) after which a worker is presumed lost: its "
             "batch is queued again, or fails as worker_lost in its last attempt (at least 6)"),
-    Setting("ETL_JOB_TIMEOUT", "1800", "seconds an RQ job (planning or one batch) may run before it is killed"),
+    Setting("ETL_JOB_TIMEOUT", "1800", "seconds an RQ job (planning, one batch, or a first delivery of consecutive "
+            "small batches, about 1,000 records in all) may run before it is killed"),
     Setting("ETL_CONSOLE_URL", "http://localhost:8501",
             "public base URL of the console; logs_url and metrics_download_url start with it"),
     Setting("ETL_DB_POOL_SIZE", "4", "largest number of pooled PostgreSQL connections per process (the "

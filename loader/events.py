@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -26,15 +27,33 @@ def log_event(conn: psycopg.Connection[Any] | None, job: str, run: str, event: s
 
     With ``conn=None`` the event only goes to the process log (the database may be down).
     """
+    record_event(conn, job, run, event, level=level, batch=batch, attempt=attempt, **details)()
+
+
+def record_event(conn: psycopg.Connection[Any] | None, job: str, run: str, event: str, *, level: str = "info",
+                 batch: int | None = None, attempt: int | None = None, **details: Any) -> Callable[[], None]:
+    """Record an event in the ledger now, and return what writes its process log line, for a caller that logs
+    only once its transaction is known to commit (the insert may ride a pipeline with the batch's commit row).
+
+    Example::
+
+        echo = record_event(conn, job, run, "batch_committed", batch=3)
+        ...  # the rest of the transaction
+        echo()
+    """
     clean = orjson.loads(redact(orjson.dumps(details, default=str).decode()))
     if conn is not None:
         conn.execute(INSERT_EVENT.format(ledger_table("events")),
                      [job, run, batch, attempt, level, event, Jsonb(clean)])
-    if logger.isEnabledFor(logging.INFO if level == "info" else logging.WARNING):
-        line = {"level": level, "event": event, "job": job, "run": run, "batch": batch, "attempt": attempt,
-                "details": clean}
-        logger.log(logging.ERROR if level == "error" else logging.WARNING if level == "warning" else logging.INFO,
-                   orjson.dumps(line).decode())
+
+    def echo() -> None:
+        if logger.isEnabledFor(logging.INFO if level == "info" else logging.WARNING):
+            line = {"level": level, "event": event, "job": job, "run": run, "batch": batch, "attempt": attempt,
+                    "details": clean}
+            logger.log(logging.ERROR if level == "error" else logging.WARNING if level == "warning"
+                       else logging.INFO, orjson.dumps(line).decode())
+
+    return echo
 
 
 def setup_process_logging(level: int = logging.INFO) -> None:

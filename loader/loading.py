@@ -17,7 +17,7 @@ from . import config, db, lineage, states
 from .catalog import JobSpec
 from .db import ledger_table
 from .errors import JobTimeout, LoaderError, TransientDbError, TransientSourceError
-from .events import log_event
+from .events import log_event, record_event
 from .retrying import backoff_delay
 from .sources import OversizedRecord, PlannedBatch, from_ledger, read_batch
 from .states import AttemptStatus, BatchStatus, RunStatus
@@ -118,8 +118,8 @@ def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: 
                 attempt = int(began["attempts"])
                 max_attempts = int(began["max_attempts"])
                 outcome = _attempt(conn, spec, spec_json, job, run, batch, attempt, began, started)
-            if outcome.status not in ("skipped", "canceled"):
-                finish_run_if_done(job, run)
+                if outcome.status not in ("skipped", "canceled"):
+                    finish_run_if_done(job, run, conn)  # on the same connection: no second borrow and check
             return outcome
         except Exception as exc:  # noqa: BLE001 - every failure is recorded in the ledger, then handled
             failures += 1
@@ -183,7 +183,7 @@ def _not_started(conn: psycopg.Connection[Any], job: str, run: str, batch: int) 
     run_status, batch_status = (row or (None, None))
     if batch_status == BatchStatus.SUCCEEDED.value:
         reason = "already committed (duplicate delivery): nothing done"
-        finish_run_if_done(job, run)  # in case the execution that committed it died before finishing
+        finish_run_if_done(job, run, conn)  # in case the execution that committed it died before finishing
     elif run_status == RunStatus.CANCELED.value:
         # The cancel recorded its unstarted batches already and logged once for all of them: a queued job
         # of a canceled run ends here quietly, unless its batch was still open (it failed an attempt while
@@ -216,9 +216,10 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
         try:
             return _load_in_transaction(conn, spec, job, run, batch, attempt, began, started, planned, checker,
                                         ord_base)
-        except _UpsertRefused:
-            # The target refused a record's data in the upsert (a generated column, an expression index):
-            # the batch again, in one transaction, upserting its keys in halves to find the records at fault.
+        except _RecordRefused:
+            # PostgreSQL refused a record's data in the stage (a number jsonb cannot hold) or in the upsert (a
+            # generated column, an expression index): the batch again, in one transaction, staging its records
+            # and upserting its keys in halves to find the records at fault.
             return _load_in_transaction(conn, spec, job, run, batch, attempt, began, started, planned, checker,
                                         ord_base, isolate=True)
     except _RunCanceledAtCommit:
@@ -233,15 +234,20 @@ class _RunCanceledAtCommit(Exception):
     """The batch's commit found its run canceled: the transaction rolls back."""
 
 
-class _UpsertRefused(Exception):
-    """The upsert hit a record's data error: the transaction rolls back and the batch goes again, isolating."""
+class _RecordRefused(Exception):
+    """The stage or the upsert hit a record's data error: the transaction rolls back and the batch goes again,
+    isolating (rare: so the usual path needs no savepoint around its COPY, two round trips a batch)."""
 
 
 def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str, run: str, batch: int,
                          attempt: int, began: dict[str, Any], started: float, planned: PlannedBatch,
                          checker: RecordChecker, ord_base: int, *, isolate: bool = False) -> BatchOutcome:
     """One try at the batch in one transaction. ``isolate``: the rare path where the records PostgreSQL
-    refuses (in the stage or in the upsert) are found and rejected one by one."""
+    refuses (in the stage or in the upsert) are found and rejected one by one.
+
+    The usual path's round trips: BEGIN, the COPY, the row lock, the upsert, then the attempt's end, its
+    event and the commit row pipelined into one, and COMMIT.
+    """
     rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
     raws: dict[int, bytes] = {}
     with conn.transaction():
@@ -249,24 +255,25 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
         # PostgreSQL parses one chunk into jsonb while this process checks the next (one worker
         # keeps two cores busy). The stage is this session's own temp table: no lock is taken and
         # nothing is visible to anyone until the upsert below, and a rollback empties it.
-        try:
-            if isolate:
-                raise _Isolate
-            with conn.transaction(), staging(conn) as stage:  # a savepoint: a refused record undoes only this
-                for line_no, raw in read_batch(planned, spec.storage_options):
-                    record, problems = checker.check(raw)
-                    if record is None:
-                        rejected.append((line_no, raw, problems))
-                    else:
-                        stage.add(ord_base + line_no, record.source_id, record.text)
-            valid = stage.rows
-        except (psycopg.Error, _Isolate) as exc:
-            if not isinstance(exc, _Isolate) and not is_record_refusal(exc):
-                raise
+        if isolate:
             # PostgreSQL is the last validator: it refused a record our checks accepted. Read the batch
             # again and stage it in halves, leaving out only the records it refuses (rare: see
             # validation's numeric check). They become json_shape rejects with its message.
             rejected, valid, raws = _stage_refusing(conn, planned, checker, ord_base, spec.storage_options)
+        else:
+            try:
+                with staging(conn) as stage:
+                    for line_no, raw in read_batch(planned, spec.storage_options):
+                        record, problems = checker.check(raw)
+                        if record is None:
+                            rejected.append((line_no, raw, problems))
+                        else:
+                            stage.add(ord_base + line_no, record.source_id, record.text)
+            except psycopg.Error as exc:
+                if is_record_refusal(exc):
+                    raise _RecordRefused from exc  # the whole transaction rolls back; isolating goes next
+                raise
+            valid = stage.rows
         attempted = valid + len(rejected)
         if not states.holds_batch(conn, job, run, batch, attempt):
             # Another execution took this batch over (or committed it) while we were reading.
@@ -290,21 +297,26 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
                                                  run_seq=int(began["run_seq"]))
             except psycopg.Error as exc:
                 if is_record_refusal(exc):
-                    raise _UpsertRefused from exc
+                    raise _RecordRefused from exc
                 raise
         if rejected:
             _write_rejects(conn, job, run, batch, planned.file, rejected)
         required = sum(1 for _, _, p in rejected if p[0].error_class == ErrorClass.REQUIRED_FIELD)
         ms = (time.perf_counter() - started) * 1000
-        if not states.commit_batch(conn, job, run, batch, attempt, inserted=inserted, updated=updated,
-                                   valid=valid, rejected=len(rejected), required=required, ms=ms):
+        # One round trip: the attempt's end and its event are queued, the commit row's answer fetched. If the
+        # commit row is refused, the rollback takes the other two back and the event is never logged.
+        with conn.pipeline():
+            _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SUCCEEDED, started)
+            echo = record_event(conn, job, run, "batch_committed", batch=batch, attempt=attempt,
+                                rows_attempted=attempted, rows_inserted=inserted, rows_updated=updated,
+                                rows_validated=valid, validation_failures=len(rejected), duration_ms=round(ms, 1))
+            committed = states.commit_batch(conn, job, run, batch, attempt, inserted=inserted, updated=updated,
+                                            valid=valid, rejected=len(rejected), required=required, ms=ms)
+        if not committed:
             # holds_batch proved the attempt holds the batch, so the run is no longer loading: it was
             # canceled while this batch loaded. Roll its rows back (the cancel is a barrier).
             raise _RunCanceledAtCommit
-        _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SUCCEEDED, started)
-        log_event(conn, job, run, "batch_committed", batch=batch, attempt=attempt, rows_attempted=attempted,
-                  rows_inserted=inserted, rows_updated=updated, rows_validated=valid,
-                  validation_failures=len(rejected), duration_ms=round(ms, 1))
+    echo()
     return BatchOutcome("succeeded", attempts=attempt, rows_inserted=inserted, rows_updated=updated,
                         validation_failures=len(rejected))
 
@@ -378,21 +390,24 @@ def _record_failure(job: str, run: str, batch: int, attempt: int | None, *, retr
         return False
 
 
-def finish_run_if_done(job: str, run: str) -> str | None:
+def finish_run_if_done(job: str, run: str, conn: psycopg.Connection[Any] | None = None) -> str | None:
     """Move a run whose batches have all ended to committing, then to its final state.
 
-    Called after every batch; safe when several batches end at once (one caller wins).
-    Returns the final status when this call finished the run.
+    Called after every batch (on the batch's own connection when given, outside any transaction); safe
+    when several batches end at once (one caller wins). Returns the final status when this call finished
+    the run.
     """
-    with db.connection() as conn:
-        if not states.start_committing(conn, job, run):
+    if conn is None:
+        with db.connection() as own:
+            return finish_run_if_done(job, run, own)
+    if not states.start_committing(conn, job, run):
+        return None
+    with conn.transaction():
+        row = states.finalize_run(conn, job, run)
+        if row is None:
             return None
-        with conn.transaction():
-            row = states.finalize_run(conn, job, run)
-            if row is None:
-                return None
-            status = str(row[0])
-            log_event(conn, job, run, "run_completed", level="info" if status == "success" else "warning",
-                      status=status, batches_succeeded=row[1], batches_failed=row[2])
-        lineage.run_event(job, run, status)
-        return status
+        status = str(row[0])
+        log_event(conn, job, run, "run_completed", level="info" if status == "success" else "warning",
+                  status=status, batches_succeeded=row[1], batches_failed=row[2])
+    lineage.run_event(job, run, status)
+    return status

@@ -44,7 +44,10 @@ class Reconciled:
     """What one reconcile pass found."""
 
     abandoned: list[tuple[str, str, int]] = field(default_factory=list)
-    pending: list[tuple[str, str, int, int]] = field(default_factory=list)  # with the delivery
+    pending: list[tuple[str, str, int, int, int]] = field(default_factory=list)  # with the delivery, batch size
+    #: Workers of the queue that beat within the stale window: an RQ job a worker not named here started
+    #: will not go on (a group job's batches after the one its worker died in).
+    live_workers: set[str] = field(default_factory=set)
     canceled: list[tuple[str, str, int]] = field(default_factory=list)
     plannable: list[tuple[str, str, bool]] = field(default_factory=list)
     finished: list[tuple[str, str, str]] = field(default_factory=list)
@@ -78,12 +81,13 @@ def live_workers(conn: psycopg.Connection[Any] | None = None) -> int:
     return int(row[0]) if row else 0
 
 
-#: Batches not yet ended that no live worker is executing: (job, run, batch, delivery). The caller
+#: Batches not yet ended that no live worker is executing: (job, run, batch, delivery, the run's batch size,
+#: which says the RQ job of a first delivery: ``queue.group_size``). The caller
 #: re-queues those whose RQ delivery is gone (a flushed Redis, or an execution that gave up while the
 #: database was unreachable and could not record it). The ledger's heartbeat is trusted first: a batch a
 #: live worker says it is executing is never queued again, however long it runs and whatever RQ says.
 PENDING = sql.SQL("""
-    SELECT b.etl_job_id, b.etl_run_id, b.batch_index, b.deliveries
+    SELECT b.etl_job_id, b.etl_run_id, b.batch_index, b.deliveries, r.batch_size
     FROM {batches} b JOIN {runs} r USING (etl_job_id, etl_run_id)
     WHERE r.status = 'loading' AND r.queue = %(queue)s AND b.status IN ('pending', 'retried', 'running')
       AND greatest(b.queued_at, b.started_at) < now() - make_interval(secs => %(grace)s)
@@ -209,6 +213,9 @@ def _reconcile(stale_after: float | None, grace: float) -> Reconciled:
             tables["workers"]))
         out.pending = [tuple(r) for r in conn.execute(
             PENDING.format(**tables), {"grace": grace, "queue": queue, "stale": stale_after})]
+        out.live_workers = {str(r[0]) for r in conn.execute(
+            sql.SQL("SELECT name FROM {} WHERE queue = %s AND heartbeat_at > now() - make_interval(secs => %s)"
+                    ).format(tables["workers"]), [queue, stale_after])}
         out.plannable = [tuple(r) for r in conn.execute(
             PLANNABLE.format(**tables), {"grace": grace, "stale": stale_after, "queue": queue})]
         for job, run in conn.execute(UNFINISHED.format(**tables), {"queue": queue}).fetchall():

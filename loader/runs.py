@@ -143,18 +143,18 @@ def cancel(job: str, run: str, *, actor: str) -> Cancellation:
         >>> cancel("orders", "nightly-1", actor="ana@example.com").status  # doctest: +SKIP
         'canceled'
     """
-    from .queue import remove_run_jobs
+    from .queue import group_size, remove_run_jobs
 
     actor = audit.check_actor(actor)
     runs = ledger_table("runs")
     with db.connection() as conn, lineage.after_commit(job, run) as lineage_run, conn.transaction():
         row = conn.execute(sql.SQL(
-            "SELECT status, queue, batches_total FROM {} WHERE etl_job_id = %s AND etl_run_id = %s "
+            "SELECT status, queue, batches_total, batch_size FROM {} WHERE etl_job_id = %s AND etl_run_id = %s "
             "FOR NO KEY UPDATE"
         ).format(runs), [job, run]).fetchone()
         if row is None:
             raise RunNotFound(f"no run {run!r} for job {job!r}", job=job, run=run)
-        status, queue, total = row
+        status, queue, total, batch_size = row
         if status not in {s.value for s in ACTIVE_RUN_STATES}:
             raise RunConflict(f"run {job}/{run} is {status}: only a queued, validating, loading or committing run "
                               "can be canceled", job=job, run=run, status=status)
@@ -181,7 +181,7 @@ def cancel(job: str, run: str, *, actor: str) -> Cancellation:
         log_event(conn, job, run, "run_canceled", level="warning", unstarted_batches=len(unstarted),
                   batches_planned=total, actor=actor)
     try:
-        dequeued = remove_run_jobs(job, run, unstarted, queue=queue,
+        dequeued = remove_run_jobs(job, run, unstarted, queue=queue, group=group_size(batch_size),
                                    plan=status in (RunStatus.QUEUED.value, RunStatus.VALIDATING.value))
     except ServiceError as exc:
         with db.connection() as conn:
@@ -197,6 +197,15 @@ def _has_open_batches(conn: psycopg.Connection[Any], job: str, run: str) -> bool
     return conn.execute(sql.SQL(
         "SELECT EXISTS (SELECT 1 FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND status = ANY(%s))").format(
             ledger_table("batches")), [job, run, [s.value for s in states.OPEN_BATCH_STATES]]).fetchone() == (True,)
+
+
+def batch_size(job: str, run: str) -> int | None:
+    """The run's batch size (None: no such run), which says how its planned batches go to the queue
+    (``queue.group_size``)."""
+    with db.connection() as conn:
+        row = conn.execute(sql.SQL("SELECT batch_size FROM {} WHERE etl_job_id = %s AND etl_run_id = %s").format(
+            ledger_table("runs")), [job, run]).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
 
 
 def is_canceled(job: str, run: str) -> bool:

@@ -444,7 +444,8 @@ _COMMIT = sql.SQL("""
         committed_at = clock_timestamp(), ended_at = clock_timestamp(), error_code = NULL,
         error_message = NULL, error_stack = NULL, change_seq = {next}
     WHERE etl_job_id = %(job)s AND etl_run_id = %(run)s AND batch_index = %(batch)s
-      AND status = 'running' AND attempts = %(attempt)s AND EXISTS (SELECT 1 FROM r)""")
+      AND status = 'running' AND attempts = %(attempt)s AND EXISTS (SELECT 1 FROM r)
+    RETURNING 1""")
 
 
 def commit_batch(conn: Conn, job: str, run: str, batch: int, attempt: int, *, inserted: int, updated: int,
@@ -454,12 +455,14 @@ def commit_batch(conn: Conn, job: str, run: str, batch: int, attempt: int, *, in
     Only while the run is ``loading``: the run row stays share-locked until the transaction ends, so a
     cancel (which locks the run FOR NO KEY UPDATE) waits for commits in flight and no batch commits after it.
     False: the run is no longer loading (canceled); the caller rolls back and calls :func:`cancel_attempt`.
+    The answer is fetched (RETURNING), not read from the row count: in a pipeline, statements queued before
+    this one (the attempt's end, its event) go to the server in the same round trip.
     """
     return conn.execute(_COMMIT.format(batches=ledger_table("batches"), runs=ledger_table("runs"),
                                        next=next_change()), {
         "ins": inserted, "upd": updated, "valid": valid, "superseded": valid - inserted - updated,
         "rejected": rejected, "req": required, "shape": rejected - required, "ms": ms,
-        "job": job, "run": run, "batch": batch, "attempt": attempt}).rowcount > 0
+        "job": job, "run": run, "batch": batch, "attempt": attempt}).fetchone() is not None
 
 
 _FAIL_ATTEMPT = sql.SQL("""

@@ -53,7 +53,7 @@ def test_the_engine_names_the_task_functions_by_their_dotted_path_and_they_exist
     from jobs import tasks
     from loader import queue
 
-    for dotted in (queue.PLAN_TASK, queue.BATCH_TASK):
+    for dotted in (queue.PLAN_TASK, queue.BATCH_TASK, queue.GROUP_TASK):
         module, _, name = dotted.rpartition(".")
         assert module == "jobs.tasks" and callable(getattr(tasks, name))
 

@@ -542,3 +542,35 @@ def test_change_signature_sees_a_commit_that_lands_after_a_higher_change_number(
     assert loader.change_signature(job, run) != signature
     with pytest.raises(loader.RunNotFound):
         loader.change_signature(job, "no-such-run")
+
+
+def test_a_run_of_small_batches_goes_to_rq_about_1000_records_a_job_and_each_batch_is_its_own_attempt(
+        tmp_path, target_schema, pg, own_queue, own_workers, redis_conn):
+    """Batch size 250: the planner queues 4 consecutive batches a job (the last job holds what is left), and the
+    worker loads each as it loads a batch alone: one attempt, one commit row and one event per batch."""
+    from rq import Queue
+
+    from jobs.tasks import plan_run_task
+    from loader import runs as runs_mod
+    from loader.queue import batch_job_id, group_size
+
+    catalog, job, table = make_job(tmp_path, target_schema, [{"id": i} for i in range(2400)])
+    ref = runs_mod.create_run(loader.load_catalog(catalog).get(job), actor="test", batch_size=250)
+    run = ref.etl_run_id
+    assert plan_run_task(job, run) == 10
+    queue = Queue(own_queue, connection=redis_conn)
+    assert group_size(250) == 4
+    assert queue.job_ids == [batch_job_id(job, run, first, 0, 4) for first in (0, 4, 8)]
+    assert [queue.fetch_job(i).args[2] for i in queue.job_ids] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    own_workers.start(1, burst=True)[0].wait(timeout=60)
+    c = loader.run_contract(job, run)
+    assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 2400
+    assert [(b["index"], b["status"], b["attempts"]) for b in c["batches"]] == [(i, "succeeded", 1) for i in range(10)]
+    schema = os.environ["ETL_LEDGER_SCHEMA"]
+    committed = pg.execute(sql.SQL(
+        "SELECT count(DISTINCT batch_index), count(*) FROM {} WHERE etl_job_id = %s AND event = 'batch_committed'"
+    ).format(sql.Identifier(schema, "events")), [job]).fetchone()
+    attempts = pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND status = 'succeeded'").format(
+        sql.Identifier(schema, "attempts")), [job]).fetchone()
+    assert committed == (10, 10) and attempts == (10,)
+    assert len(rows(pg, table)) == 2400

@@ -74,6 +74,11 @@ def test_a_worker_killed_mid_batch_is_noticed_and_its_batch_finished_by_another(
     abandoned = pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND status = 'abandoned'").format(
         sql.Identifier(schema, "attempts")), [job]).fetchone()
     assert abandoned == (1,)
+    # Batch size 100 goes ten batches an RQ job: the victim's job also held batches 1-9, which the reconciler
+    # queued again (a job started by a worker that stopped beating is lost), each as a delivery of its own.
+    requeued = pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_job_id = %s AND batch_index BETWEEN 1 AND 9 "
+                                  "AND deliveries >= 1").format(sql.Identifier(schema, "batches")), [job]).fetchone()
+    assert requeued == (9,)
 
 
 def test_redis_flushed_during_a_run_is_recovered_from_the_ledger(
@@ -199,10 +204,12 @@ def test_redis_restarted_empty_during_a_run_is_survived(tmp_path, target_schema,
 
 
 def run_jobs_in_queue(redis_conn, queue: str, job: str, run: str, batches: int) -> set[str]:
-    """The run's planning and batch job ids still waiting in the RQ queue, or still stored."""
-    from loader.queue import batch_job_id, plan_job_id
+    """The run's planning and batch job ids (one a batch, and the planner's jobs of batch size 100's groups)
+    still waiting in the RQ queue, or still stored."""
+    from loader.queue import batch_job_id, group_size, plan_job_id
 
-    ids = {plan_job_id(job, run)} | {batch_job_id(job, run, i) for i in range(batches)}
+    ids = ({plan_job_id(job, run)} | {batch_job_id(job, run, i) for i in range(batches)}
+           | {batch_job_id(job, run, i, 0, group_size(100)) for i in range(batches)})
     waiting = {x.decode() for x in redis_conn.lrange(f"rq:queue:{queue}", 0, -1)} & ids
     pipe = redis_conn.pipeline(transaction=False)
     for job_id in sorted(ids):
@@ -233,7 +240,7 @@ def test_cancel_is_a_barrier_no_batch_commits_after_it_and_its_waiting_jobs_leav
     with psycopg.connect(pg.info.dsn) as blocker:
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(target_schema, "t")))
         wait_blocked(pg, target_schema)  # the only worker holds a batch: the rest of the run waits in the queue
-        assert len(run_jobs_in_queue(redis_conn, own_queue, job, run, 200)) > 100
+        assert len(run_jobs_in_queue(redis_conn, own_queue, job, run, 200)) > 10  # of 20 jobs (10 batches each)
         began = time.monotonic()
         assert loader.cancel_run(job, run) == "canceled"
         assert time.monotonic() - began < 1.0  # the blocked batch holds nothing the cancel waits for
@@ -587,7 +594,7 @@ def test_a_batch_a_live_worker_is_executing_is_never_queued_again_whatever_rq_sa
     """The RQ record of a batch that runs long on a live worker is marked finished (as a skipped duplicate delivery
     sharing its job id would): the reconciler trusts the ledger's heartbeat, which names the batch, and never queues
     it again, so no second worker takes it over; once free it commits in its first attempt."""
-    from loader.queue import batch_job_id
+    from loader.queue import batch_job_id, group_size
 
     job, table, catalog = _locked_run(tmp_path, target_schema, pg)
     holder = _RowLock(os.environ["DATABASE_URL"], table, "r150", 600)
@@ -597,7 +604,8 @@ def test_a_batch_a_live_worker_is_executing_is_never_queued_again_whatever_rq_sa
     batch1 = sql.SQL("SELECT status, attempts, deliveries FROM {} WHERE etl_job_id = %s AND batch_index = 1").format(
         _ledger("batches"))
     _wait_for(lambda: (pg.execute(batch1, [job]).fetchone() or ("",))[0] == "running", 30, "batch 1 to run")
-    job_key = f"rq:job:{batch_job_id(job, run, 1)}"
+    job_key = f"rq:job:{batch_job_id(job, run, 1, 0, group_size(100))}"  # the planner's job of batches 0-9
+    assert redis_conn.exists(job_key)
     redis_conn.hset(job_key, "status", "finished")
     # The reconciler runs every 5 s, a batch is a candidate after 10 s: 25 s covers several passes.
     deadline = time.monotonic() + 25
