@@ -13,6 +13,7 @@ from . import config, db
 from .audit import run_actions
 from .errors import RunNotFound
 from .ledger import attempts, batches, events, rejects, runs
+from .run_metrics import WINDOW, MetricsCache
 from .states import ACTIVE_RUN_STATES, AttemptStatus, BatchStatus, batch_status_label
 
 EXAMPLES_LIMIT = 10
@@ -82,16 +83,20 @@ def loading_ms_query(job: str, run: str, now: datetime, completed_at: datetime |
     (or until the run completed, for an attempt whose worker vanished without closing it). One sweep
     in start order: each attempt adds the part of it that ends beyond every earlier attempt's end
     (one sort and one window over the run's attempts: 220-330 ms for 100k attempts on the shared 2-core
-    test machine under load, the order of the metrics aggregate; it runs only when the run changed).
+    test machine under load, the order of the metrics aggregate). Its second column counts the attempts
+    that failed transiently. :mod:`loader.run_metrics` keeps both current without this full pass.
     """
     a = attempts.c
     end = sa.func.coalesce(a.ended_at, sa.func.least(sa.literal(now), sa.literal(completed_at)))
-    spans = sa.select(a.started_at.label("s"), end.label("e")).where(_key(attempts, job, run)).subquery()
-    reached = sa.select(spans.c.s, spans.c.e, sa.func.max(spans.c.e).over(  # the furthest end of earlier spans
-        order_by=spans.c.s, rows=(None, -1)).label("reach")).subquery()
+    spans = sa.select(a.started_at.label("s"), end.label("e"), a.status).where(_key(attempts, job, run)).subquery()
+    reached = sa.select(spans.c.s, spans.c.e, spans.c.status, sa.func.max(spans.c.e).over(  # the furthest end
+        order_by=spans.c.s, rows=(None, -1)).label("reach")).subquery()  # of earlier spans
     r = reached.c
     new_part = sa.extract("epoch", r.e) - sa.extract("epoch", sa.func.greatest(r.s, sa.func.coalesce(r.reach, r.s)))
-    return sa.select(sa.func.coalesce(sa.func.sum(sa.func.greatest(new_part, 0)), 0) * 1000)
+    return sa.select(
+        (sa.func.coalesce(sa.func.sum(sa.func.greatest(new_part, 0)), 0) * 1000).label("loading_ms"),
+        # The same pass counts the attempts that failed transiently (the contract's transient_errors).
+        sa.func.count().filter(r.status == AttemptStatus.RETRYING.value).label("transient"))
 
 
 def build_metrics(run_row: sa.Row[Any], m: sa.Row[Any], now: datetime, loading_ms: float = 0.0
@@ -224,12 +229,16 @@ def validation_examples(conn: sa.Connection, job: str, run: str, limit: int = EX
              "batch_index": x.batch_index, "source_file": x.source_file, "line_no": x.line_no} for x in rows]
 
 
-def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[str, Any]:
+def run_contract(job: str, run: str, *, include_batches: bool = True, metrics: MetricsCache | None = None
+                 ) -> dict[str, Any]:
     """Everything the spec's data contract names for one run, with those exact field names.
 
-    Metrics are computed by PostgreSQL from the ledger (one aggregate query), so the numbers are
-    the same wherever they are shown. ``include_batches=False`` leaves ``batches`` empty for callers
-    that page through batches themselves (the console's grid).
+    Metrics are computed by PostgreSQL from the ledger (one aggregate query over the batches, one pass over
+    the attempts), so the numbers are the same wherever they are shown. ``include_batches=False`` leaves
+    ``batches`` empty for callers that page through batches themselves (the console's grid). ``metrics``:
+    a :class:`~loader.run_metrics.MetricsCache` that keeps the same figures current by reading only what
+    changed since its last read (the console's ticks: ``run_metrics.shared()``); the first read of a run
+    through it costs more than the full recomputation, every later one far less.
 
     Example::
 
@@ -239,12 +248,15 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
     engine = db.get_engine()
     with engine.connect() as conn:
         run_row = get_run_row(conn, job, run)
-        m = conn.execute(_metrics_query(job, run)).one()
-        a = attempts.c
-        transient = conn.execute(sa.select(sa.func.count()).where(
-            _key(attempts, job, run), a.status == AttemptStatus.RETRYING.value)).scalar_one()
         now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
-        loading_ms = float(conn.execute(loading_ms_query(job, run, now, run_row.completed_at)).scalar_one())
+        m: Any
+        if metrics is None:
+            m = conn.execute(_metrics_query(job, run)).one()
+            loading = conn.execute(loading_ms_query(job, run, now, run_row.completed_at)).one()
+            loading_ms, transient = float(loading.loading_ms), int(loading.transient)
+        else:
+            m = metrics.figures(conn, run_row, now)
+            loading_ms, transient = m.loading_ms, m.transient
         examples = validation_examples(conn, job, run)
         history = run_actions(conn, job, run)
         batch_list: list[dict[str, Any]] = []
@@ -252,8 +264,8 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
             fragments = log_fragments(conn, job, run)
             rows = conn.execute(batch_rows_query(job, run).order_by(batches.c.batch_index))
             batch_list = [batch_dict(r, fragments.get(r.batch_index)) for r in rows]
-    metrics = build_metrics(run_row, m, now, loading_ms)
-    metrics["transient_errors"] = int(transient)
+    figures = build_metrics(run_row, m, now, loading_ms)
+    figures["transient_errors"] = int(transient)
     return {
         "etl_job_id": run_row.etl_job_id,
         "etl_run_id": run_row.etl_run_id,
@@ -262,7 +274,7 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
         "started_at": iso(run_row.started_at),
         "completed_at": iso(run_row.completed_at),
         "loaded_at": iso(run_row.loaded_at or m.last_commit),
-        "metrics": metrics,
+        "metrics": figures,
         "validation_summary": {
             "required_field_errors": int(m.required_field_errors),
             "json_shape_errors": int(m.json_shape_errors),
@@ -332,10 +344,9 @@ def active_run(job: str) -> dict[str, Any] | None:
             "started_at": iso(row.started_at)}
 
 
-#: How many of the run's newest batch change numbers :func:`change_signature` sums. A change number is
-#: taken by the statement that makes the change, just before its transaction commits, so a commit that
-#: lands after a higher number's lands among the newest few.
-SIGNATURE_WINDOW = 1000
+#: How many of the run's newest batch change numbers :func:`change_signature` sums (and
+#: :mod:`loader.run_metrics` re-reads at each refresh): defined there, one number for both.
+SIGNATURE_WINDOW = WINDOW
 
 
 def change_signature(job: str, run: str, conn: sa.Connection | None = None) -> tuple[int, int, int, int]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import db
+from . import db, run_metrics
 from .contract import SIGNATURE_WINDOW, batch_dict, batch_rows_query, change_signature, run_contract
 from .ledger import batches
 from .states import FINAL_RUN_STATES
@@ -96,7 +96,7 @@ class RunFollower:
                     self._sent[row.batch_index] = int(row.change_seq)
             self._top = max(self._top, signature[1])
             self._forget_below(self._top - SIGNATURE_WINDOW)
-        summary = run_contract(self.job, self.run, include_batches=False)
+        summary = run_contract(self.job, self.run, include_batches=False, metrics=run_metrics.shared())
         del summary["batches"]
         events.append(RunEvent("run", max(signature[0], self._top), summary))
         return events
