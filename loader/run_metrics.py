@@ -99,7 +99,7 @@ def _blob(row: Sequence[sa.ColumnElement[Any]]) -> sa.ColumnElement[Any]:
     return sa.func.string_agg(_concat(row), sa.literal_column("''::bytea"))
 
 
-def _batches_query(job: str, run: str, above: int) -> sa.Select[Any]:
+def _batches_statement() -> sa.Select[Any]:
     b = batches.c
     code = sa.case({s: i for s, i in _CODE.items()}, value=b.status, else_=-1)
     row = [sa.func.int4send(b.batch_index), sa.func.int8send(b.change_seq),
@@ -107,18 +107,24 @@ def _batches_query(job: str, run: str, above: int) -> sa.Select[Any]:
            *[sa.func.int4send(b[c]) for c in COUNTS],
            sa.func.float8send(sa.func.coalesce(b.duration_ms, sa.literal_column("'NaN'::float8"))),
            sa.func.timestamptz_send(sa.func.coalesce(b.committed_at, sa.literal_column("'-infinity'::timestamptz")))]
-    return sa.select(_blob(row)).where(b.etl_job_id == job, b.etl_run_id == run, b.change_seq > above)
+    return sa.select(_blob(row)).where(b.etl_job_id == sa.bindparam("job"), b.etl_run_id == sa.bindparam("run"),
+                                       b.change_seq > sa.bindparam("above", type_=sa.BigInteger))
 
 
-def _attempts_query(job: str, run: str, indexes: list[int] | None) -> sa.Select[Any]:
+def _attempts_statement(some: bool) -> sa.Select[Any]:
     a = attempts.c
     row = [sa.func.int4send(a.batch_index), sa.func.int4send(a.attempt), sa.func.timestamptz_send(a.started_at),
            sa.func.timestamptz_send(sa.func.coalesce(a.ended_at, sa.literal_column("'infinity'::timestamptz"))),
            sa.func.int2send(sa.cast(a.status == AttemptStatus.RETRYING.value, sa.Integer).cast(sa.SmallInteger))]
-    q = sa.select(_blob(row)).where(a.etl_job_id == job, a.etl_run_id == run)
-    if indexes is not None:
-        q = q.where(a.batch_index == sa.any_(sa.bindparam("indexes", indexes, type_=ARRAY(sa.Integer))))
+    q = sa.select(_blob(row)).where(a.etl_job_id == sa.bindparam("job"), a.etl_run_id == sa.bindparam("run"))
+    if some:
+        q = q.where(a.batch_index == sa.any_(sa.bindparam("indexes", type_=ARRAY(sa.Integer))))
     return q
+
+
+# Built once: SQLAlchemy then finds their compiled form in its cache (building them costs ~10 ms a time).
+_BATCHES = _batches_statement()
+_ATTEMPTS = {some: _attempts_statement(some) for some in (False, True)}
 
 
 def union_us(starts: npt.NDArray[np.int64], ends: npt.NDArray[np.int64]) -> int:
@@ -181,7 +187,7 @@ class Figures:
 
 
 def percentile_cont(sorted_values: npt.NDArray[np.float64], fraction: float) -> float | None:
-    """PostgreSQL's ``percentile_cont(fraction)`` of values already sorted (its arithmetic, step by step)."""
+    """PostgreSQL's ``percentile_cont(fraction)`` of values in ascending order (its arithmetic, step by step)."""
     n = len(sorted_values)
     if n == 0:
         return None
@@ -215,11 +221,19 @@ class RunMetrics:
         self.retrying = 0  # folded attempts that failed transiently
         self.refreshes = 0
         self.rows_read = 0  # batch rows read by the last refresh
+        # Running totals over the mirror, moved by each changed batch's old and new values.
+        self.sums = np.zeros(len(COUNTS), dtype=np.int64)
+        self.per_status = np.zeros(len(STATUSES), dtype=np.int64)
+        self.ok_attempted = 0  # rows_attempted of succeeded batches
+        self.retries = 0
+        self.durations = np.zeros(0, dtype=np.float64)  # of succeeded batches, ascending
+        self.last_commit = _NO_TIME
+        self.top = -1
 
     @property
     def nbytes(self) -> int:
         arrays = (self.seq, self.status, self.attempts, self.counts, self.duration, self.committed, self.folded,
-                  self.union_s, self.union_e)
+                  self.union_s, self.union_e, self.durations)
         return sum(a.nbytes for a in arrays) + 200 * sum(len(v) for v in self.loose.values())
 
     def _grow(self, top: int) -> None:
@@ -246,7 +260,7 @@ class RunMetrics:
 
     def refresh(self, conn: sa.Connection) -> None:
         """Read what changed since the last refresh (everything, the first time)."""
-        blob = conn.execute(_batches_query(self.job, self.run, self.floor())).scalar()
+        blob = conn.execute(_BATCHES, {"job": self.job, "run": self.run, "above": self.floor()}).scalar()
         rows = np.frombuffer(blob or b"", dtype=_BATCH)
         self.rows_read = len(rows)
         if len(rows):
@@ -254,6 +268,7 @@ class RunMetrics:
             idx = rows["index"].astype(np.int64)
             moved = self.seq[idx] != rows["seq"]
             rows, idx = rows[moved], idx[moved]
+            self._count(idx, -1)
             self.seq[idx] = rows["seq"]
             self.status[idx] = rows["status"]
             self.attempts[idx] = rows["attempts"]
@@ -261,6 +276,7 @@ class RunMetrics:
                 self.counts[idx, k] = rows[c]
             self.duration[idx] = rows["duration"]
             self.committed[idx] = rows["committed"]
+            self._count(idx, +1)
         else:
             idx = np.zeros(0, dtype=np.int64)
         # Attempts to read: of the batches that moved and have attempts beyond those folded, and of those
@@ -268,12 +284,43 @@ class RunMetrics:
         wanted = set(idx[self.attempts[idx] > self.folded[idx]].tolist()) | set(self.loose)
         if wanted:
             everything = self.refreshes == 0 and len(wanted) > 0.5 * max(1, int((self.seq >= 0).sum()))
-            blob = conn.execute(_attempts_query(self.job, self.run, None if everything else sorted(wanted))).scalar()
+            params: dict[str, Any] = {"job": self.job, "run": self.run}
+            if not everything:
+                params["indexes"] = sorted(wanted)
+            blob = conn.execute(_ATTEMPTS[not everything], params).scalar()
             rows = np.frombuffer(blob or b"", dtype=_ATTEMPT)
             if everything:
                 rows = rows[np.isin(rows["index"], np.fromiter(wanted, dtype=np.int64))]
             self._fold(rows, wanted)
         self.refreshes += 1
+
+    def _count(self, idx: npt.NDArray[np.int64], sign: int) -> None:
+        """Take the batches ``idx`` out of the running totals (-1, before they change) or put them in (+1)."""
+        if len(idx) == 0:
+            return
+        status, counts = self.status[idx], self.counts[idx]
+        ok = status == _SUCCEEDED
+        self.sums += sign * counts.sum(axis=0, dtype=np.int64)
+        self.per_status += sign * np.bincount(status.astype(np.int64) + 1, minlength=len(STATUSES) + 1)[1:]
+        self.ok_attempted += sign * int(counts[ok, _ATTEMPTED].sum(dtype=np.int64))
+        self.retries += sign * int(np.maximum(self.attempts[idx] - 1, 0).sum(dtype=np.int64))
+        d = self.duration[idx][ok]
+        d = np.sort(d[~np.isnan(d)])
+        committed = self.committed[idx]
+        if sign > 0:
+            self.durations = np.insert(self.durations, np.searchsorted(self.durations, d), d)
+            self.last_commit = max(self.last_commit, int(committed.max()))
+            self.top = max(self.top, int(self.seq[idx].max()))
+            return
+        # Each value leaves once: equal values take the positions after the first one's.
+        first = np.searchsorted(self.durations, d)
+        self.durations = np.delete(self.durations, first + np.arange(len(d)) - np.searchsorted(d, d))
+        if int(committed.max()) >= self.last_commit:  # the newest commit may change: find it again (rare)
+            self.last_commit = _NO_TIME
+            keep = np.ones(self.size, dtype=bool)
+            keep[idx] = False
+            if keep.any():
+                self.last_commit = int(self.committed[keep].max())
 
     def _fold(self, rows: npt.NDArray[Any], wanted: set[int]) -> None:
         """Fold each batch's attempts that ended, up to its first open one, into the union; keep the rest."""
@@ -303,14 +350,6 @@ class RunMetrics:
 
     def figures(self, now: datetime, completed_at: datetime | None) -> Figures:
         """The run's figures from the mirror; an open attempt counts until ``now`` (or the run's completion)."""
-        # Slots without a batch hold zeros, NaN, -1 and "no time": no mask is needed to leave them out.
-        ok = self.status == _SUCCEEDED
-        per_status = np.bincount(self.status.astype(np.int64) + 1, minlength=len(STATUSES) + 1)[1:]
-        sums = self.counts.sum(axis=0, dtype=np.int64)
-        durations = self.duration[ok]
-        durations = np.sort(durations[~np.isnan(durations)])
-        last = int(self.committed.max()) if self.size else _NO_TIME
-        top = int(self.seq.max()) if self.size else -1
         cut = pg_time(min(now, completed_at) if completed_at is not None else now)
         extra_s, extra_e, loose_retrying = [], [], 0
         for items in self.loose.values():
@@ -320,32 +359,33 @@ class RunMetrics:
                 loose_retrying += retrying
         loading_us = union_us(np.concatenate((self.union_s, np.array(extra_s, dtype=np.int64))),
                               np.concatenate((self.union_e, np.array(extra_e, dtype=np.int64))))
+        return Figures(**self._from_batches(), loading_ms=loading_us / 1000, transient=self.retrying + loose_retrying)
 
+    def _from_batches(self) -> dict[str, Any]:
+        """The figures the batch rows give (all but loading time and transient attempts), from the totals."""
         def n(s: BatchStatus) -> int:
-            return int(per_status[_CODE[s.value]])
+            return int(self.per_status[_CODE[s.value]])
 
-        return Figures(
-            rows_inserted=int(sums[COUNTS.index("rows_inserted")]),
-            rows_updated=int(sums[COUNTS.index("rows_updated")]),
-            rows_validated=int(sums[COUNTS.index("rows_validated")]),
-            rows_superseded=int(sums[COUNTS.index("rows_superseded")]),
-            rows_attempted=int(self.counts[ok, _ATTEMPTED].sum(dtype=np.int64)),
-            rows_planned=int(sums[_ATTEMPTED]),
-            validation_failures=int(sums[COUNTS.index("validation_failures")]),
-            required_field_errors=int(sums[COUNTS.index("required_field_errors")]),
-            json_shape_errors=int(sums[COUNTS.index("json_shape_errors")]),
-            batches_total=int(per_status.sum()),
-            batches_succeeded=n(BatchStatus.SUCCEEDED), batches_failed=n(BatchStatus.FAILED),
-            batches_running=n(BatchStatus.RUNNING), batches_pending=n(BatchStatus.PENDING),
-            batches_retried=n(BatchStatus.RETRIED), batches_canceled=n(BatchStatus.CANCELED),
-            retries=int(np.maximum(self.attempts - 1, 0).sum(dtype=np.int64)),
-            avg_ms=float(durations.sum() / len(durations)) if len(durations) else None,
-            p95_ms=percentile_cont(durations, 0.95),
-            last_commit=None if last == _NO_TIME else from_pg_time(last),
-            change_seq=top if top >= 0 else None,
-            loading_ms=loading_us / 1000,
-            transient=self.retrying + loose_retrying,
-        )
+        def total(name: str) -> int:
+            return int(self.sums[COUNTS.index(name)])
+
+        d = self.durations
+        return {
+            "rows_inserted": total("rows_inserted"), "rows_updated": total("rows_updated"),
+            "rows_validated": total("rows_validated"), "rows_superseded": total("rows_superseded"),
+            "rows_attempted": self.ok_attempted,
+            "rows_planned": total("rows_attempted"), "validation_failures": total("validation_failures"),
+            "required_field_errors": total("required_field_errors"), "json_shape_errors": total("json_shape_errors"),
+            "batches_total": int(self.per_status.sum()),
+            "batches_succeeded": n(BatchStatus.SUCCEEDED), "batches_failed": n(BatchStatus.FAILED),
+            "batches_running": n(BatchStatus.RUNNING), "batches_pending": n(BatchStatus.PENDING),
+            "batches_retried": n(BatchStatus.RETRIED), "batches_canceled": n(BatchStatus.CANCELED),
+            "retries": self.retries,
+            "avg_ms": float(d.sum() / len(d)) if len(d) else None,
+            "p95_ms": percentile_cont(d, 0.95),
+            "last_commit": None if self.last_commit == _NO_TIME else from_pg_time(self.last_commit),
+            "change_seq": self.top if self.top >= 0 else None,
+        }
 
 
 class MetricsCache:
