@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -13,8 +12,10 @@ from . import config, db
 from .audit import run_actions
 from .errors import RunNotFound
 from .ledger import attempts, batches, events, rejects, runs
-from .run_metrics import WINDOW, MetricsCache
 from .states import ACTIVE_RUN_STATES, AttemptStatus, BatchStatus, batch_status_label
+
+if TYPE_CHECKING:  # numpy is imported only by the processes that keep metrics (the console)
+    from .run_metrics import MetricsCache
 
 EXAMPLES_LIMIT = 10
 LOG_FRAGMENT_EVENTS = 5
@@ -330,8 +331,7 @@ def find_run(job: str, run: str) -> dict[str, Any] | None:
 def active_run(job: str) -> dict[str, Any] | None:
     """The job's newest run in progress (queued, validating, loading, committing), or None.
 
-    One lookup in the partial index of active runs: cheap enough to poll, unlike :func:`list_runs`,
-    which sums the batches of every listed run.
+    One lookup in the partial index of active runs: cheap enough to poll.
     """
     q = (sa.select(runs.c.etl_job_id, runs.c.etl_run_id, runs.c.status, runs.c.started_at)
          .where(runs.c.etl_job_id == job, runs.c.status.in_([s.value for s in ACTIVE_RUN_STATES]))
@@ -345,8 +345,10 @@ def active_run(job: str) -> dict[str, Any] | None:
 
 
 #: How many of the run's newest batch change numbers :func:`change_signature` sums (and
-#: :mod:`loader.run_metrics` re-reads at each refresh): defined there, one number for both.
-SIGNATURE_WINDOW = WINDOW
+#: :mod:`loader.run_metrics` re-reads at each refresh). A change number is taken by the statement that
+#: makes the change, just before its transaction commits, so a commit that lands after a higher number's
+#: lands among the newest few.
+SIGNATURE_WINDOW = 1000
 
 
 def change_signature(job: str, run: str, conn: sa.Connection | None = None) -> tuple[int, int, int, int]:
@@ -381,36 +383,3 @@ def change_signature(job: str, run: str, conn: sa.Connection | None = None) -> t
 def signature_token(signature: tuple[int, ...]) -> str:
     """The signature as the opaque string the grid compares (``/version`` and each page of batches)."""
     return "-".join(str(x) for x in signature)
-
-
-def list_runs(job: str | None = None, limit: int = 50, *, hidden_jobs: Collection[str] = ()) -> list[dict[str, Any]]:
-    """Recent runs, newest first, with their headline counts (batches summed per listed run only).
-
-    ``hidden_jobs``: jobs whose runs are left out before the ``limit`` is applied (the console's jobs a
-    person may not view), so that they take no place in the list.
-    """
-    b = batches.c
-    recent = sa.select(runs).order_by(runs.c.started_at.desc()).limit(limit)
-    if job is not None:
-        recent = recent.where(runs.c.etl_job_id == job)
-    if hidden_jobs:
-        recent = recent.where(runs.c.etl_job_id.not_in(list(hidden_jobs)))
-    r = recent.subquery("r")
-    counts = (sa.select(sa.func.sum(b.rows_inserted).label("rows_inserted"),
-                        sa.func.sum(b.rows_updated).label("rows_updated"),
-                        sa.func.sum(b.validation_failures).label("validation_failures"),
-                        sa.func.count().filter(b.status == BatchStatus.FAILED.value).label("batches_failed"))
-              .where(b.etl_job_id == r.c.etl_job_id, b.etl_run_id == r.c.etl_run_id).lateral("c"))
-    q = (sa.select(r.c.etl_job_id, r.c.etl_run_id, r.c.status, r.c.batch_size, r.c.started_at, r.c.completed_at,
-                   r.c.started_by,
-                   r.c.batches_total, counts.c.rows_inserted, counts.c.rows_updated, counts.c.validation_failures,
-                   counts.c.batches_failed)
-         .select_from(r.join(counts, sa.true())).order_by(r.c.started_at.desc()))
-    with db.get_engine().connect() as conn:
-        rows = conn.execute(q).all()
-    return [{"etl_job_id": x.etl_job_id, "etl_run_id": x.etl_run_id, "status": x.status,
-             "batch_size": x.batch_size, "started_at": iso(x.started_at), "completed_at": iso(x.completed_at),
-             "started_by": x.started_by,
-             "batches_total": x.batches_total, "rows_inserted": int(x.rows_inserted or 0),
-             "rows_updated": int(x.rows_updated or 0), "validation_failures": int(x.validation_failures or 0),
-             "batches_failed": int(x.batches_failed or 0)} for x in rows]

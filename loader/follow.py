@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import db, run_metrics
+from . import db
 from .contract import SIGNATURE_WINDOW, batch_dict, batch_rows_query, change_signature, run_contract
 from .ledger import batches
 from .states import FINAL_RUN_STATES
@@ -96,6 +96,8 @@ class RunFollower:
                     self._sent[row.batch_index] = int(row.change_seq)
             self._top = max(self._top, signature[1])
             self._forget_below(self._top - SIGNATURE_WINDOW)
+        from . import run_metrics  # here: numpy is imported only by the processes that follow runs
+
         summary = run_contract(self.job, self.run, include_batches=False, metrics=run_metrics.shared())
         del summary["batches"]
         events.append(RunEvent("run", max(signature[0], self._top), summary))

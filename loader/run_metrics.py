@@ -46,14 +46,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA
 
 from . import db
+from .contract import SIGNATURE_WINDOW
 from .ledger import attempts, batches
 from .states import AttemptStatus, BatchStatus
 
-#: How many of a run's newest batch change numbers a refresh re-reads (and
-#: :func:`loader.contract.change_signature` sums). A change number is taken by the statement that makes the
-#: change, just before its transaction commits, so a commit that lands after a higher number's lands among
-#: the newest few.
-WINDOW = 1000
+#: How many of a run's newest batch change numbers a refresh re-reads: the window
+#: :func:`loader.contract.change_signature` sums, for the same reason (late commits land among the newest).
+WINDOW = SIGNATURE_WINDOW
 #: The memory (bytes) the shared cache may hold before it forgets the least recently read runs.
 CACHE_BYTES = 96 * 1024 * 1024
 #: Runs the shared cache holds at most.
@@ -401,8 +400,9 @@ class MetricsCache:
         self._lock = threading.Lock()
         self._runs: OrderedDict[tuple[str, str, str], tuple[threading.Lock, RunMetrics | None]] = OrderedDict()
 
-    def figures(self, conn: sa.Connection, run_row: sa.Row[Any], now: datetime) -> Figures:
-        """The run's figures, current as of this call (``run_row``: the run's ledger row, read just before)."""
+    def figures(self, conn: sa.Connection, run_row: Any, now: datetime) -> Figures:
+        """The run's figures, current as of this call (``run_row``: the run's ledger row, read just before, or
+        any row with its ``etl_job_id``, ``etl_run_id``, ``run_seq`` and ``completed_at``)."""
         key = (f"{conn.engine.url}/{db.ledger_schema()}", run_row.etl_job_id, run_row.etl_run_id)
         with self._lock:
             entry = self._runs.get(key)
