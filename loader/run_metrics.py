@@ -46,7 +46,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA
 
 from . import db
-from .contract import SIGNATURE_WINDOW
+from .contract import SIGNATURE_WINDOW, change_signature
 from .ledger import attempts, batches
 from .states import AttemptStatus, BatchStatus
 
@@ -218,6 +218,7 @@ class RunMetrics:
         self.union_s = np.zeros(0, dtype=np.int64)
         self.union_e = np.zeros(0, dtype=np.int64)
         self.retrying = 0  # folded attempts that failed transiently
+        self.signature: tuple[int, ...] | None = None  # the run's change signature at the last refresh
         self.refreshes = 0
         self.rows_read = 0  # batch rows read by the last refresh
         # Running totals over the mirror, moved by each changed batch's old and new values.
@@ -258,26 +259,17 @@ class RunMetrics:
         return int(np.partition(present, len(present) - WINDOW)[len(present) - WINDOW]) - 1
 
     def refresh(self, conn: sa.Connection) -> None:
-        """Read what changed since the last refresh (everything, the first time)."""
-        blob = conn.execute(_BATCHES, {"job": self.job, "run": self.run, "above": self.floor()}).scalar()
-        rows = np.frombuffer(blob or b"", dtype=_BATCH)
-        self.rows_read = len(rows)
-        if len(rows):
-            self._grow(int(rows["index"].max()))
-            idx = rows["index"].astype(np.int64)
-            moved = self.seq[idx] != rows["seq"]
-            rows, idx = rows[moved], idx[moved]
-            self._count(idx, -1)
-            self.seq[idx] = rows["seq"]
-            self.status[idx] = rows["status"]
-            self.attempts[idx] = rows["attempts"]
-            for k, c in enumerate(COUNTS):
-                self.counts[idx, k] = rows[c]
-            self.duration[idx] = rows["duration"]
-            self.committed[idx] = rows["committed"]
-            self._count(idx, +1)
-        else:
-            idx = np.zeros(0, dtype=np.int64)
+        """Read what changed since the last refresh (everything, the first time).
+
+        The run's change signature (one index-only statement) tells first whether anything did; it is read
+        before the rows, so a change landing in between is read at the next refresh.
+        """
+        signature = change_signature(self.job, self.run, conn)
+        idx = np.zeros(0, dtype=np.int64)
+        self.rows_read = 0
+        if signature != self.signature:
+            idx = self._read_batches(conn)
+            self.signature = signature
         # Attempts to read: of the batches that moved and have attempts beyond those folded, and of those
         # with an attempt still open (it may end without its batch moving: a skipped duplicate).
         wanted = set(idx[self.attempts[idx] > self.folded[idx]].tolist()) | set(self.loose)
@@ -292,6 +284,28 @@ class RunMetrics:
                 rows = rows[np.isin(rows["index"], np.fromiter(wanted, dtype=np.int64))]
             self._fold(rows, wanted)
         self.refreshes += 1
+
+    def _read_batches(self, conn: sa.Connection) -> npt.NDArray[np.int64]:
+        """Read the batches above :meth:`floor` into the mirror; the indexes of those that moved."""
+        blob = conn.execute(_BATCHES, {"job": self.job, "run": self.run, "above": self.floor()}).scalar()
+        rows = np.frombuffer(blob or b"", dtype=_BATCH)
+        self.rows_read = len(rows)
+        if len(rows):
+            self._grow(int(rows["index"].max()))
+            idx: npt.NDArray[np.int64] = rows["index"].astype(np.int64)
+            moved = self.seq[idx] != rows["seq"]
+            rows, idx = rows[moved], idx[moved]
+            self._count(idx, -1)
+            self.seq[idx] = rows["seq"]
+            self.status[idx] = rows["status"]
+            self.attempts[idx] = rows["attempts"]
+            for k, c in enumerate(COUNTS):
+                self.counts[idx, k] = rows[c]
+            self.duration[idx] = rows["duration"]
+            self.committed[idx] = rows["committed"]
+            self._count(idx, +1)
+            return idx
+        return np.zeros(0, dtype=np.int64)
 
     def _count(self, idx: npt.NDArray[np.int64], sign: int) -> None:
         """Take the batches ``idx`` out of the running totals (-1, before they change) or put them in (+1)."""
