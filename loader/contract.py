@@ -249,7 +249,7 @@ def run_contract(job: str, run: str, *, include_batches: bool = True, metrics: M
     engine = db.get_engine()
     with engine.connect() as conn:
         run_row = get_run_row(conn, job, run)
-        now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
+        now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()  # the clock of open attempts
         m: Any
         if metrics is None:
             m = conn.execute(_metrics_query(job, run)).one()
