@@ -250,13 +250,12 @@ def run_contract(job: str, run: str, *, include_batches: bool = True, metrics: M
     with engine.connect() as conn:
         run_row = get_run_row(conn, job, run)
         now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()  # the clock of open attempts
-        m: Any
-        if metrics is None:
+        m: Any = metrics.figures(conn, run_row, now) if metrics is not None else None
+        if m is None:  # no cache, or the cache has yet to read the run
             m = conn.execute(_metrics_query(job, run)).one()
             loading = conn.execute(loading_ms_query(job, run, now, run_row.completed_at)).one()
             loading_ms, transient = float(loading.loading_ms), int(loading.transient)
         else:
-            m = metrics.figures(conn, run_row, now)
             loading_ms, transient = m.loading_ms, m.transient
         examples = validation_examples(conn, job, run)
         history = run_actions(conn, job, run)

@@ -82,8 +82,10 @@ def list_runs(job: str | None = None, limit: int = 50, *, hidden_jobs: Collectio
                 if kept is not None and kept[0] == (x.run_seq, x.change_seq):
                     counts[key] = kept[1]
                     continue
+            f = None
             if metrics is not None and x.status not in SETTLED and x.batches_total:
                 f = metrics.figures(conn, x, datetime.now(UTC))
+            if f is not None:
                 counts[key] = {c: int(getattr(f, c)) for c in COUNTED}
             else:
                 to_sum.append(key)

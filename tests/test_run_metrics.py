@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -71,6 +72,7 @@ def compare(cache: MetricsCache, job: str, run: str, where: str) -> Figures:
     with db.get_engine().connect() as conn:
         now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
         got = cache.figures(conn, get_run_row(conn, job, run), now)
+        assert got is not None
         assert_same(got, full(conn, job, run, now), where)
     return got
 
@@ -274,3 +276,26 @@ def test_an_attempt_that_ends_without_its_batch_moving_stops_counting_loading_ti
     states.end_attempt(pg, job, run, 0, 1, states.AttemptStatus.SKIPPED, ms=1.0)
     ended = compare(cache, job, run, "attempt ended").loading_ms
     assert compare(cache, job, run, "later").loading_ms == ended
+
+
+def test_a_cache_that_builds_aside_answers_none_until_it_holds_the_run_then_the_same_figures(
+        ledger: str, pg: psycopg.Connection) -> None:
+    """The console's shared cache reads a run it does not hold in a thread of its own; meanwhile run_contract
+    computes the figures in full (None from the cache), so no tick waits for the whole run to be read."""
+    cache = MetricsCache(build_aside=True)
+    job, run = plan_run(pg, 30)
+    states.claim_batch(pg, job, run, 0, worker="w", trigger="auto")
+    with db.get_engine().connect() as conn:
+        now = conn.execute(sa.select(sa.func.now())).scalar_one()
+        assert cache.figures(conn, get_run_row(conn, job, run), now) is None
+    deadline = time.monotonic() + 30
+    while True:
+        with db.get_engine().connect() as conn:
+            now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
+            got = cache.figures(conn, get_run_row(conn, job, run), now)
+            if got is not None:
+                assert_same(got, full(conn, job, run, now), "built aside")
+                break
+        assert time.monotonic() < deadline, "the cache never held the run"
+        time.sleep(0.05)
+    assert run_contract(job, run, include_batches=False, metrics=cache)["metrics"]["batches_running"] == 1
