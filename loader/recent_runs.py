@@ -2,10 +2,11 @@
 
 The counts (rows inserted and updated, validation failures, failed batches) of a run that ended
 (``success``, ``partial_success``, ``failed``) cannot change until the run is retried, which moves the run
-row's change number: they are summed once per process and kept, keyed by that number. A run in progress
-(or canceled: a batch running at the cancel may still fail) is read through a
-:class:`~loader.run_metrics.MetricsCache` when the caller has one (the console: only its changed batches),
-else summed. A refresh of a page of ended runs is one statement: the page of runs, newest first.
+row's change number: they are summed once per process and kept, keyed by that number. A canceled run's are
+kept by its newest batch change number too (a batch running at the cancel may still fail, and moves it). A
+run in progress is read through a :class:`~loader.run_metrics.MetricsCache` when the caller has one (the
+console: only its changed batches), else summed. A refresh of a page of ended runs is one statement: the
+page of runs, newest first.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ if TYPE_CHECKING:  # numpy only where metrics are kept (the console)
 
 #: Run states whose batches cannot change until the run is retried (and its change number moves).
 SETTLED = frozenset({RunStatus.SUCCESS.value, RunStatus.PARTIAL_SUCCESS.value, RunStatus.FAILED.value})
+#: Ended runs whose counts are kept (canceled ones by their newest batch change number as well).
+KEPT = SETTLED | {RunStatus.CANCELED.value}
 #: Ended runs whose counts one process keeps (a few hundred bytes each).
 MEMO_RUNS = 20_000
 COUNTED = ("rows_inserted", "rows_updated", "validation_failures", "batches_failed")
 
-_memo: OrderedDict[tuple[str, str, str], tuple[tuple[int, int], dict[str, int]]] = OrderedDict()
+_memo: OrderedDict[tuple[str, str, str], tuple[tuple[int, int, int | None], dict[str, int]]] = OrderedDict()
 _memo_lock = threading.Lock()
 
 
@@ -61,9 +64,12 @@ def list_runs(job: str | None = None, limit: int = 50, *, hidden_jobs: Collectio
         for r in list_runs("orders", limit=20):
             print(r["etl_run_id"], r["status"], r["rows_inserted"])
     """
-    r = runs.c
+    r, b = runs.c, batches.c
+    newest = (sa.select(sa.func.max(b.change_seq)).where(b.etl_job_id == r.etl_job_id, b.etl_run_id == r.etl_run_id)
+              .scalar_subquery())  # one backward probe of batches_change_idx, for canceled runs only
     q = (sa.select(r.etl_job_id, r.etl_run_id, r.run_seq, r.status, r.batch_size, r.started_at, r.completed_at,
-                   r.started_by, r.batches_total, r.change_seq)
+                   r.started_by, r.batches_total, r.change_seq,
+                   sa.case((r.status == RunStatus.CANCELED.value, newest)).label("batch_top"))
          .order_by(r.started_at.desc()).limit(limit))
     if job is not None:
         q = q.where(r.etl_job_id == job)
@@ -76,14 +82,14 @@ def list_runs(job: str | None = None, limit: int = 50, *, hidden_jobs: Collectio
         to_sum: list[tuple[str, str]] = []
         for x in page:
             key = (x.etl_job_id, x.etl_run_id)
-            if x.status in SETTLED:
+            if x.status in KEPT:
                 with _memo_lock:
                     kept = _memo.get((schema, *key))
-                if kept is not None and kept[0] == (x.run_seq, x.change_seq):
+                if kept is not None and kept[0] == (x.run_seq, x.change_seq, x.batch_top):
                     counts[key] = kept[1]
                     continue
             f = None
-            if metrics is not None and x.status not in SETTLED and x.batches_total:
+            if metrics is not None and x.status not in KEPT and x.batches_total:
                 f = metrics.figures(conn, x, datetime.now(UTC))
             if f is not None:
                 counts[key] = {c: int(getattr(f, c)) for c in COUNTED}
@@ -95,8 +101,8 @@ def list_runs(job: str | None = None, limit: int = 50, *, hidden_jobs: Collectio
     with _memo_lock:
         for x in page:
             key = (x.etl_job_id, x.etl_run_id)
-            if x.status in SETTLED and key in counts:
-                _memo[(schema, *key)] = ((x.run_seq, x.change_seq), counts[key])
+            if x.status in KEPT and key in counts:
+                _memo[(schema, *key)] = ((x.run_seq, x.change_seq, x.batch_top), counts[key])
                 _memo.move_to_end((schema, *key))
         while len(_memo) > MEMO_RUNS:
             _memo.popitem(last=False)

@@ -77,7 +77,12 @@ def test_a_run_in_progress_is_counted_through_the_metrics_cache_as_it_changes(
     fail(pg, job, run, 3)
     assert listed(job, run, cache) == summed(job, run) == {
         "rows_inserted": 7, "rows_updated": 1, "validation_failures": 2, "batches_failed": 1}
+    running = states.claim_batch(pg, job, run, 1, worker="w", trigger="auto")["attempts"]
     with pg.transaction():
         states.cancel_run(pg, job, run)
         states.cancel_batches(pg, job, run)
-    assert listed(job, run, cache) == summed(job, run)
+    assert listed(job, run, cache) == listed(job, run, None) == summed(job, run)
+    # The batch running at the cancel fails afterwards: the canceled run's kept counts follow.
+    states.fail_attempt(pg, job, run, 1, running, retry=False, code="x", message="m", stack="s", ms=1.0)
+    assert listed(job, run, cache) == listed(job, run, None) == summed(job, run)
+    assert summed(job, run)["batches_failed"] == 2
