@@ -165,7 +165,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {int(size):,} batches | monitor tick, nothing changed (`change_signature` only) | | "
                      f"{cell(r['idle'])} | |")
         lines.append(f"| {int(size):,} batches | cold contract (no cache: CLI, API) | | {cell(r['cold'])} | |")
-        lines.append(f"| {int(size):,} batches | a cache's first read of the run (once per console process) | | "
+        lines.append(f"| {int(size):,} batches | reading the whole run into a cache (the console's shared cache does it "
+                     "in a thread of its own, once per process, while that tick computes in full) | | "
                      f"{cell(r['first_cached'])} | |")
         lines.append(f"| {int(size):,} batches | the cache's memory for the run | | {r['cache_mb']:.1f} MiB | |")
     rr = res["recent"]
@@ -173,7 +174,8 @@ def markdown(res: dict[str, Any]) -> str:
               f"| {cell(rr['summed'])} | {cell(rr['idle'])} | {rr['summed']['median_ms'] / rr['idle']['median_ms']:.1f}x |",
               f"| {rr['runs_in_ledger']:,} runs | Recent runs after a batch of the 100k run changed | | "
               f"{cell(rr['changed'])} | |",
-              f"| {rr['runs_in_ledger']:,} runs | Recent runs, a process's first refresh | | {cell(rr['first'])} | |"]
+              f"| {rr['runs_in_ledger']:,} runs | Recent runs, a process's first refresh, the big runs read into the "
+              f"cache in line (the console's shared cache reads them aside) | | {cell(rr['first'])} | |"]
     if "rss" in res:
         m = res["rss"]
         lines.append(f"| 10,000 batches (10M records) | console RSS, monitor + Recent runs open, {m['changes']} changes "
