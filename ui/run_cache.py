@@ -35,8 +35,9 @@ def load(job: str, run: str) -> tuple[dict[str, Any] | None, str | None]:
     batches) tells. When it moved, the metrics come from the process's shared
     :mod:`loader.run_metrics` cache, which reads only the batches that changed (every session watching
     the run shares it), instead of the aggregate over every batch and attempt of the run (100-250 ms at
-    100k batches); a run the cache does not hold yet is computed in full once while the cache reads it aside. The signature is read before the contract, so a change landing in between shows at
-    the next tick rather than never.
+    100k batches); a run the cache does not hold yet is computed in full once while the cache reads it
+    aside. The signature is read before the contract, so a change landing in between shows at the next
+    tick rather than never.
     """
     cache_key = key(job, run, "contract")
     cached: dict[str, Any] | None = st.session_state.get(cache_key)
