@@ -65,6 +65,7 @@ clean-data: stop
 bench: $(STAMP)
 	$(PY) bench/engine.py
 	$(PY) bench/objstore.py
+	$(PY) bench/console_scale.py
 
 soak: $(STAMP)
 	$(PY) bench/soak.py --seed $(SEED) --minutes $(MINUTES)

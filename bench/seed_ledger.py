@@ -130,6 +130,39 @@ def seed(job: str, run: str, n: int) -> None:
             conn.execute(sql.SQL("ANALYZE {}").format(t(name)))
 
 
+def seed_runs(job: str, n: int, batches_each: int = 3) -> None:
+    """Add ``n`` ended runs of ``job`` (``r00000``...), each of ``batches_each`` succeeded batches, started one a
+    minute over the last days: a ledger that has seen many runs (Recent runs reads its newest page)."""
+    loader.initdb()
+    t = db.ledger_table
+    spec = job_spec(job)
+    with db.connection() as conn, conn.transaction():
+        conn.execute(sql.SQL(
+            "INSERT INTO {} (etl_job_id, etl_run_id, status, batch_size, max_attempts, target_table, spec, queue,"
+            " batches_total, rows_planned, started_at, planned_at, completed_at, loaded_at)"
+            " SELECT %(job)s, 'r' || lpad(i::text, 5, '0'), CASE WHEN i %% 7 = 0 THEN 'partial_success' ELSE 'success'"
+            " END, %(bs)s, %(maxa)s, 'bench_console.orders', %(spec)s, %(queue)s, %(k)s, %(k)s * %(bs)s,"
+            " now() - interval '1 hour' - (%(n)s - i) * interval '1 minute', now() - interval '1 hour' - (%(n)s - i)"
+            " * interval '1 minute', now() - interval '1 hour' - (%(n)s - i - 1) * interval '1 minute',"
+            " now() - interval '1 hour' - (%(n)s - i - 1) * interval '1 minute' FROM generate_series(0, %(n)s - 1) i"
+        ).format(t("runs")), {"job": job, "n": n, "bs": BATCH_SIZE, "maxa": MAX_ATTEMPTS, "spec": Jsonb(spec),
+                              "queue": config.get("ETL_QUEUE"), "k": batches_each})
+        conn.execute(sql.SQL("""
+            INSERT INTO {} (etl_job_id, etl_run_id, batch_index, status, attempts, source_file, file_size,
+                file_mtime_ns, byte_start, byte_end, line_start, line_count, ord_start, rows_attempted, rows_inserted,
+                rows_validated, validation_failures, required_field_errors, duration_ms, started_at, committed_at,
+                ended_at)
+            SELECT r.etl_job_id, r.etl_run_id, k, CASE WHEN k = 0 AND r.status = 'partial_success' THEN 'failed'
+                ELSE 'succeeded' END, 1, %(file)s, 0, 0, 0, 0, k * %(bs)s + 1, %(bs)s, k * %(bs)s, %(bs)s,
+                %(bs)s - 2, %(bs)s - 2, 2, 2, 80, r.started_at, r.completed_at, r.completed_at
+            FROM {} r CROSS JOIN generate_series(0, %(k)s - 1) k WHERE r.etl_job_id = %(job)s""").format(
+            t("batches"), t("runs")), {"job": job, "bs": BATCH_SIZE, "k": batches_each, "file": f"data/{job}.ndjson"})
+    with db.connection() as conn:
+        conn.autocommit = True
+        for name in ("runs", "batches"):
+            conn.execute(sql.SQL("ANALYZE {}").format(t(name)))
+
+
 def plan_pending(conn: Any, job: str, run: str, n: int) -> int:
     """Write the n pending batches a planner writes for a run of n batches (inside the caller's planning
     transaction, before ``states.finish_planning``), laid out like :func:`seed`'s; returns the rows planned."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .api import cancel_run, initdb, list_jobs, retry_run, start_run, wait_for_run, workers_alive
 from .catalog import Catalog, JobSpec, load_catalog
-from .contract import active_run, change_signature, find_run, ledger_version, list_runs, run_contract
+from .contract import active_run, change_signature, find_run, ledger_version, run_contract
 from .errors import (
     CatalogError,
     ConfigError,
@@ -19,6 +19,7 @@ from .errors import (
 from .exports import iter_logs_ndjson, iter_metrics_csv, iter_rejects_ndjson
 from .follow import RunEvent, follow_run
 from .ledger import BatchStatus, RunStatus
+from .recent_runs import list_runs
 from .runs import RunRef
 
 __all__ = [

@@ -14,9 +14,10 @@ import orjson
 
 from . import api, config, db, ledger, storage
 from .audit import default_actor
-from .contract import list_runs, run_contract
+from .contract import run_contract
 from .errors import LoaderError, ServiceError
 from .exports import iter_logs_ndjson, iter_metrics_csv, iter_rejects_ndjson
+from .recent_runs import list_runs
 from .runs import QUEUE_DRAINS_ITSELF, cancel
 from .states import RUN_LOOKS, RunStatus
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -14,6 +13,9 @@ from .audit import run_actions
 from .errors import RunNotFound
 from .ledger import attempts, batches, events, rejects, runs
 from .states import ACTIVE_RUN_STATES, AttemptStatus, BatchStatus, batch_status_label
+
+if TYPE_CHECKING:  # numpy is imported only by the processes that keep metrics (the console)
+    from .run_metrics import MetricsCache
 
 EXAMPLES_LIMIT = 10
 LOG_FRAGMENT_EVENTS = 5
@@ -82,16 +84,20 @@ def loading_ms_query(job: str, run: str, now: datetime, completed_at: datetime |
     (or until the run completed, for an attempt whose worker vanished without closing it). One sweep
     in start order: each attempt adds the part of it that ends beyond every earlier attempt's end
     (one sort and one window over the run's attempts: 220-330 ms for 100k attempts on the shared 2-core
-    test machine under load, the order of the metrics aggregate; it runs only when the run changed).
+    test machine under load, the order of the metrics aggregate). Its second column counts the attempts
+    that failed transiently. :mod:`loader.run_metrics` keeps both current without this full pass.
     """
     a = attempts.c
     end = sa.func.coalesce(a.ended_at, sa.func.least(sa.literal(now), sa.literal(completed_at)))
-    spans = sa.select(a.started_at.label("s"), end.label("e")).where(_key(attempts, job, run)).subquery()
-    reached = sa.select(spans.c.s, spans.c.e, sa.func.max(spans.c.e).over(  # the furthest end of earlier spans
-        order_by=spans.c.s, rows=(None, -1)).label("reach")).subquery()
+    spans = sa.select(a.started_at.label("s"), end.label("e"), a.status).where(_key(attempts, job, run)).subquery()
+    reached = sa.select(spans.c.s, spans.c.e, spans.c.status, sa.func.max(spans.c.e).over(  # the furthest end
+        order_by=spans.c.s, rows=(None, -1)).label("reach")).subquery()  # of earlier spans
     r = reached.c
     new_part = sa.extract("epoch", r.e) - sa.extract("epoch", sa.func.greatest(r.s, sa.func.coalesce(r.reach, r.s)))
-    return sa.select(sa.func.coalesce(sa.func.sum(sa.func.greatest(new_part, 0)), 0) * 1000)
+    return sa.select(
+        (sa.func.coalesce(sa.func.sum(sa.func.greatest(new_part, 0)), 0) * 1000).label("loading_ms"),
+        # The same pass counts the attempts that failed transiently (the contract's transient_errors).
+        sa.func.count().filter(r.status == AttemptStatus.RETRYING.value).label("transient"))
 
 
 def build_metrics(run_row: sa.Row[Any], m: sa.Row[Any], now: datetime, loading_ms: float = 0.0
@@ -224,12 +230,16 @@ def validation_examples(conn: sa.Connection, job: str, run: str, limit: int = EX
              "batch_index": x.batch_index, "source_file": x.source_file, "line_no": x.line_no} for x in rows]
 
 
-def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[str, Any]:
+def run_contract(job: str, run: str, *, include_batches: bool = True, metrics: MetricsCache | None = None
+                 ) -> dict[str, Any]:
     """Everything the spec's data contract names for one run, with those exact field names.
 
-    Metrics are computed by PostgreSQL from the ledger (one aggregate query), so the numbers are
-    the same wherever they are shown. ``include_batches=False`` leaves ``batches`` empty for callers
-    that page through batches themselves (the console's grid).
+    Metrics are computed by PostgreSQL from the ledger (one aggregate query over the batches, one pass over
+    the attempts), so the numbers are the same wherever they are shown. ``include_batches=False`` leaves
+    ``batches`` empty for callers that page through batches themselves (the console's grid). ``metrics``:
+    a :class:`~loader.run_metrics.MetricsCache` that keeps the same figures current by reading only what
+    changed since its last read (the console's ticks: ``run_metrics.shared()``); the first read of a run
+    through it costs more than the full recomputation, every later one far less.
 
     Example::
 
@@ -239,12 +249,14 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
     engine = db.get_engine()
     with engine.connect() as conn:
         run_row = get_run_row(conn, job, run)
-        m = conn.execute(_metrics_query(job, run)).one()
-        a = attempts.c
-        transient = conn.execute(sa.select(sa.func.count()).where(
-            _key(attempts, job, run), a.status == AttemptStatus.RETRYING.value)).scalar_one()
-        now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
-        loading_ms = float(conn.execute(loading_ms_query(job, run, now, run_row.completed_at)).scalar_one())
+        now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()  # the clock of open attempts
+        m: Any = metrics.figures(conn, run_row, now) if metrics is not None else None
+        if m is None:  # no cache, or the cache has yet to read the run
+            m = conn.execute(_metrics_query(job, run)).one()
+            loading = conn.execute(loading_ms_query(job, run, now, run_row.completed_at)).one()
+            loading_ms, transient = float(loading.loading_ms), int(loading.transient)
+        else:
+            loading_ms, transient = m.loading_ms, m.transient
         examples = validation_examples(conn, job, run)
         history = run_actions(conn, job, run)
         batch_list: list[dict[str, Any]] = []
@@ -252,8 +264,8 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
             fragments = log_fragments(conn, job, run)
             rows = conn.execute(batch_rows_query(job, run).order_by(batches.c.batch_index))
             batch_list = [batch_dict(r, fragments.get(r.batch_index)) for r in rows]
-    metrics = build_metrics(run_row, m, now, loading_ms)
-    metrics["transient_errors"] = int(transient)
+    figures = build_metrics(run_row, m, now, loading_ms)
+    figures["transient_errors"] = int(transient)
     return {
         "etl_job_id": run_row.etl_job_id,
         "etl_run_id": run_row.etl_run_id,
@@ -262,7 +274,7 @@ def run_contract(job: str, run: str, *, include_batches: bool = True) -> dict[st
         "started_at": iso(run_row.started_at),
         "completed_at": iso(run_row.completed_at),
         "loaded_at": iso(run_row.loaded_at or m.last_commit),
-        "metrics": metrics,
+        "metrics": figures,
         "validation_summary": {
             "required_field_errors": int(m.required_field_errors),
             "json_shape_errors": int(m.json_shape_errors),
@@ -318,8 +330,7 @@ def find_run(job: str, run: str) -> dict[str, Any] | None:
 def active_run(job: str) -> dict[str, Any] | None:
     """The job's newest run in progress (queued, validating, loading, committing), or None.
 
-    One lookup in the partial index of active runs: cheap enough to poll, unlike :func:`list_runs`,
-    which sums the batches of every listed run.
+    One lookup in the partial index of active runs: cheap enough to poll.
     """
     q = (sa.select(runs.c.etl_job_id, runs.c.etl_run_id, runs.c.status, runs.c.started_at)
          .where(runs.c.etl_job_id == job, runs.c.status.in_([s.value for s in ACTIVE_RUN_STATES]))
@@ -332,9 +343,10 @@ def active_run(job: str) -> dict[str, Any] | None:
             "started_at": iso(row.started_at)}
 
 
-#: How many of the run's newest batch change numbers :func:`change_signature` sums. A change number is
-#: taken by the statement that makes the change, just before its transaction commits, so a commit that
-#: lands after a higher number's lands among the newest few.
+#: How many of the run's newest batch change numbers :func:`change_signature` sums (and
+#: :mod:`loader.run_metrics` re-reads at each refresh). A change number is taken by the statement that
+#: makes the change, just before its transaction commits, so a commit that lands after a higher number's
+#: lands among the newest few.
 SIGNATURE_WINDOW = 1000
 
 
@@ -370,36 +382,3 @@ def change_signature(job: str, run: str, conn: sa.Connection | None = None) -> t
 def signature_token(signature: tuple[int, ...]) -> str:
     """The signature as the opaque string the grid compares (``/version`` and each page of batches)."""
     return "-".join(str(x) for x in signature)
-
-
-def list_runs(job: str | None = None, limit: int = 50, *, hidden_jobs: Collection[str] = ()) -> list[dict[str, Any]]:
-    """Recent runs, newest first, with their headline counts (batches summed per listed run only).
-
-    ``hidden_jobs``: jobs whose runs are left out before the ``limit`` is applied (the console's jobs a
-    person may not view), so that they take no place in the list.
-    """
-    b = batches.c
-    recent = sa.select(runs).order_by(runs.c.started_at.desc()).limit(limit)
-    if job is not None:
-        recent = recent.where(runs.c.etl_job_id == job)
-    if hidden_jobs:
-        recent = recent.where(runs.c.etl_job_id.not_in(list(hidden_jobs)))
-    r = recent.subquery("r")
-    counts = (sa.select(sa.func.sum(b.rows_inserted).label("rows_inserted"),
-                        sa.func.sum(b.rows_updated).label("rows_updated"),
-                        sa.func.sum(b.validation_failures).label("validation_failures"),
-                        sa.func.count().filter(b.status == BatchStatus.FAILED.value).label("batches_failed"))
-              .where(b.etl_job_id == r.c.etl_job_id, b.etl_run_id == r.c.etl_run_id).lateral("c"))
-    q = (sa.select(r.c.etl_job_id, r.c.etl_run_id, r.c.status, r.c.batch_size, r.c.started_at, r.c.completed_at,
-                   r.c.started_by,
-                   r.c.batches_total, counts.c.rows_inserted, counts.c.rows_updated, counts.c.validation_failures,
-                   counts.c.batches_failed)
-         .select_from(r.join(counts, sa.true())).order_by(r.c.started_at.desc()))
-    with db.get_engine().connect() as conn:
-        rows = conn.execute(q).all()
-    return [{"etl_job_id": x.etl_job_id, "etl_run_id": x.etl_run_id, "status": x.status,
-             "batch_size": x.batch_size, "started_at": iso(x.started_at), "completed_at": iso(x.completed_at),
-             "started_by": x.started_by,
-             "batches_total": x.batches_total, "rows_inserted": int(x.rows_inserted or 0),
-             "rows_updated": int(x.rows_updated or 0), "validation_failures": int(x.validation_failures or 0),
-             "batches_failed": int(x.batches_failed or 0)} for x in rows]

@@ -96,7 +96,9 @@ class RunFollower:
                     self._sent[row.batch_index] = int(row.change_seq)
             self._top = max(self._top, signature[1])
             self._forget_below(self._top - SIGNATURE_WINDOW)
-        summary = run_contract(self.job, self.run, include_batches=False)
+        from . import run_metrics  # here: numpy is imported only by the processes that follow runs
+
+        summary = run_contract(self.job, self.run, include_batches=False, metrics=run_metrics.shared())
         del summary["batches"]
         events.append(RunEvent("run", max(signature[0], self._top), summary))
         return events

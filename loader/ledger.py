@@ -86,6 +86,8 @@ runs = sa.Table(
     sa.Column("started_by", sa.Text),
     sa.CheckConstraint(check_constraint("status", STORED_RUN_STATES), name="runs_status_check"),
     sa.Index("runs_job_started_idx", "etl_job_id", sa.text("started_at DESC")),
+    # 0005: Recent runs of every job reads the newest page without sorting the whole ledger.
+    sa.Index("runs_started_idx", sa.text("started_at DESC")),
     sa.Index("runs_active_idx", "etl_job_id", postgresql_where=sa.text(
         "status IN ('queued', 'validating', 'loading', 'committing')")),
 )

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 import loader
-from loader import LoaderError
+from loader import LoaderError, run_metrics
 
 from . import format as fmt
 from .errors import show_error
@@ -19,6 +19,9 @@ from .routes import run_path
 
 def recent_runs(job: str | None, *, limit: int, empty: str, person: Person | None = None) -> list[dict[str, Any]]:
     """``loader.list_runs(job, limit)``, newest first; [] after saying why (the error, or ``empty``).
+
+    Runs in progress are read through the process's shared metrics cache (the monitors' own), ended runs'
+    counts are kept by ``loader.recent_runs``: a refresh costs one statement however many runs exist.
 
     With ``person``, only the runs of jobs they may view: the others are left out by the query (they take
     no place in the ``limit``) and checked again here (a job the catalog no longer narrows the same way).
@@ -30,7 +33,8 @@ def recent_runs(job: str | None, *, limit: int, empty: str, person: Person | Non
             st.dataframe(runs_frame(runs, ["Job", "Run ID", "Status"]))
     """
     try:
-        runs = loader.list_runs(job, limit=limit, hidden_jobs=person.hidden_jobs() if person else ())
+        runs = loader.list_runs(job, limit=limit, hidden_jobs=person.hidden_jobs() if person else (),
+                                metrics=run_metrics.shared())
     except LoaderError as exc:
         show_error(exc)
         return []
