@@ -37,7 +37,7 @@ def _live(job: str, run: str) -> None:
     except loader.RunNotFound:
         _not_found(job, run)
         return
-    show_toasts(job, run, c, stale)
+    rerun_page = show_toasts(job, run, c, stale)
     if c is None:
         alert(stale or "No data yet", "warning")
         st.badge("Stale", icon=":material/cloud_off:", color="orange")
@@ -56,6 +56,8 @@ def _live(job: str, run: str) -> None:
                         icon=":material/hourglass_top:")
     validation_summary(c, job, run)
     st.session_state[key(job, run, "status")] = c["status"]
+    if rerun_page:  # after drawing: the new state is on screen while the rest of the page follows
+        st.rerun(scope="app")
 
 
 def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str, str]] | None,
