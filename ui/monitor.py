@@ -46,6 +46,11 @@ def _live(job: str, run: str) -> None:
     header(c, stale, REFRESH_SECONDS)
     history(c)
     cards(c)
+    if rerun_page:
+        # The run ended or was retried: the badge and the cards show it now, the rest of the page follows
+        # in the full run. Before the live region, which gets its new text from that full run as it always
+        # did (with the rerun after it, a browser test once found the region without the final text).
+        st.rerun(scope="app")
     live_region(c, key=key(job, run, "live-region"))
     # Here, not beside the grid: it follows the run at each tick and goes once batches exist. Always a
     # slot at the same place, drawn empty once the plan exists: an element a fragment run no longer draws
@@ -57,8 +62,6 @@ def _live(job: str, run: str) -> None:
                         icon=":material/hourglass_top:")
     validation_summary(c, job, run)
     st.session_state[key(job, run, "status")] = c["status"]
-    if rerun_page:  # after drawing: the new state is on screen while the rest of the page follows
-        st.rerun(scope="app")
 
 
 def render_monitor(job: str, run: str, statuses: list[str], sort: list[dict[str, str]] | None,
