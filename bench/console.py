@@ -87,7 +87,7 @@ import loader  # noqa: E402
 from loader import browse, config, db  # noqa: E402
 from tests.ui.app_server import CHROMIUM, StreamlitServer, launch_chromium  # noqa: E402
 from ui.grid import POLL_MS  # noqa: E402
-from ui.monitor import CHART_SECONDS, REFRESH_SECONDS  # noqa: E402
+from ui.monitor import REFRESH_SECONDS  # noqa: E402
 
 JOB = "bench-console"
 #: Every server the benchmark starts: no file watcher. ``dataloader up`` leaves Streamlit's default on, idle
@@ -210,7 +210,6 @@ class ScriptRuns:
     """
 
     def __init__(self, ctx: Any, page: Any) -> None:
-        self.intervals: dict[str, float] = {}  # fragment id -> run_every (from the ``auto_rerun`` messages)
         self.requests: dict[str, list[float]] = {}  # fragment id ('' = the whole app) -> unanswered requests
         self.current: dict[str, Any] | None = None
         self.runs: list[dict[str, Any]] = []
@@ -244,14 +243,12 @@ class ScriptRuns:
         if raw is None:
             return
         kind, ts = msg.WhichOneof("type"), event["timestamp"]
-        if kind == "auto_rerun":
-            self.intervals[msg.auto_rerun.fragment_id] = msg.auto_rerun.interval
-        elif kind == "new_session":
+        if kind == "new_session":
             frags = tuple(msg.metadata.run.fragment_ids)
             asked = [self.requests[f].pop(0) for f in (frags or ("",)) if self.requests.get(f)]
             self.current = {"fragments": frags, "run_id": msg.metadata.run.script_run_id,
                             "asked": min(asked) if asked else None, "started": ts, "bytes": len(raw),
-                            "metrics": {}, "deltas": 0, "first_delta": None, "last_delta": None,
+                            "metrics": {}, "drew": set(), "deltas": 0, "first_delta": None, "last_delta": None,
                             # another request was waiting behind this one: a run queued behind a run
                             "queued": any(self.requests.get(f) for f in self.requests)}
         elif self.current is not None:
@@ -262,10 +259,14 @@ class ScriptRuns:
                 self.current["last_delta"] = ts
                 element = msg.delta.new_element if msg.delta.WhichOneof("type") == "new_element" else None
                 shown = element.WhichOneof("type") if element is not None else None
-                if shown == "metric":
+                if shown == "metric":  # the baseline page's fragment
                     self.current["metrics"][element.metric.label] = element.metric.body
+                    self.current["drew"].add("live")
                 elif shown == "html" and 'class="dl-cards"' in element.html.body:  # ui/run_header.py cards
                     self.current["metrics"].update(CARD.findall(element.html.body))
+                    self.current["drew"].add("live")
+                elif shown == "vega_lite_chart":  # ui/run_charts.py
+                    self.current["drew"].add("chart")
             elif kind == "script_finished":
                 run, self.current = self.current, None
                 last = run["last_delta"] or run["started"]
@@ -278,14 +279,12 @@ class ScriptRuns:
                            body_ms=(last - run["started"]) * 1000, after_ms=(ts - last) * 1000)
                 self.runs.append(run)
 
-    def fragment(self, every: float) -> str | None:
-        """The id of the fragment whose timer is ``every`` seconds."""
-        return next((f for f, s in self.intervals.items() if abs(s - every) < 1e-6), None)
-
-    def ticks(self, every: float, t0: float, t1: float) -> list[dict[str, Any]]:
-        """The runs of the ``every``-seconds fragment alone, finished within [t0, t1) (monotonic)."""
-        frag = self.fragment(every)
-        return [r for r in self.runs if r["fragments"] == (frag,) and r["ms"] is not None and t0 <= r["t"] < t1]
+    def ticks(self, kind: str, t0: float, t1: float) -> list[dict[str, Any]]:
+        """The fragment runs that drew ``kind`` ("live": the metric cards; "chart": the duration chart),
+        finished within [t0, t1) (monotonic). The page's timed fragments share one period, and Streamlit
+        runs the ones due at once in one script run: such a run counts for each kind it drew."""
+        return [r for r in self.runs if r["fragments"] and kind in r["drew"] and r["ms"] is not None
+                and t0 <= r["t"] < t1]
 
 
 def classify(ticks: list[dict[str, Any]], previous: dict[str, str] | None = None,
@@ -419,7 +418,7 @@ def open_monitor(browser: Any, url: str, run: str, total: int) -> tuple[Any, Any
     page.goto(f"{url}/etl/data-loader/{JOB}/{run}")
     page.wait_for_function(metric_js(), arg=["Batches total", f"{total:,}"], timeout=60_000, polling=100)
     page.frame_locator(GRID_FRAME).locator(".ag-row[row-index='0'] [col-id='index']").wait_for(timeout=60_000)
-    page.wait_for_timeout(CHART_SECONDS * 1000 + 1000)  # the chart fragment's first tick and the first polls
+    page.wait_for_timeout(REFRESH_SECONDS * 1000 + 1000)  # the chart fragment's first tick and the first polls
     return ctx, page, wire, runs
 
 
@@ -453,8 +452,8 @@ def window_bytes(page: Any, wire: Wire, runs: ScriptRuns | None, seconds: float,
         w["server_cpu_ms_per_refresh"] = (cpu_seconds(server_pid) - cpu0) * 1000 / ((t1 - t0) / REFRESH_SECONDS)
         w["server_rss_mb"] = rss_mb(server_pid)
     if runs is not None:
-        live = runs.ticks(REFRESH_SECONDS, t0, t1)
-        chart = runs.ticks(CHART_SECONDS, t0, t1)
+        live = runs.ticks("live", t0, t1)
+        chart = [r for r in runs.ticks("chart", t0, t1) if "live" not in r["drew"]]
         w.update(live_ticks=live, chart_ticks=chart,
                  other_runs=sum(1 for r in runs.runs if t0 <= r["t"] < t1) - len(live) - len(chart))
     return w
@@ -557,7 +556,7 @@ def baseline_window(browser: Any, app: StreamlitServer, seconds: float) -> dict[
 def split_ticks(runs: ScriptRuns, idle: list[dict[str, Any]], changed: list[dict[str, Any]]) -> dict[str, Any]:
     """Tick statistics of one page: live ticks that changed nothing (idle windows), that showed a change
     (changed windows), and the chart fragment's ticks; slims the windows' tick lists for the results file."""
-    same, moved = classify(runs.ticks(REFRESH_SECONDS, 0.0, float("inf")))
+    same, moved = classify(runs.ticks("live", 0.0, float("inf")))
     same_ids, moved_ids = {t["run_id"] for t in same}, {t["run_id"] for t in moved}
     idle_ticks = [t for w in idle for t in w["live_ticks"] if t["run_id"] in same_ids]
     moved_ticks = [t for w in changed for t in w["live_ticks"] if t["run_id"] in moved_ids]
@@ -594,7 +593,9 @@ def ticks_cell(t: dict[str, Any] | None) -> tuple[str, str]:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    refresh, chart = res["refresh_s"], res["chart_s"]
+    refresh = res["refresh_s"]
+    # Results from before one period for every timed fragment carry the chart's own period.
+    chart = f"`CHART_SECONDS = {res['chart_s']:g}`" if "chart_s" in res else "the same period"
     r_s = f"{refresh:g} s"
     lines = ["", "## Console", "",
              "The Run Monitor (`/etl/data-loader/<job>/<run>`) against a run in `loading` with 10k and 100k "
@@ -611,7 +612,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res['repeat']} repetitions of each browser window measure; medians (min-max) over them.",
              f"- The page as measured: `ui/monitor.py` `REFRESH_SECONDS = {refresh:g}` (the live fragment: header, "
              "cards, validation summary; it reads `change_signature` and reuses its cached contract until that "
-             f"moves), `CHART_SECONDS = {chart:g}` (the "
+             f"moves), {chart} (the "
              f"duration chart); the grid polls `/version` every {res['poll_ms'] / 1000:g} s "
              "(`ui/grid.py POLL_MS`). Every server the benchmark starts runs with "
              "`STREAMLIT_SERVER_FILE_WATCHER_TYPE=none`: other sessions edit and test the tree during the run, and "
@@ -1030,8 +1031,8 @@ def timed_change(w: PanelWatch, change: Callable[[], None], rnd: random.Random, 
         if lag is None:
             print(f"  {label}: {panel} did not settle on {before[panel]!r} (page: {w.page()[panel]!r})",
                   file=sys.stderr)
-    # The timers: the live fragment (REFRESH_SECONDS), chart, warning and Recent runs (2 s), the grid's poll.
-    time.sleep(rnd.uniform(0.3, max(REFRESH_SECONDS, CHART_SECONDS, POLL_MS / 1000) + 0.3))
+    # The timers: every timed fragment's REFRESH_SECONDS (live, chart, detail, warning, Recent runs), the grid's poll.
+    time.sleep(rnd.uniform(0.3, max(REFRESH_SECONDS, POLL_MS / 1000) + 0.3))
     change()
     t0 = time.perf_counter()
     after = w.ledger()
@@ -1147,6 +1148,15 @@ def panels_bench(browser: Any, sizes: list[int], rounds: int, new_runs: int) -> 
     return out
 
 
+def _timers(res: dict[str, Any]) -> str:
+    """The page's timers as measured: one period for every timed fragment, or (older results) the live
+    fragment's and the others' 2 s."""
+    if "chart_s" in res:
+        return f"the live fragment's {res['refresh_s']:g} s, the chart's, the warning's and Recent runs' 2 s"
+    return (f"every timed fragment's {res['refresh_s']:g} s: the live fragment, the batch detail, the chart, "
+            "the warning and Recent runs")
+
+
 def panels_markdown(res: dict[str, Any]) -> str:
     """The ``## Console: each panel's lag`` section from :func:`panels_bench`'s results (``res["panels"]``)."""
     p = res["panels"]
@@ -1163,8 +1173,8 @@ def panels_markdown(res: dict[str, Any]) -> str:
              "and, for the Recent runs page, on a second page open beside it, every "
              f"{p['poll_ms']:.0f} ms while a change is on its way; a panel counts as shown at the end of the read "
              "that saw it. Before each change the pages settle on the ledger's state, then the change comes at a "
-             f"random phase of the timers (the live fragment's {res['refresh_s']:g} s, the chart's, the warning's "
-             f"and Recent runs' 2 s, the grid's {res['poll_ms'] / 1000:g} s poll), and only the panels whose value "
+             f"random phase of the timers ({_timers(res)}, the grid's {res['poll_ms'] / 1000:g} s poll), and only "
+             "the panels whose value "
              "the change moved are timed.", "",
              "The changes are those of a live run, made with the loader's own functions (`loader.states`, "
              "`loader.runs`, `loading.finish_run_if_done`: what a worker does around a batch, without a source or "
@@ -1361,7 +1371,7 @@ def run_info() -> dict[str, Any]:
                        f"machine; Python {platform.python_version()}",
             "command": "python bench/console.py " + " ".join(sys.argv[1:]),
             "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-            "refresh_s": REFRESH_SECONDS, "chart_s": CHART_SECONDS, "poll_ms": POLL_MS}
+            "refresh_s": REFRESH_SECONDS, "poll_ms": POLL_MS}
 
 
 def panels_only(sizes: list[int], rounds: int, new_runs: int, *, write: bool) -> None:

@@ -14,7 +14,7 @@ from ui.errors import show_error
 from ui.grid_state import GridState, read_grid_state, rebuild_filters, rebuild_sort, url_value
 from ui.identity import OPERATORS_ONLY, operator_label, page_person, session_person
 from ui.layout import inject_css
-from ui.monitor import empty_monitor, not_found_monitor, render_monitor
+from ui.monitor import REFRESH_SECONDS, empty_monitor, not_found_monitor, render_monitor
 from ui.routes import run_path
 from ui.run_toasts import expect_start
 from ui.runs_table import recent_runs, runs_frame
@@ -29,10 +29,6 @@ from ui.validation import (
 )
 
 DEDUP_NOTE = "Deduplication uses source_id; ON CONFLICT upsert updates data and updated_at"
-#: Seconds between two reads of the job's run in progress for the left panel's warning.
-WARNING_SECONDS = 2.0
-#: Seconds between two reads of the job's recent runs (the list under the configuration).
-RUNS_SECONDS = 2.0
 ss = st.session_state
 
 
@@ -248,13 +244,13 @@ def _config_panel(catalog: loader.Catalog | None, catalog_error: str | None) -> 
     if size_default.env_note:
         caption(f"ETL_BATCH_SIZE ignored: {size_default.env_note}")
     st.info(DEDUP_NOTE, icon=":material/info:")
-    st.fragment(_job_warning, run_every=WARNING_SECONDS)(cfg.job if "job" not in cfg.problems else None)
+    st.fragment(_job_warning, run_every=REFRESH_SECONDS)(cfg.job if "job" not in cfg.problems else None)
     # Not on a timer: a fragment redrawn every few seconds would take the keyboard focus away. Start
     # Load asks the engine when clicked, and the page reruns when the monitored run ends.
     st.fragment(_start_area)(cfg)
     st.divider()
     # Timed, like the Recent runs page: statuses and counts follow the ledger (a selection survives).
-    st.fragment(_runs_list, run_every=RUNS_SECONDS)(job)
+    st.fragment(_runs_list, run_every=REFRESH_SECONDS)(job)
 
 
 def _runs_list(job: str | None) -> None:

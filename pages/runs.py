@@ -6,6 +6,7 @@ import streamlit as st
 
 from ui.identity import page_person
 from ui.layout import inject_css
+from ui.monitor import REFRESH_SECONDS
 from ui.runs_table import recent_runs, runs_frame
 
 inject_css()
@@ -13,7 +14,7 @@ st.title("Recent runs", anchor=False)
 st.page_link("pages/data_loader.py", label="Start a load in the Data Loader", icon=":material/database_upload:")
 
 
-@st.fragment(run_every=2)
+@st.fragment(run_every=REFRESH_SECONDS)  # statuses follow the ledger like the monitor's
 def recent() -> None:
     runs = recent_runs(None, limit=100, empty="No runs yet. Start one from the Data Loader page.",
                        person=page_person())

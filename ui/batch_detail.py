@@ -17,13 +17,13 @@ from .attempt_timeline import attempt_timeline
 from .errors import show_error
 from .identity import operator_label, page_person
 from .run_actions import operator_actor
-from .run_cache import cached, key, zone
+from .run_cache import fresh, key, zone
 
 
 def _read(job: str, run: str, index: int) -> dict[str, Any] | None | bool:
     """The batch (None: not part of the run; False: unreadable, the error shown), read again only when
-    the live fragment's change signature moved."""
-    c = cached(job, run)
+    the run's change signature moved."""
+    c = fresh(job, run)
     version = (index, c.get("_signature")) if c else None
     kept = st.session_state.get(key(job, run, "detail"))
     if kept is not None and version is not None and kept[0] == version:

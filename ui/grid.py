@@ -2,7 +2,7 @@
 
 The rows never travel through Streamlit's script runs: the grid's datasource fetches pages of
 ``/etl/data-loader/api/runs/<job>/<run>/batches`` (sorted and filtered in SQL) and polls
-``.../version`` every second, calling ``refreshInfiniteCache()`` when the run changed. Only the
+``.../version`` every :data:`POLL_MS`, calling ``refreshInfiniteCache()`` when the run changed. Only the
 selection, sort and filter model come back to Python (to show the batch detail and keep them in
 the URL).
 
@@ -28,7 +28,10 @@ from .routes import API_PATH
 #: Rows per page the grid asks for; blocks kept in the browser.
 BLOCK_ROWS = 100
 MAX_BLOCKS = 10
-POLL_MS = 1000
+#: Milliseconds between two ``/version`` polls (one index-only ``change_signature`` statement each). A
+#: changed row waits for the poll, then a page request and the grid's 200 ms block debounce: at 1 s its
+#: lag was 2.2 s at p95 (BENCHMARKS.md, "Console: each panel's lag"), past the 2 s target.
+POLL_MS = 500
 
 #: Compact widths: at 1280 px every column fits without scrolling (headers wrap onto two lines, Error
 #: takes the rest). Below that, Batch # and Status are pinned left (ON_SIZE) and the rest scrolls.

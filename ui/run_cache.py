@@ -56,6 +56,17 @@ def load(job: str, run: str) -> tuple[dict[str, Any] | None, str | None]:
     return contract, None
 
 
+def fresh(job: str, run: str) -> dict[str, Any] | None:
+    """The contract as of now, for a panel on a timer of its own (chart, batch detail): it reads the change
+    signature itself (one index-only statement) instead of waiting for the live fragment's next tick to
+    move the cached contract, which made its lag the sum of two timers. None: the run is gone (the live
+    fragment says so) or was never read (the database is away)."""
+    try:
+        return load(job, run)[0]
+    except loader.RunNotFound:
+        return None
+
+
 def cached(job: str, run: str) -> dict[str, Any] | None:
     """The contract the live fragment read last (None before its first read)."""
     contract: dict[str, Any] | None = st.session_state.get(key(job, run, "contract"))

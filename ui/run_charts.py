@@ -12,13 +12,13 @@ from loader import LoaderError, browse
 
 from . import format as fmt
 from .errors import user_message
-from .run_cache import cached, key
+from .run_cache import fresh, key
 from .text import caption
 
 
 def duration_charts(job: str, run: str) -> None:
-    """Read the series again only when the live fragment's change signature moved (it also moves on late commits)."""
-    c = cached(job, run)
+    """Read the series again only when the run's change signature moved (it also moves on late commits)."""
+    c = fresh(job, run)
     version = c.get("_signature") if c else None
     cache_key = key(job, run, "series")
     kept = st.session_state.get(cache_key)

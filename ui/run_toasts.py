@@ -12,9 +12,11 @@ from . import format as fmt
 from .run_cache import key
 
 
-def show_toasts(job: str, run: str, c: dict[str, Any] | None, stale: str | None) -> None:
-    """Each once, comparing the contract with the one seen at the previous tick; a run that ends (or is
-    retried from elsewhere) reruns the whole page, which shows the end's toast."""
+def show_toasts(job: str, run: str, c: dict[str, Any] | None, stale: str | None) -> bool:
+    """Each once, comparing the contract with the one seen at the previous tick. Returns True when the
+    whole page must run again (a run that ended, or was retried from elsewhere; the full run shows the
+    end's toast): the caller reruns it once this tick is drawn, so the badge and the cards show the new
+    state at once rather than after the full run has reached them."""
     seen_key = key(job, run, "seen")
     seen = st.session_state.get(seen_key)
     if stale and not st.session_state.get(key(job, run, "stale_toast")):
@@ -23,18 +25,18 @@ def show_toasts(job: str, run: str, c: dict[str, Any] | None, stale: str | None)
     if not stale:
         st.session_state[key(job, run, "stale_toast")] = False
     if c is None:
-        return
+        return False
     now = {"status": c["status"], "transient": c["metrics"].get("transient_errors", 0)}
     st.session_state[seen_key] = now
     if seen is None:
-        return
+        return False
     if now["transient"] > seen["transient"]:
         n = now["transient"] - seen["transient"]
         st.toast(f"Transient DB error in {n} batch attempt(s): will retry", icon=":material/replay:")
     if seen["status"] in fmt.FINAL and now["status"] not in fmt.FINAL:
         # Retried from elsewhere (the CLI, another tab): the actions row, the start button's warning,
         # the runs list and the chart's timer follow the run again, in one full run.
-        st.rerun(scope="app")
+        return True
     if now["status"] != seen["status"] and now["status"] in fmt.FINAL:
         if now["status"] in (RunStatus.SUCCESS.value, RunStatus.PARTIAL_SUCCESS.value):
             message = (f"Run completed: {fmt.run_badge(now['status']).label}", ":material/check_circle:")
@@ -45,7 +47,8 @@ def show_toasts(job: str, run: str, c: dict[str, Any] | None, stale: str | None)
         # The whole page follows (the start button's warning, the runs list, the chart's refresh):
         # the toast is shown by that full run.
         st.session_state["dl_toast"] = message
-        st.rerun(scope="app")
+        return True
+    return False
 
 
 def expect_start(job: str, run: str) -> None:

@@ -243,7 +243,7 @@ def test_grid_sort_and_filters_live_in_the_url_and_survive_a_reload(console, dem
 
 
 def test_a_change_in_the_ledger_appears_on_the_page_without_a_reload(console, demo, browser, idle_queue):
-    """The monitor follows the ledger by itself (its 2 s refresh is measured in bench/, not here)."""
+    """The monitor follows the ledger by itself (its lag is measured in bench/console.py --panels, not here)."""
     import loader
 
     loader.start_run(demo.job, run_id="live")  # nobody listens to idle_queue: it stays queued

@@ -8,7 +8,7 @@ import pytest
 from st_aggrid import JsCode
 from st_aggrid.shared import walk_gridOptions
 
-from ui.grid import COLUMNS, FULL_WIDTH, grid_options
+from ui.grid import COLUMNS, FULL_WIDTH, POLL_MS, grid_options
 from ui.grid_state import (
     SORTABLE,
     ForeignCode,
@@ -108,5 +108,5 @@ def test_the_console_options_hold_code_only_as_constants_and_survive_the_compone
     again = grid_options("job", "run", ["failed"])
     refuse_foreign_code(again)
     assert isinstance(COLUMNS[6]["valueFormatter"], JsCode)
-    assert again["context"] == {"base": "/etl/data-loader/api/runs/job/run", "statuses": "failed", "pollMs": 1000,
+    assert again["context"] == {"base": "/etl/data-loader/api/runs/job/run", "statuses": "failed", "pollMs": POLL_MS,
                                 "fullWidth": FULL_WIDTH}
