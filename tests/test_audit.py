@@ -71,7 +71,8 @@ def test_start_retry_and_cancel_from_the_api_record_the_actor_given_in_the_contr
     assert said == [("run_queued", HOSTILE), ("retry_requested", "ops@example.com")]
 
 
-def test_a_forced_start_and_a_cancel_name_the_run_in_progress_and_the_outcome(tmp_path, target_schema, pg):
+def test_a_forced_start_and_a_cancel_name_the_run_in_progress_and_the_outcome(tmp_path, target_schema, pg, own_queue):
+    """On a queue no worker serves: both runs stay queued until the cancel (the session's workers would plan them)."""
     catalog, job, _ = make_job(tmp_path, target_schema)
     first = loader.start_run(job, catalog=catalog, batch_size=100, actor="ana@example.com")
     forced = loader.start_run(job, catalog=catalog, batch_size=100, force=True, actor="bob@example.com")
@@ -86,7 +87,7 @@ def test_a_forced_start_and_a_cancel_name_the_run_in_progress_and_the_outcome(tm
     assert loader.run_contract(job, forced.etl_run_id)["started_by"] == "bob@example.com"
 
 
-def test_an_action_refused_or_rolled_back_records_nothing(tmp_path, target_schema, pg):
+def test_an_action_refused_or_rolled_back_records_nothing(tmp_path, target_schema, pg, own_queue):
     catalog, job, _ = make_job(tmp_path, target_schema)
     ref = loader.start_run(job, catalog=catalog, batch_size=100, run_id="once", actor="ana@example.com")
     with pytest.raises(RunConflict):  # the run id is taken: the insert fails, and its action with it
