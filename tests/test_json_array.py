@@ -38,6 +38,20 @@ def test_an_element_longer_than_the_limit_is_read_past_keeping_its_first_charact
                                        ("over", 300, "9999999999"), ("over", 163, '[[["\\"]]]z'), "7"]
 
 
+@pytest.mark.parametrize("read", [1, 3, 300, 1 << 16])
+def test_dense_over_long_elements_are_read_past_to_their_exact_end(monkeypatch, read):
+    """Brackets counted in bulk and string bodies matched whole: long stretches of ``[],{}`` (with brackets in
+    strings between them) and of escaped quotes end where their element ends, not before or after."""
+    monkeypatch.setattr(json_array, "READ_BYTES", read)
+    dense = "[" + ",".join(["[],{}"] * 400 + ['"]]}}"'] + ["[[{}]]"] * 300) + "]"
+    escapes = '"' + '\\"' * 700 + "\\\\" + '"'
+    nested = "[" * 500 + "]" * 500
+    data = f"[{dense}, 1, {escapes}, {nested}, {{\"k\": [{dense}]}}, 2]".encode()
+    assert values(data, limit=100) == [
+        ("over", len(dense), dense[:10]), "1", ("over", len(escapes), escapes[:10]), ("over", 1000, "[" * 10),
+        ("over", len(dense) + 9, '{"k": [[[]'), "2"]
+
+
 @pytest.mark.parametrize(("text", "error"), [
     (b"[1,]", "a trailing comma after element 1"),
     (b"[1,,2]", "element 2: Expecting value"),
