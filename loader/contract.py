@@ -230,8 +230,8 @@ def validation_examples(conn: sa.Connection, job: str, run: str, limit: int = EX
              "batch_index": x.batch_index, "source_file": x.source_file, "line_no": x.line_no} for x in rows]
 
 
-def run_contract(job: str, run: str, *, include_batches: bool = True, metrics: MetricsCache | None = None
-                 ) -> dict[str, Any]:
+def run_contract(job: str, run: str, *, include_batches: bool = True, metrics: MetricsCache | None = None,
+                 signature: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Everything the spec's data contract names for one run, with those exact field names.
 
     Metrics are computed by PostgreSQL from the ledger (one aggregate query over the batches, one pass over
@@ -240,6 +240,8 @@ def run_contract(job: str, run: str, *, include_batches: bool = True, metrics: M
     a :class:`~loader.run_metrics.MetricsCache` that keeps the same figures current by reading only what
     changed since its last read (the console's ticks: ``run_metrics.shared()``); the first read of a run
     through it costs more than the full recomputation, every later one far less.
+    ``signature``: the run's
+    :func:`change_signature` the caller read just before (the cache then does not read it again).
 
     Example::
 
@@ -250,7 +252,7 @@ def run_contract(job: str, run: str, *, include_batches: bool = True, metrics: M
     with engine.connect() as conn:
         run_row = get_run_row(conn, job, run)
         now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()  # the clock of open attempts
-        m: Any = metrics.figures(conn, run_row, now) if metrics is not None else None
+        m: Any = metrics.figures(conn, run_row, now, signature) if metrics is not None else None
         if m is None:  # no cache, or the cache has yet to read the run
             m = conn.execute(_metrics_query(job, run)).one()
             loading = conn.execute(loading_ms_query(job, run, now, run_row.completed_at)).one()

@@ -258,13 +258,15 @@ class RunMetrics:
             return -1
         return int(np.partition(present, len(present) - WINDOW)[len(present) - WINDOW]) - 1
 
-    def refresh(self, conn: sa.Connection) -> None:
+    def refresh(self, conn: sa.Connection, signature: tuple[int, ...] | None = None) -> None:
         """Read what changed since the last refresh (everything, the first time).
 
         The run's change signature (one index-only statement) tells first whether anything did; it is read
-        before the rows, so a change landing in between is read at the next refresh.
+        before the rows, so a change landing in between is read at the next refresh. ``signature``: the one
+        the caller has just read for the same purpose (the console's tick), not read again.
         """
-        signature = change_signature(self.job, self.run, conn)
+        if signature is None:
+            signature = change_signature(self.job, self.run, conn)
         idx = np.zeros(0, dtype=np.int64)
         self.rows_read = 0
         if signature != self.signature:
@@ -415,7 +417,8 @@ class MetricsCache:
         self._lock = threading.Lock()
         self._runs: OrderedDict[tuple[str, str, str], tuple[threading.Lock, RunMetrics | None]] = OrderedDict()
 
-    def figures(self, conn: sa.Connection, run_row: Any, now: datetime) -> Figures | None:
+    def figures(self, conn: sa.Connection, run_row: Any, now: datetime,
+                signature: tuple[int, ...] | None = None) -> Figures | None:
         """The run's figures, current as of this call (``run_row``: the run's ledger row, read just before, or
         any row with its ``etl_job_id``, ``etl_run_id``, ``run_seq`` and ``completed_at``).
 
@@ -442,15 +445,15 @@ class MetricsCache:
             state = self._runs.get(key, entry)[1]
             if state is None or state.run_seq != run_row.run_seq:  # new, or the run was replaced
                 state = RunMetrics(run_row.etl_job_id, run_row.etl_run_id, int(run_row.run_seq))
-            self._refresh(key, lock, state, conn)
+            self._refresh(key, lock, state, conn, signature)
             return state.figures(now, run_row.completed_at)
         finally:
             lock.release()
 
     def _refresh(self, key: tuple[str, str, str], lock: threading.Lock, state: RunMetrics,
-                 conn: sa.Connection) -> None:
+                 conn: sa.Connection, signature: tuple[int, ...] | None = None) -> None:
         try:
-            state.refresh(conn)
+            state.refresh(conn, signature)
         except BaseException:
             with self._lock:  # a refresh cut short (a timeout) leaves a state half read: read it again next time
                 self._runs.pop(key, None)

@@ -299,3 +299,24 @@ def test_a_cache_that_builds_aside_answers_none_until_it_holds_the_run_then_the_
         assert time.monotonic() < deadline, "the cache never held the run"
         time.sleep(0.05)
     assert run_contract(job, run, include_batches=False, metrics=cache)["metrics"]["batches_running"] == 1
+
+
+def test_a_refresh_uses_the_signature_its_caller_read_instead_of_reading_it_again(
+        ledger: str, pg: psycopg.Connection) -> None:
+    """The console's tick reads the change signature, then the contract: the cache takes that signature (a
+    change after it is read at the next tick, as if the cache had read it itself) and does not ask again."""
+    from loader.contract import change_signature
+    from loader.run_metrics import RunMetrics
+
+    job, run = plan_run(pg, 6)
+    with db.get_engine().connect() as conn:
+        state = RunMetrics(job, run, int(get_run_row(conn, job, run).run_seq))
+        state.refresh(conn)
+        before = change_signature(job, run, conn)
+        walk = Walk(pg, job, run, 6, random.Random(5))
+        while change_signature(job, run, conn) == before:
+            walk.step()
+        state.refresh(conn, before)  # what the caller read before the change: nothing to read yet
+        assert state.rows_read == 0
+        state.refresh(conn)
+        assert state.rows_read > 0

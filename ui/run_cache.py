@@ -45,7 +45,9 @@ def load(job: str, run: str) -> tuple[dict[str, Any] | None, str | None]:
         signature = loader.change_signature(job, run)
         if cached is not None and cached["_signature"] == signature:
             return cached, None
-        contract = loader.run_contract(job, run, include_batches=False, metrics=run_metrics.shared())
+        # The signature just read goes along: the metrics cache would otherwise read it again.
+        contract = loader.run_contract(job, run, include_batches=False, metrics=run_metrics.shared(),
+                                       signature=signature)
     except loader.RunNotFound:
         raise
     except (LoaderError, sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
