@@ -124,10 +124,15 @@ def seed(job: str, run: str, n: int) -> None:
                 'customer.id', 'required field is missing', 'null', '[]'::jsonb, %s
             FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND required_field_errors > 0
             ORDER BY batch_index LIMIT 50""").format(t("rejects"), t("batches")), ['{"source_id": "x"}', job, run])
+    analyze("runs", "batches", "attempts", "events", "rejects")
+
+
+def analyze(*tables: str) -> None:
+    """ANALYZE the ledger's ``tables``: seeded rows get the statistics a real ledger's would have."""
     with db.connection() as conn:
         conn.autocommit = True
-        for name in ("runs", "batches", "attempts", "events", "rejects"):
-            conn.execute(sql.SQL("ANALYZE {}").format(t(name)))
+        for name in tables:
+            conn.execute(sql.SQL("ANALYZE {}").format(db.ledger_table(name)))
 
 
 def seed_runs(job: str, n: int, batches_each: int = 3) -> None:
@@ -157,10 +162,7 @@ def seed_runs(job: str, n: int, batches_each: int = 3) -> None:
                 %(bs)s - 2, %(bs)s - 2, 2, 2, 80, r.started_at, r.completed_at, r.completed_at
             FROM {} r CROSS JOIN generate_series(0, %(k)s - 1) k WHERE r.etl_job_id = %(job)s""").format(
             t("batches"), t("runs")), {"job": job, "bs": BATCH_SIZE, "k": batches_each, "file": f"data/{job}.ndjson"})
-    with db.connection() as conn:
-        conn.autocommit = True
-        for name in ("runs", "batches"):
-            conn.execute(sql.SQL("ANALYZE {}").format(t(name)))
+    analyze("runs", "batches")
 
 
 def plan_pending(conn: Any, job: str, run: str, n: int) -> int:

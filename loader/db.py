@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -71,10 +72,11 @@ def add_secret(value: str) -> None:
         _secrets.add(value)
 
 
-def _written_forms(value: str) -> list[str]:
+@functools.lru_cache(maxsize=256)
+def _written_forms(value: str) -> tuple[str, ...]:
     """``value`` and the other ways a message may spell it: JSON-escaped, URL-encoded (``%2F``, ``+``)."""
     forms = {value, json.dumps(value)[1:-1], quote(value, safe=""), quote_plus(value, safe="")}
-    return sorted(forms, key=len, reverse=True)
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 def redact(text: str) -> str:

@@ -176,18 +176,22 @@ def from_ledger(index: int, file: str, file_size: int, file_mtime_ns: int, byte_
                         records, ord_start, payload, checksum, version)
 
 
+def _suffixed(name: str | Path) -> str:
+    """The part of a source's name whose suffix tells its format, in lower case: a URL's path (its query,
+    ``?versionId=...``, is not part of the name), else the path itself."""
+    text = str(name).lower()
+    return urlsplit(text).path if storage.is_remote(text) else text
+
+
 def is_gzip(name: str) -> bool:
-    """Whether a file or object is gzip, by its name (a URL's path: its query is not part of the name)."""
-    name = name.lower()
-    return (urlsplit(name).path if storage.is_remote(name) else name).endswith(".gz")
+    """Whether a file or object is gzip, by its name."""
+    return _suffixed(name).endswith(".gz")
 
 
 def source_kind(path: str | Path) -> str:
     """'ndjson' or 'json' (a top-level array), by the file's suffix; '.gz' is allowed after either. A URL's
     suffix is its path's (``s3://b/k.ndjson?versionId=...``, ``https://h/x.json?page=2``)."""
-    name = str(path).lower()
-    if storage.is_remote(name):
-        name = urlsplit(name).path
+    name = _suffixed(path)
     if name.endswith(".gz"):
         name = name[:-3]
     if name.endswith(NDJSON_SUFFIXES):
