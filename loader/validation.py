@@ -22,8 +22,11 @@ NUMERIC_MAX_INT_DIGITS = 131_072
 NUMERIC_MAX_SCALE = 16_383
 #: A cheap look at the raw text that every number beyond numeric's range matches (an exponent of 1000
 #: or more either way, or a run of thousands of digits); only records it matches are checked exactly.
-#: (Two literal-led patterns: one alternation of both scanned a 1 KB record in 17 us instead of under 1.)
+#: Literal-led patterns only: Python's re scans for a leading literal fast, not for a class. One pattern
+#: with [eE] or an alternation costs 8-17 us on a 1 KB record; these two cost about 3 us together, where
+#: searching the record's lower-cased copy as well cost 5-7 us (every record naming "EUR" or "SKU").
 _BIG_EXPONENT = re.compile(rb"e[+-]?\d{4}")
+_BIG_EXPONENT_UPPER = re.compile(rb"E[+-]?\d{4}")
 _LONG_DIGITS = re.compile(rb"\d{15000}")
 _NUMBER = re.compile(r"-?(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?")
 
@@ -192,7 +195,7 @@ def _numeric_token(token: str) -> Any:
 
 def _numeric_problem(raw: bytes) -> RecordProblem | None:
     """A number PostgreSQL's jsonb would refuse (``1e-20000``, ``1e200000``), found before the database does."""
-    if not (_BIG_EXPONENT.search(raw) or (b"E" in raw and _BIG_EXPONENT.search(raw.lower()))
+    if not (_BIG_EXPONENT.search(raw) or _BIG_EXPONENT_UPPER.search(raw)
             or (len(raw) >= 15000 and _LONG_DIGITS.search(raw))):
         return None
     try:

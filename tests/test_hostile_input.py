@@ -126,19 +126,21 @@ def test_numbers_jsonb_cannot_store_are_rejected_and_never_fail_their_batch(tmp_
     records[5] = b'{"id": "n5", "x": 1e-20000}'
     records[150] = b'{"id": "n150", "x": {"deep": [1, 1E200000]}}'
     records[299] = b'{"id": "n299", "x": 0e-20000}'
+    records[200] = b'{"id": "n200", "x": 2.5E-20000}'  # an upper-case E, which orjson reads as 0.0
     records[42] = b'{"id": "n42", "x": 1e-16383, "y": 1e131071}'  # at numeric's limits: loaded
     write_ndjson(tmp_path / "nums.ndjson", records)
     c = run_job(tmp_path, target_schema, "nums.ndjson", batch_size=100)
     assert c["status"] == "success"
     m, v = c["metrics"], c["validation_summary"]
-    assert (m["batches_succeeded"], m["batches_failed"], m["rows_validated"], m["rows_inserted"]) == (3, 0, 297, 297)
-    assert v["json_shape_errors"] == 3
+    assert (m["batches_succeeded"], m["batches_failed"], m["rows_validated"], m["rows_inserted"]) == (3, 0, 296, 296)
+    assert v["json_shape_errors"] == 4
     by_line = {e["line_no"]: e for e in v["examples"]}
-    assert {line: by_line[line]["path"] for line in (6, 151, 300)} == {6: "$.x", 151: "$.x.deep[1]", 300: "$.x"}
+    assert {line: by_line[line]["path"] for line in (6, 151, 201, 300)} == {
+        6: "$.x", 151: "$.x.deep[1]", 201: "$.x", 300: "$.x"}
     assert by_line[6]["sample_value"] == "1e-20000"
     assert "outside what PostgreSQL's numeric can store" in by_line[151]["message"]
     count = pg.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(target_schema, "t"))).fetchone()
-    assert count == (297,)
+    assert count == (296,)
 
 
 def test_a_record_postgresql_refuses_past_our_checks_costs_that_record_not_its_batch(tmp_path, target_schema, pg,
