@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from .db import ledger_table, redact
+from .db import ledger_sql, redact
 
 logger = logging.getLogger("dataloader")
 
@@ -43,7 +43,7 @@ def record_event(conn: psycopg.Connection[Any] | None, job: str, run: str, event
     """
     clean = orjson.loads(redact(orjson.dumps(details, default=str).decode()))
     if conn is not None:
-        conn.execute(INSERT_EVENT.format(ledger_table("events")),
+        conn.execute(ledger_sql(INSERT_EVENT, "events"),
                      [job, run, batch, attempt, level, event, Jsonb(clean)])
 
     def echo() -> None:

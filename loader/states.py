@@ -57,7 +57,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from .db import ledger_table, next_change
+from .db import ledger_sql, ledger_table, next_change
 
 
 class RunStatus(str, Enum):
@@ -335,8 +335,8 @@ def start_committing(conn: Conn, job: str, run: str) -> bool:
 
     When several batches end at once, exactly one caller gets True and goes on to :func:`finalize_run`.
     """
-    return conn.execute(_DRAINED.format(runs=ledger_table("runs"), batches=ledger_table("batches"),
-                                        next=next_change()), {"job": job, "run": run}).fetchone() is not None
+    return conn.execute(ledger_sql(_DRAINED, runs="runs", batches="batches"),
+                        {"job": job, "run": run}).fetchone() is not None
 
 
 _FINALIZE = sql.SQL("""
@@ -414,10 +414,13 @@ def claim_batch(conn: Conn, job: str, run: str, batch: int, *, worker: str | Non
     recorded), and nobody else would end it.
     """
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_CLAIM.format(batches=ledger_table("batches"), runs=ledger_table("runs"),
-                                  attempts=ledger_table("attempts"), next=next_change()),
+        cur.execute(ledger_sql(_CLAIM, batches="batches", runs="runs", attempts="attempts"),
                     {"job": job, "run": run, "batch": batch, "worker": worker, "trigger": trigger})
         return cur.fetchone()
+
+
+_HOLDS = sql.SQL(
+    "SELECT status, attempts FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = %s FOR UPDATE")
 
 
 def holds_batch(conn: Conn, job: str, run: str, batch: int, attempt: int) -> bool:
@@ -426,9 +429,7 @@ def holds_batch(conn: Conn, job: str, run: str, batch: int, attempt: int) -> boo
     Called just before the upsert: whatever took the batch over since its claim (a redelivery, the
     reconciler) is seen here, and the rows of a stale attempt are never written.
     """
-    row = conn.execute(sql.SQL(
-        "SELECT status, attempts FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND batch_index = %s "
-        "FOR UPDATE").format(ledger_table("batches")), [job, run, batch]).fetchone()
+    row = conn.execute(ledger_sql(_HOLDS, "batches"), [job, run, batch]).fetchone()
     return row is not None and row[0] == BatchStatus.RUNNING.value and row[1] == attempt
 
 
@@ -458,8 +459,7 @@ def commit_batch(conn: Conn, job: str, run: str, batch: int, attempt: int, *, in
     The answer is fetched (RETURNING), not read from the row count: in a pipeline, statements queued before
     this one (the attempt's end, its event) go to the server in the same round trip.
     """
-    return conn.execute(_COMMIT.format(batches=ledger_table("batches"), runs=ledger_table("runs"),
-                                       next=next_change()), {
+    return conn.execute(ledger_sql(_COMMIT, batches="batches", runs="runs"), {
         "ins": inserted, "upd": updated, "valid": valid, "superseded": valid - inserted - updated,
         "rejected": rejected, "req": required, "shape": rejected - required, "ms": ms,
         "job": job, "run": run, "batch": batch, "attempt": attempt}).fetchone() is not None
@@ -651,6 +651,6 @@ _END_ATTEMPT = sql.SQL("""
 def end_attempt(conn: Conn, job: str, run: str, batch: int, attempt: int, status: AttemptStatus, *, ms: float,
                 code: str | None = None, message: str | None = None, stack: str | None = None) -> None:
     """running -> ``status`` for one attempt (an attempt ends once; a later end changes nothing)."""
-    conn.execute(_END_ATTEMPT.format(attempts=ledger_table("attempts")), {
+    conn.execute(ledger_sql(_END_ATTEMPT, attempts="attempts"), {
         "status": status.value, "ms": ms, "code": code, "message": message, "stack": stack,
         "job": job, "run": run, "batch": batch, "attempt": attempt})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 import weakref
 from collections.abc import Iterator, Sequence
@@ -294,11 +295,16 @@ def upsert_isolating(conn: psycopg.Connection[Any], schema: str, table: str, *, 
     return inserted, updated, out
 
 
+@functools.lru_cache(maxsize=64)
+def _upsert_text(schema: str, table: str) -> bytes:
+    """UPSERT into one target, rendered once (psycopg would render the composed statement every batch)."""
+    return UPSERT.format(target=target_identifier(schema, table)).as_bytes(None)
+
+
 def upsert_stage(conn: psycopg.Connection[Any], schema: str, table: str, *, job: str, run: str,
                  run_seq: int) -> tuple[int, int]:
     """Upsert the temp stage's rows into the target table; (inserted, updated)."""
-    row = conn.execute(UPSERT.format(target=target_identifier(schema, table)),
-                       {"job": job, "run": run, "seq": run_seq}).fetchone()
+    row = conn.execute(_upsert_text(schema, table), {"job": job, "run": run, "seq": run_seq}).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
 

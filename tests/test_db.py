@@ -117,6 +117,22 @@ def test_ledger_table_names_only_the_tables_loader_ledger_declares(ledger: str) 
         db.ledger_table("run")
 
 
+def test_a_ledger_statement_is_rendered_once_per_ledger_schema_and_follows_a_change_of_schema(
+        ledger: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    template = sql.SQL("SELECT {next} FROM {} JOIN {runs} USING (etl_job_id) WHERE etl_run_id = %s")
+    text = db.ledger_sql(template, "batches", runs="runs")
+    assert text == template.format(db.ledger_table("batches"), runs=db.ledger_table("runs"),
+                                   next=db.next_change()).as_bytes(None)
+    assert db.ledger_sql(template, "batches", runs="runs") is text  # rendered once
+    assert db.ledger_sql(template, "attempts", runs="runs") != text
+    monkeypatch.setenv("ETL_LEDGER_SCHEMA", "elsewhere")
+    assert db.ledger_sql(template, "batches", runs="runs") == (
+        b'SELECT nextval(\'"elsewhere".ledger_change_seq\') FROM "elsewhere"."batches" JOIN "elsewhere"."runs" '
+        b"USING (etl_job_id) WHERE etl_run_id = %s")
+    with pytest.raises(ValueError, match="no ledger table 'run'"):
+        db.ledger_sql(template, "run", runs="runs")
+
+
 def test_planning_writes_only_batch_columns_the_ledger_declares_and_every_one_it_requires() -> None:
     columns = batches.c
     assert set(planning.BATCH_COLUMNS) <= set(columns.keys())

@@ -110,6 +110,45 @@ def test_later_record_wins_across_batches_whatever_order_they_commit(tmp_path, t
     assert c["batches"][0]["rows_inserted"] == 99
 
 
+def test_a_session_ended_moments_after_its_connection_was_given_back_costs_its_batch_no_attempt(
+        tmp_path, target_schema, pg, ledger, monkeypatch):
+    """A connection given back moments ago is lent again without the pool's check (a round trip a batch). If
+    the server ended its session meanwhile, the batch's claim meets it before any attempt starts: the batch
+    waits for the database as it does for a refused connection, and loads on its first attempt."""
+    from psycopg_pool import ConnectionPool
+
+    from loader import db
+    from loader import runs as runs_mod
+
+    checks: list[int] = []
+    check = ConnectionPool.check_connection
+    monkeypatch.setattr(ConnectionPool, "check_connection",
+                        staticmethod(lambda conn: (checks.append(conn.info.backend_pid), check(conn))[1]))
+    monkeypatch.setattr(db, "FRESH_CONNECTION_SECONDS", 60.0)  # however slow the machine
+    monkeypatch.setenv("ETL_DB_POOL_SIZE", "1")
+    db.close_all()
+    try:
+        catalog, job, table = make_job(tmp_path, target_schema, [{"id": f"r{i}"} for i in range(200)])
+        ref = runs_mod.create_run(loader.load_catalog(catalog).get(job), actor="test", batch_size=100)
+        assert planning.plan_run(job, ref.etl_run_id) == [0, 1]
+        assert loading.load_batch(job, ref.etl_run_id, 0).status == "succeeded"
+        with db.connection() as conn:
+            pid = conn.info.backend_pid  # the pool's one session, given back moments ago
+        pg.execute("SELECT pg_terminate_backend(%s)", [pid])
+        lent_before = len(checks)
+        out = loading.load_batch(job, ref.etl_run_id, 1)
+        assert (out.status, out.attempts) == ("succeeded", 1)
+        assert pid not in checks[lent_before:]  # lent unchecked: the claim met the ended session
+        c = loader.run_contract(job, ref.etl_run_id)
+        assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 200
+        assert [b["attempts"] for b in c["batches"]] == [1, 1]
+        monkeypatch.setattr(db, "FRESH_CONNECTION_SECONDS", 0.0)
+        with db.connection() as conn:
+            assert checks[-1] == conn.info.backend_pid  # given back longer ago than that: checked
+    finally:
+        db.close_all()
+
+
 def test_a_later_run_wins_over_an_earlier_one_still_loading(tmp_path, target_schema, pg, ledger):
     catalog, job, table = make_job(tmp_path, target_schema, [{"id": "k", "v": "old"}])
     spec = loader.load_catalog(catalog).get(job)
