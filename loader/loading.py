@@ -222,16 +222,27 @@ def _attempt(conn: psycopg.Connection[Any], spec: JobSpec, spec_json: bytes, job
             # and upserting its keys in halves to find the records at fault.
             return _load_in_transaction(conn, spec, job, run, batch, attempt, began, started, planned, checker,
                                         ord_base, isolate=True)
-    except _RunCanceledAtCommit:
+    except _NotCommitted:
         with conn.transaction():
+            if not states.holds_batch(conn, job, run, batch, attempt):
+                # Another execution took this batch over (or committed it) while this one loaded.
+                _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SKIPPED, started)
+                log_event(conn, job, run, "batch_skipped", batch=batch, attempt=attempt,
+                          reason="another execution of this batch took over")
+                return BatchOutcome("skipped", attempts=attempt, reason="taken over")
+            # Still this attempt's batch, so the run is no longer loading: canceled while the batch loaded.
             states.cancel_attempt(conn, job, run, batch, attempt, ms=(time.perf_counter() - started) * 1000)
             log_event(conn, job, run, "batch_canceled", level="warning", batch=batch, attempt=attempt,
                       reason="the run was canceled before this batch committed: its rows were rolled back")
         return BatchOutcome("canceled", attempts=attempt, reason="run canceled at commit")
 
 
-class _RunCanceledAtCommit(Exception):
-    """The batch's commit found its run canceled: the transaction rolls back."""
+class _NotCommitted(Exception):
+    """The batch's commit row did not match (taken over, or the run canceled): the transaction rolls back.
+
+    Found at the commit rather than by locking the batch row before the upsert: one round trip a batch
+    fewer, and a stale execution's rows were never to be committed either way.
+    """
 
 
 class _RecordRefused(Exception):
@@ -245,8 +256,8 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
     """One try at the batch in one transaction. ``isolate``: the rare path where the records PostgreSQL
     refuses (in the stage or in the upsert) are found and rejected one by one.
 
-    The usual path's round trips: BEGIN, the COPY, the row lock, the upsert, then the attempt's end, its
-    event and the commit row pipelined into one, and COMMIT.
+    The usual path's round trips: BEGIN, the COPY, the upsert, then the attempt's end, its event and the
+    commit row pipelined into one, and COMMIT.
     """
     rejected: list[tuple[int, bytes, list[RecordProblem]]] = []
     raws: dict[int, bytes] = {}
@@ -275,12 +286,8 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
                 raise
             valid = stage.rows
         attempted = valid + len(rejected)
-        if not states.holds_batch(conn, job, run, batch, attempt):
-            # Another execution took this batch over (or committed it) while we were reading.
-            _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SKIPPED, started)
-            log_event(conn, job, run, "batch_skipped", batch=batch, attempt=attempt,
-                      reason="another execution of this batch took over")
-            return BatchOutcome("skipped", attempts=attempt, reason="taken over")
+        if isolate and not states.holds_batch(conn, job, run, batch, attempt):
+            raise _NotCommitted  # taken over while it was read: nothing more to do in this transaction
         inserted = updated = 0
         if valid and isolate:
             inserted, updated, refused = upsert_isolating(conn, spec.target_schema, spec.target_table, job=job,
@@ -313,9 +320,10 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
             committed = states.commit_batch(conn, job, run, batch, attempt, inserted=inserted, updated=updated,
                                             valid=valid, rejected=len(rejected), required=required, ms=ms)
         if not committed:
-            # holds_batch proved the attempt holds the batch, so the run is no longer loading: it was
-            # canceled while this batch loaded. Roll its rows back (the cancel is a barrier).
-            raise _RunCanceledAtCommit
+            # The commit row matches only the attempt holding the batch of a loading run: another execution
+            # took the batch over while this one loaded, or the run was canceled (the cancel is a barrier).
+            # Either way this attempt's rows roll back; _attempt finds out which it was.
+            raise _NotCommitted
     echo()
     return BatchOutcome("succeeded", attempts=attempt, rows_inserted=inserted, rows_updated=updated,
                         validation_failures=len(rejected))

@@ -409,7 +409,7 @@ def claim_batch(conn: Conn, job: str, run: str, batch: int, *, worker: str | Non
     Returns the batch's plan and the new attempt number (``attempts``), or None when the batch is not
     startable (committed, failed, the run canceled). ``running`` is claimable because RQ may deliver a
     batch again while (or after) an earlier execution holds it: the newer attempt takes over, and the
-    older one finds out in :func:`holds_batch` and commits nothing. The attempt taken over ends here,
+    older one's :func:`commit_batch` matches nothing, so it rolls back. The attempt taken over ends here,
     ``abandoned`` with code ``taken_over``: its worker may be dead (killed, or its failure could not be
     recorded), and nobody else would end it.
     """
@@ -424,10 +424,10 @@ _HOLDS = sql.SQL(
 
 
 def holds_batch(conn: Conn, job: str, run: str, batch: int, attempt: int) -> bool:
-    """Lock the batch row (inside the batch's transaction); True when ``attempt`` still holds it.
+    """Lock the batch row (inside a transaction); True when ``attempt`` still holds it.
 
-    Called just before the upsert: whatever took the batch over since its claim (a redelivery, the
-    reconciler) is seen here, and the rows of a stale attempt are never written.
+    After a commit row matched nothing, it tells a batch taken over since its claim (a redelivery, the
+    reconciler) from a run canceled while it loaded; the isolating path also asks before its upserts.
     """
     row = conn.execute(ledger_sql(_HOLDS, "batches"), [job, run, batch]).fetchone()
     return row is not None and row[0] == BatchStatus.RUNNING.value and row[1] == attempt
@@ -455,7 +455,8 @@ def commit_batch(conn: Conn, job: str, run: str, batch: int, attempt: int, *, in
 
     Only while the run is ``loading``: the run row stays share-locked until the transaction ends, so a
     cancel (which locks the run FOR NO KEY UPDATE) waits for commits in flight and no batch commits after it.
-    False: the run is no longer loading (canceled); the caller rolls back and calls :func:`cancel_attempt`.
+    False: another attempt took the batch over, or the run is no longer loading (canceled); the caller
+    rolls back and asks :func:`holds_batch` which, then ends its attempt skipped or :func:`cancel_attempt`.
     The answer is fetched (RETURNING), not read from the row count: in a pipeline, statements queued before
     this one (the attempt's end, its event) go to the server in the same round trip.
     """
