@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -278,6 +279,52 @@ def loading_figures(conn: sa.Connection, job: str, run: str, now: datetime, comp
     return float(row.loading_ms), int(row.transient)
 
 
+#: How long the attempts' sweep may wait for a second connection of the pool (opening a new one takes a few
+#: ms). Once the batch aggregate is done, its connection runs the sweep if none was lent yet: a connection
+#: lent later goes straight back.
+SPARE_WAIT = 0.25
+
+
+def cold_figures(conn: sa.Connection, job: str, run: str, now: datetime, completed_at: datetime | None
+                 ) -> tuple[BatchFigures, float, int]:
+    """The run's figures without a cache: :func:`batch_figures` on ``conn`` and, at the same time, the
+    attempts' sweep (:func:`loading_figures`) on a second connection when the pool lends one at once.
+
+    The two read different tables and each is one statement, seen by its own snapshot as before (the
+    connection reads in READ COMMITTED). Whoever starts the sweep first runs it: a thread that has its
+    connection, or this one after the aggregate (no connection to spare: it never waits for one).
+    Returns the batch figures, the loading time (ms) and the transient attempts.
+    """
+    claim = threading.Lock()  # held by whichever thread runs the sweep
+    outcome: list[tuple[float, int] | BaseException] = []
+
+    def sweep_aside() -> None:
+        claimed = False
+        try:
+            with db.spare_connection(SPARE_WAIT) as spare:
+                if spare is None or not claim.acquire(blocking=False):
+                    return
+                claimed = True
+                set_local(spare, READ_SETTINGS)
+                outcome.append(loading_figures(spare, job, run, now, completed_at))
+        except BaseException as exc:  # noqa: BLE001 - raised again by the caller's thread, which waits for it
+            if claimed and not outcome:
+                outcome.append(exc)
+
+    helper = threading.Thread(target=sweep_aside, name=f"sweep {run}", daemon=True)
+    helper.start()
+    set_local(conn, READ_SETTINGS)
+    figures = batch_figures(conn, job, run)
+    if claim.acquire(blocking=False):  # no thread has started it: here, now
+        loading_ms, transient = loading_figures(conn, job, run, now, completed_at)
+        return figures, loading_ms, transient
+    helper.join()
+    got = outcome[0]
+    if isinstance(got, BaseException):
+        raise got
+    return figures, got[0], got[1]
+
+
 def build_metrics(run_row: sa.Row[Any], m: sa.Row[Any], now: datetime, loading_ms: float = 0.0
                   ) -> dict[str, Any]:
     """The metrics of the contract. ``elapsed_ms`` is wall time (start to completion, or now);
@@ -433,9 +480,7 @@ def run_contract(job: str, run: str, *, include_batches: bool = True, metrics: M
         now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()  # the clock of open attempts
         m: Any = metrics.figures(conn, run_row, now, signature) if metrics is not None else None
         if m is None:  # no cache, or the cache has yet to read the run
-            set_local(conn, READ_SETTINGS)
-            m = batch_figures(conn, job, run)
-            loading_ms, transient = loading_figures(conn, job, run, now, run_row.completed_at)
+            m, loading_ms, transient = cold_figures(conn, job, run, now, run_row.completed_at)
         else:
             loading_ms, transient = m.loading_ms, m.transient
         examples = validation_examples(conn, job, run)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import threading
+import time
 from typing import Any
 
 import psycopg
@@ -18,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from psycopg import sql
 
-from loader import db, states
+from loader import contract, db, states
 from loader.contract import (
     READ_SETTINGS,
     batch_figures,
@@ -28,6 +30,7 @@ from loader.contract import (
     run_contract,
     set_local,
 )
+from loader.states import BatchStatus
 
 from .test_run_metrics import Walk, full, plan_run
 
@@ -142,3 +145,96 @@ def test_the_contract_without_a_cache_reads_under_its_settings_and_leaves_the_po
     with db.get_engine().connect() as conn:
         assert {name: conn.execute(SETTING, {"name": name}).scalar_one() for name in READ_SETTINGS} == before
 
+
+def walked_run(pg: psycopg.Connection, n: int = 20) -> tuple[str, str]:
+    """A run some way through, with no attempt open (its loading time no longer moves with the clock)."""
+    job, run = plan_run(pg, n)
+    walk = Walk(pg, job, run, n, random.Random(n))
+    for _ in range(3 * n):
+        walk.step()
+    while walk.batches(BatchStatus.RUNNING):
+        i, attempt = walk.batches(BatchStatus.RUNNING)[0]
+        states.fail_attempt(pg, job, run, i, attempt, retry=False, code="x", message="m", stack="s", ms=1.0)
+    for i, attempt in pg.execute(sql.SQL(  # of batches that failed before their attempt ended (``unstarted``)
+            "SELECT batch_index, attempt FROM {} WHERE etl_job_id = %s AND etl_run_id = %s AND ended_at IS NULL")
+            .format(db.ledger_table("attempts")), [job, run]).fetchall():
+        states.end_attempt(pg, job, run, i, attempt, states.AttemptStatus.SKIPPED, ms=1.0)
+    return job, run
+
+
+def sweeps_seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Each attempts' sweep of the contract, as (thread name, server process id of its connection)."""
+    seen: list[tuple[str, int]] = []
+    real = contract.loading_figures
+
+    def spy(conn: sa.Connection, *args: Any) -> tuple[float, int]:
+        seen.append((threading.current_thread().name, conn.execute(sa.select(sa.func.pg_backend_pid())).scalar_one()))
+        return real(conn, *args)
+
+    monkeypatch.setattr(contract, "loading_figures", spy)
+    return seen
+
+
+def slow_aggregate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch aggregate takes half a second (a big run's): the second connection is lent meanwhile."""
+    real = contract.batch_figures
+
+    def slow(conn: sa.Connection, *args: Any) -> contract.BatchFigures:
+        time.sleep(0.5)
+        return real(conn, *args)
+
+    monkeypatch.setattr(contract, "batch_figures", slow)
+
+
+def test_the_attempts_sweep_runs_beside_the_batch_aggregate_on_a_second_connection_with_the_same_figures(
+        ledger: str, pg: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    job, run = walked_run(pg)
+    with db.get_engine().connect() as conn:
+        now = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
+        want = full(conn, job, run, now)
+        seen = sweeps_seen(monkeypatch)
+        slow_aggregate(monkeypatch)
+        figures, loading_ms, transient = contract.cold_figures(conn, job, run, now, None)
+        mine = conn.execute(sa.select(sa.func.pg_backend_pid())).scalar_one()
+    assert (loading_ms, transient) == (float(want["loading_ms"]), want["transient"])
+    assert figures.batches_total == want["batches_total"] and figures.p95_ms == want["p95_ms"]
+    assert len(seen) == 1 and seen[0][0] == f"sweep {run}" and seen[0][1] != mine
+
+
+def test_with_no_connection_to_spare_the_contract_sweeps_on_its_own_without_waiting_for_the_pool(
+        ledger: str, pg: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool of one: the contract holds it; the second connection it would like is never lent, and it does not
+    wait the pool's timeout (30 s) for it, nor deadlock: the sweep runs after the aggregate, on its connection."""
+    job, run = walked_run(pg)
+    monkeypatch.setenv("ETL_DB_POOL_SIZE", "1")
+    db.close_all()
+    try:
+        plain = contract_figures(job, run)
+        seen = sweeps_seen(monkeypatch)
+        t0 = time.monotonic()
+        assert contract_figures(job, run) == plain
+        assert time.monotonic() - t0 < 5
+        assert [name for name, _ in seen] == [threading.current_thread().name]
+    finally:
+        db.close_all()
+
+
+def test_a_sweep_that_fails_beside_the_aggregate_fails_the_contract(
+        ledger: str, pg: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    job, run = walked_run(pg, 5)
+
+    def broken(conn: sa.Connection, *args: Any) -> tuple[float, int]:
+        if threading.current_thread().name.startswith("sweep "):
+            raise RuntimeError("the sweep broke")
+        raise AssertionError("the sweep ran in the caller's thread")
+
+    slow_aggregate(monkeypatch)
+    monkeypatch.setattr(contract, "loading_figures", broken)
+    with pytest.raises(RuntimeError, match="the sweep broke"):
+        run_contract(job, run, include_batches=False)
+
+
+def contract_figures(job: str, run: str) -> dict[str, Any]:
+    figures = run_contract(job, run, include_batches=False)["metrics"]
+    figures.pop("elapsed_ms")
+    return figures
