@@ -11,6 +11,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
 
@@ -18,7 +19,7 @@ import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from . import config
@@ -354,6 +355,11 @@ class PooledDialect(PGDialect_psycopg):
 sa.dialects.registry.register("postgresql.dataloader", __name__, "PooledDialect")
 
 
+#: How long a borrow by this thread may wait for a free connection (None: the pool's own timeout); set by
+#: :func:`spare_connection` for its borrow only.
+_borrow_wait: ContextVar[float | None] = ContextVar("borrow_wait", default=None)
+
+
 def _borrow(url: str) -> psycopg.Connection[Any]:
     """A connection of the pool, for SQLAlchemy: under the read limit, out of autocommit.
 
@@ -361,7 +367,7 @@ def _borrow(url: str) -> psycopg.Connection[Any]:
     gives the connection back; :meth:`PooledDialect.do_close` then returns it to the pool.
     """
     pool = _pools.get((os.getpid(), url)) or get_pool(url)  # ``url`` is libpq's already
-    conn = pool.getconn()
+    conn = pool.getconn(_borrow_wait.get())
     try:
         if not conn.autocommit:  # a user of connection() left it out of autocommit
             conn.autocommit = True
@@ -396,6 +402,35 @@ def get_engine(url: str | None = None) -> sa.engine.Engine:
             ).execution_options(schema_translate_map={None: schema})
             _engines[key] = engine
         return engine
+
+
+@contextmanager
+def spare_connection(wait: float) -> Iterator[sa.Connection | None]:
+    """A connection of the engine for work done alongside a connection the caller holds, or None when the
+    pool lends none within ``wait`` seconds.
+
+    A caller that holds a connection must not wait the pool's whole timeout for a second one: every holder
+    of the pool could be waiting so. It does the work on its own connection instead.
+
+    Example::
+
+        with spare_connection(0.05) as spare:
+            target = spare if spare is not None else conn
+    """
+    token = _borrow_wait.set(wait)
+    try:
+        conn = get_engine().connect()
+    except (PoolTimeout, sa.exc.DBAPIError) as exc:  # SQLAlchemy wraps what its creator raises
+        if not isinstance(getattr(exc, "orig", exc), PoolTimeout):
+            raise
+        conn = None
+    finally:
+        _borrow_wait.reset(token)
+    if conn is None:
+        yield None
+        return
+    with conn:
+        yield conn
 
 
 def close_all() -> None:

@@ -133,7 +133,9 @@ batches = sa.Table(
     sa.CheckConstraint(check_constraint("status", tuple(BatchStatus)), name="batches_status_check"),
     _run_fk("batches"),
     sa.Index("batches_change_idx", "etl_job_id", "etl_run_id", "change_seq"),
-    sa.Index("batches_status_idx", "etl_job_id", "etl_run_id", "status"),
+    # 0006: by status, then duration (was ``batches_status_idx``, by status only): the contract's p95 reads
+    # the durations around it from the top of the run's succeeded batches instead of sorting them all.
+    sa.Index("batches_status_duration_idx", "etl_job_id", "etl_run_id", "status", "duration_ms"),
 )
 
 payloads = sa.Table(

@@ -46,7 +46,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA
 
 from . import db
-from .contract import SIGNATURE_WINDOW, change_signature
+from .contract import SIGNATURE_WINDOW, BatchFigures, change_signature
 from .ledger import attempts, batches
 from .states import AttemptStatus, BatchStatus
 
@@ -156,31 +156,10 @@ def merge(starts: npt.NDArray[np.int64], ends: npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
-class Figures:
+class Figures(BatchFigures):
     """What ``contract._metrics_query`` returns for a run (same names), plus its loading time and the count
     of attempts that failed transiently (``transient_errors``)."""
 
-    rows_inserted: int
-    rows_updated: int
-    rows_validated: int
-    rows_superseded: int
-    rows_attempted: int
-    rows_planned: int
-    validation_failures: int
-    required_field_errors: int
-    json_shape_errors: int
-    batches_total: int
-    batches_succeeded: int
-    batches_failed: int
-    batches_running: int
-    batches_pending: int
-    batches_retried: int
-    batches_canceled: int
-    retries: int
-    avg_ms: float | None
-    p95_ms: float | None
-    last_commit: datetime | None
-    change_seq: int | None
     loading_ms: float
     transient: int
 
