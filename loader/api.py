@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from . import audit, ledger, runs
+import orjson
+import psycopg
+from psycopg import sql
+
+from . import audit, db, ledger, runs
 from .catalog import Catalog, load_catalog
 from .contract import run_contract, run_status
-from .errors import ServiceError
+from .errors import LoaderError, ServiceError
 from .ledger import FINAL_RUN_STATES
 from .runs import RunRef
+from .states import RUN_END_CHANNEL
 
 
 def initdb(url: str | None = None) -> int:
@@ -106,19 +112,81 @@ def wait_for_run(job: str, run: str, *, timeout: float | None = None, poll: floa
     final = {s.value for s in FINAL_RUN_STATES}
     seen = -1
     next_progress = 0.0
-    while True:
-        status = run_status(job, run)
-        if on_progress is not None and (status in final or time.monotonic() >= next_progress):
-            next_progress = time.monotonic() + PROGRESS_SECONDS
-            contract = run_contract(job, run, include_batches=False)
-            if contract["version"] != seen:
-                seen = contract["version"]
-                on_progress(contract)
-        if status in final:
-            return run_contract(job, run)
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"run {job}/{run} still {status} after {timeout} s")
-        time.sleep(poll)
+    with RunEndListener(job, run) as ends:
+        while True:
+            status = run_status(job, run)
+            if on_progress is not None and (status in final or time.monotonic() >= next_progress):
+                next_progress = time.monotonic() + PROGRESS_SECONDS
+                contract = run_contract(job, run, include_batches=False)
+                if contract["version"] != seen:
+                    seen = contract["version"]
+                    on_progress(contract)
+            if status in final:
+                return run_contract(job, run)
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
+                raise TimeoutError(f"run {job}/{run} still {status} after {timeout} s")
+            # Told at once when the run ends; the status is still read now and then, in case a notification
+            # is lost (the listening connection broke) and to show progress.
+            pause = LISTENING_POLL if ends.listening else poll
+            if on_progress is not None:
+                pause = min(pause, max(0.0, next_progress - now))
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - now))
+            ends.wait(pause)
+
+
+#: Seconds between two reads of a run's status while its end is listened for (ledger 0007's notification).
+LISTENING_POLL = 1.0
+
+
+class RunEndListener:
+    """The end of one run, heard on :data:`~loader.states.RUN_END_CHANNEL` on a connection of its own.
+
+    ``wait(seconds)`` returns when the run's end is announced or the time is up. Where listening is not
+    possible (the connection fails or breaks), ``listening`` is False and ``wait`` just sleeps: the caller
+    then polls at its own pace.
+    """
+
+    def __init__(self, job: str, run: str) -> None:
+        self._key = {"schema": db.ledger_schema(), "job": job, "run": run}
+        self._stack = ExitStack()
+        self._conn: psycopg.Connection[Any] | None = None
+
+    @property
+    def listening(self) -> bool:
+        return self._conn is not None
+
+    def __enter__(self) -> RunEndListener:
+        try:
+            conn = self._stack.enter_context(db.dedicated_connection())
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(RUN_END_CHANNEL)))
+            self._conn = conn
+        except (LoaderError, psycopg.Error):
+            self._stack.close()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn = None
+        self._stack.close()
+
+    def wait(self, seconds: float) -> None:
+        if self._conn is None:
+            time.sleep(seconds)
+            return
+        end = time.monotonic() + seconds
+        try:
+            while (left := end - time.monotonic()) > 0:
+                for note in self._conn.notifies(timeout=left, stop_after=1):
+                    try:
+                        said = orjson.loads(note.payload)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(said, dict) and all(said.get(k) == v for k, v in self._key.items()):
+                        return
+        except psycopg.Error:
+            self.__exit__()  # broken: from now on the caller polls
+            time.sleep(max(0.0, end - time.monotonic()))
 
 
 def workers_alive() -> int:

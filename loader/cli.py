@@ -99,8 +99,9 @@ def _wait(job: str, run: str, as_json: bool) -> int:
         while True:
             check_workers()
             try:
-                contract = api.wait_for_run(job, run, timeout=15,
-                                            on_progress=progress if bar is None else bar.update)
+                # --json shows no progress: no contract is read before the end.
+                contract = api.wait_for_run(job, run, timeout=15, on_progress=bar.update if bar is not None
+                                            else None if as_json else progress)
                 break
             except TimeoutError:
                 continue

@@ -99,6 +99,9 @@ class AttemptStatus(str, Enum):
 
 ACTIVE_RUN_STATES = (RunStatus.QUEUED, RunStatus.VALIDATING, RunStatus.LOADING, RunStatus.COMMITTING)
 FINAL_RUN_STATES = (RunStatus.SUCCESS, RunStatus.PARTIAL_SUCCESS, RunStatus.FAILED, RunStatus.CANCELED)
+#: The channel a run's move into a final state is announced on (ledger 0007's trigger on ``runs``; payload:
+#: JSON with the ledger ``schema``, ``job``, ``run`` and ``status``). ``wait_for_run`` listens on it.
+RUN_END_CHANNEL = "dataloader_run_end"
 #: Runs whose failed batches may be retried.
 RETRYABLE_RUN_STATES = (RunStatus.FAILED, RunStatus.PARTIAL_SUCCESS)
 #: The run states the ledger may hold (``idle`` is the console's word for "no run yet").

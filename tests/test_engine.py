@@ -613,3 +613,67 @@ def test_a_run_of_small_batches_goes_to_rq_about_1000_records_a_job_and_each_bat
         sql.Identifier(schema, "attempts")), [job]).fetchone()
     assert committed == (10, 10) and attempts == (10,)
     assert len(rows(pg, table)) == 2400
+
+
+def _wait_in_thread(job: str, run: str) -> tuple[threading.Thread, list]:
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(loader.wait_for_run(job, run, timeout=60)), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_waiting_for_a_run_hears_its_end_instead_of_polling_its_status(tmp_path, target_schema, ledger, monkeypatch):
+    """``wait_for_run`` (``dataloader start --wait``) listens for the run's end (ledger 0007's trigger): with the
+    status read only every ten minutes meanwhile, it still returns as soon as the run ends, and a cancel
+    is heard the same way; another run's end does not wake it for good."""
+    from loader import api
+    from loader import runs as runs_mod
+
+    monkeypatch.setattr(api, "LISTENING_POLL", 600.0)
+    reads: list[str] = []
+    status = api.run_status
+    monkeypatch.setattr(api, "run_status", lambda job, run: (reads.append(run), status(job, run))[1])
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": i} for i in range(200)])
+    spec = loader.load_catalog(catalog).get(job)
+    ref = runs_mod.create_run(spec, actor="test", batch_size=100)
+    run = ref.etl_run_id
+    thread, got = _wait_in_thread(job, run)
+    deadline = time.monotonic() + 10
+    while run not in reads:  # it has listened, then read the status once
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    other = runs_mod.create_run(spec, actor="test", batch_size=100, force=True)
+    loader.cancel_run(job, other.etl_run_id)  # another run's end: heard, not this one's
+    assert planning.plan_run(job, run) == [0, 1]
+    assert loading.load_batch(job, run, 0).status == "succeeded"
+    assert loading.load_batch(job, run, 1).status == "succeeded"  # the run ends here
+    thread.join(20)
+    assert not thread.is_alive() and got[0]["status"] == "success"
+    assert reads.count(run) <= 3  # no polling: read at the start and when told (a cancel of another run)
+
+    canceled = runs_mod.create_run(spec, actor="test", batch_size=100)
+    thread, got = _wait_in_thread(job, canceled.etl_run_id)
+    time.sleep(0.3)
+    loader.cancel_run(job, canceled.etl_run_id)
+    thread.join(20)
+    assert not thread.is_alive() and got[0]["status"] == "canceled"
+
+
+def test_waiting_for_a_run_without_a_listening_connection_polls_its_status(tmp_path, target_schema, ledger,
+                                                                           monkeypatch):
+    from loader import api, db
+    from loader import runs as runs_mod
+    from loader.errors import TransientDbError
+
+    def refuse(url=None):
+        raise TransientDbError("the database refused a new connection")
+
+    monkeypatch.setattr(db, "dedicated_connection", refuse)
+    monkeypatch.setattr(api, "LISTENING_POLL", 600.0)
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": 1}])
+    ref = runs_mod.create_run(loader.load_catalog(catalog).get(job), actor="test")
+    thread, got = _wait_in_thread(ref.etl_job_id, ref.etl_run_id)
+    assert planning.plan_run(job, ref.etl_run_id) == [0]
+    assert loading.load_batch(job, ref.etl_run_id, 0).status == "succeeded"
+    thread.join(20)
+    assert not thread.is_alive() and got[0]["status"] == "success"
