@@ -80,6 +80,14 @@ class RunFollower:
             signature = change_signature(self.job, self.run, conn)
             if signature == self._signature:
                 return []
+        from . import run_metrics  # here: numpy is imported only by the processes that follow runs
+
+        # The run before its batches: a run read final has every batch ended before it, so the batches read
+        # next include the last one (read after them, a batch committing in between was left out of the
+        # stream that ends with the final run event).
+        summary = run_contract(self.job, self.run, include_batches=False, metrics=run_metrics.shared())
+        del summary["batches"]
+        with db.get_engine().connect() as conn:
             first = self._signature is None
             self._signature = signature
             events: list[RunEvent] = []
@@ -96,10 +104,6 @@ class RunFollower:
                     self._sent[row.batch_index] = int(row.change_seq)
             self._top = max(self._top, signature[1])
             self._forget_below(self._top - SIGNATURE_WINDOW)
-        from . import run_metrics  # here: numpy is imported only by the processes that follow runs
-
-        summary = run_contract(self.job, self.run, include_batches=False, metrics=run_metrics.shared())
-        del summary["batches"]
         events.append(RunEvent("run", max(signature[0], self._top), summary))
         return events
 
