@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
@@ -49,13 +49,17 @@ _read_timeout_ms = 0
 #: The read limit (ms) a pooled session was last SET to; absent: the limits of its startup packet
 #: (:func:`session_timeouts`, the writes'). A psycopg connection is one session for its whole life.
 _session_limit: weakref.WeakKeyDictionary[psycopg.Connection[Any], int] = weakref.WeakKeyDictionary()
-#: A pooled connection given back less than this many seconds ago is lent again without the pool's check
-#: (an empty query: one round trip a borrow, a tenth of a small batch's). A server gone since is met by the
-#: borrower's first statement instead, an error every caller already handles as transient (a batch whose
-#: claim fails so has not started an attempt: it waits for the database like a refused connection).
+#: For a borrower that asks (``connection(skip_fresh_check=True)``: the batch path), a pooled connection
+#: given back less than this many seconds ago is lent without the pool's check (an empty query: one round
+#: trip a borrow, a tenth of a small batch's). A session ended since is met by the borrower's first
+#: statement instead: a batch's claim failing so has started no attempt, and waits for the database as for
+#: a refused connection. Every other borrower gets a checked connection, as an API caller expects.
 FRESH_CONNECTION_SECONDS = 1.0
 #: When each pooled connection was last given back through :func:`connection` (time.monotonic()).
 _returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
+#: Set for the duration of a borrow that accepts a fresh connection unchecked (the pool checks in the
+#: borrowing thread).
+_borrowing = threading.local()
 
 
 def libpq_url(url: str) -> str:
@@ -281,17 +285,29 @@ def get_pool(url: str | None = None) -> ConnectionPool:
 
 
 def _check_unless_fresh(conn: psycopg.Connection[Any]) -> None:
-    """The pool's check of a connection it lends, skipped for one given back moments ago."""
-    returned = _returned_at.get(conn)
-    if returned is not None and time.monotonic() - returned < FRESH_CONNECTION_SECONDS:
-        return
+    """The pool's check of a connection it lends, skipped for one given back moments ago when the borrower
+    accepts that (see FRESH_CONNECTION_SECONDS)."""
+    if getattr(_borrowing, "skip_fresh_check", False):
+        returned = _returned_at.get(conn)
+        if returned is not None and time.monotonic() - returned < FRESH_CONNECTION_SECONDS:
+            return
     ConnectionPool.check_connection(conn)
 
 
 @contextmanager
-def connection(url: str | None = None) -> Iterator[psycopg.Connection[Any]]:
-    """A pooled autocommit connection under the writes' limits; use ``with conn.transaction():`` for atomic work."""
-    with get_pool(url).connection() as conn:
+def connection(url: str | None = None, *, skip_fresh_check: bool = False) -> Iterator[psycopg.Connection[Any]]:
+    """A pooled autocommit connection under the writes' limits; use ``with conn.transaction():`` for atomic work.
+
+    ``skip_fresh_check``: a connection given back moments ago comes without the pool's check (a round trip);
+    for a borrower whose first statement fails safely, as a transient error, when its session is gone.
+    """
+    pool = get_pool(url)
+    with ExitStack() as stack:
+        _borrowing.skip_fresh_check = skip_fresh_check
+        try:
+            conn = stack.enter_context(pool.connection())
+        finally:
+            _borrowing.skip_fresh_check = False  # borrows made inside the block are checked
         if not conn.autocommit:  # its last user left it out of autocommit
             conn.autocommit = True
         _limit_reads(conn, 0)

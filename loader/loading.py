@@ -111,7 +111,9 @@ def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: 
         try:
             spec, spec_json = _spec(job, run)
             max_attempts = spec.max_attempts or max_attempts
-            with db.connection() as conn:
+            # Unchecked when given back moments ago (the batch before): a session ended since fails the
+            # claim, before any attempt started, as a transient error (the outage path below).
+            with db.connection(skip_fresh_check=True) as conn:
                 began = states.claim_batch(conn, job, run, batch, worker=worker, trigger=trigger)
                 if began is None:
                     return _not_started(conn, job, run, batch)

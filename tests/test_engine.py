@@ -112,9 +112,10 @@ def test_later_record_wins_across_batches_whatever_order_they_commit(tmp_path, t
 
 def test_a_session_ended_moments_after_its_connection_was_given_back_costs_its_batch_no_attempt(
         tmp_path, target_schema, pg, ledger, monkeypatch):
-    """A connection given back moments ago is lent again without the pool's check (a round trip a batch). If
-    the server ended its session meanwhile, the batch's claim meets it before any attempt starts: the batch
-    waits for the database as it does for a refused connection, and loads on its first attempt."""
+    """The batch path borrows a connection given back moments ago without the pool's check (a round trip a
+    batch). If the server ended its session meanwhile, the batch's claim meets it before any attempt starts:
+    the batch waits for the database as it does for a refused connection, and loads on its first attempt.
+    Every other borrower (the API: start, cancel) still gets a checked connection."""
     from psycopg_pool import ConnectionPool
 
     from loader import db
@@ -142,8 +143,12 @@ def test_a_session_ended_moments_after_its_connection_was_given_back_costs_its_b
         c = loader.run_contract(job, ref.etl_run_id)
         assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 200
         assert [b["attempts"] for b in c["batches"]] == [1, 1]
-        monkeypatch.setattr(db, "FRESH_CONNECTION_SECONDS", 0.0)
         with db.connection() as conn:
+            pid = conn.info.backend_pid
+        with db.connection() as conn:  # a borrower that did not ask: checked however fresh
+            assert checks[-1] == pid == conn.info.backend_pid
+        monkeypatch.setattr(db, "FRESH_CONNECTION_SECONDS", 0.0)
+        with db.connection(skip_fresh_check=True) as conn:
             assert checks[-1] == conn.info.backend_pid  # given back longer ago than that: checked
     finally:
         db.close_all()
@@ -677,3 +682,18 @@ def test_waiting_for_a_run_without_a_listening_connection_polls_its_status(tmp_p
     assert loading.load_batch(job, ref.etl_run_id, 0).status == "succeeded"
     thread.join(20)
     assert not thread.is_alive() and got[0]["status"] == "success"
+
+
+def test_planning_writes_batch_rows_a_chunk_at_a_time_and_plans_every_batch_once(tmp_path, target_schema, ledger,
+                                                                                 monkeypatch):
+    """The planner holds at most PLAN_COPY_ROWS batch rows (a 10M-record source kept all 10,000 to its end)."""
+    from loader import runs as runs_mod
+
+    monkeypatch.setattr(planning, "PLAN_COPY_ROWS", 3)
+    catalog, job, _ = make_job(tmp_path, target_schema, [{"id": i} for i in range(1000)])
+    ref = runs_mod.create_run(loader.load_catalog(catalog).get(job), actor="test", batch_size=100)
+    assert planning.plan_run(job, ref.etl_run_id) == list(range(10))
+    assert {loading.load_batch(job, ref.etl_run_id, i).status for i in range(10)} == {"succeeded"}
+    c = loader.run_contract(job, ref.etl_run_id)
+    assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 1000
+    assert [(b["index"], b["rows_attempted"]) for b in c["batches"]] == [(i, 100) for i in range(10)]
