@@ -95,6 +95,11 @@ def _plan_once(job: str, run: str, worker: str | None) -> list[int]:
 CANCEL_CHECK_SECONDS = 0.5
 
 
+#: Batch rows written by one COPY while planning: the planner holds at most this many (a 10M-record source
+#: at batch size 1000 kept all 10,000 until its end, 16 MiB of a worker's peak memory).
+PLAN_COPY_ROWS = 1000
+
+
 class _PlanningCanceled(Exception):
     """The run was canceled while it was being planned: the planning transaction rolls back."""
 
@@ -108,6 +113,15 @@ def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: lis
         "INSERT INTO {} (etl_job_id, etl_run_id, batch_index, payload) VALUES (%s, %s, %s, %s)").format(
             ledger_table("batch_payloads"))
     next_check = time.monotonic() + CANCEL_CHECK_SECONDS
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in BATCH_COLUMNS)
+    copy_batches = sql.SQL("COPY {} ({}) FROM STDIN").format(ledger_table("batches"), cols)
+
+    def write_rows() -> None:
+        with conn.cursor().copy(copy_batches) as copy:
+            for r in batch_rows:
+                copy.write_row(r)
+        batch_rows.clear()
+
     for b in plan_batches(files, batch_size, options):
         if time.monotonic() >= next_check:
             # Read committed: a cancel that committed since the last look is seen here.
@@ -121,10 +135,10 @@ def _write_batches(conn: psycopg.Connection[Any], job: str, run: str, files: lis
             conn.execute(insert_payload, [job, run, b.index, b.payload])
         total += 1
         rows += b.records
-    cols = sql.SQL(", ").join(sql.Identifier(c) for c in BATCH_COLUMNS)
-    with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(ledger_table("batches"), cols)) as copy:
-        for r in batch_rows:
-            copy.write_row(r)
+        if len(batch_rows) >= PLAN_COPY_ROWS:
+            write_rows()
+    if batch_rows:
+        write_rows()
     return total, rows
 
 
