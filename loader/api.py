@@ -84,8 +84,9 @@ def wait_for_run(job: str, run: str, *, timeout: float | None = None, poll: floa
                  progress: bool = False) -> dict[str, Any]:
     """Block until the run reaches a final state; returns its contract.
 
-    Polls the run's status every ``poll`` seconds (one row: the end of a run is seen within
-    ``poll``, which every ``dataloader start --wait`` pays); the full contract, which sums every
+    Hears the run's end at once (the ledger's notification on ``dataloader_run_end``, on a connection of its
+    own) and reads the run's status every LISTENING_POLL seconds meanwhile; where it cannot listen, it reads
+    the status every ``poll`` seconds (one row). The full contract, which sums every
     batch of the run, is read only for ``on_progress`` (at most every PROGRESS_SECONDS, when the
     run changed) and once at the end. ``progress``: show a progress bar meanwhile (tqdm: a widget in
     Jupyter, a text bar on stderr elsewhere). Raises TimeoutError after ``timeout`` seconds.
@@ -112,7 +113,7 @@ def wait_for_run(job: str, run: str, *, timeout: float | None = None, poll: floa
     final = {s.value for s in FINAL_RUN_STATES}
     seen = -1
     next_progress = 0.0
-    with RunEndListener(job, run) as ends:
+    with _RunEndListener(job, run) as ends:
         while True:
             status = run_status(job, run)
             if on_progress is not None and (status in final or time.monotonic() >= next_progress):
@@ -140,7 +141,7 @@ def wait_for_run(job: str, run: str, *, timeout: float | None = None, poll: floa
 LISTENING_POLL = 1.0
 
 
-class RunEndListener:
+class _RunEndListener:
     """The end of one run, heard on :data:`~loader.states.RUN_END_CHANNEL` on a connection of its own.
 
     ``wait(seconds)`` returns when the run's end is announced or the time is up. Where listening is not
@@ -155,18 +156,25 @@ class RunEndListener:
 
     @property
     def listening(self) -> bool:
+        """True while notifications can be heard (else ``wait`` only sleeps)."""
         return self._conn is not None
 
-    def __enter__(self) -> RunEndListener:
+    def __enter__(self) -> _RunEndListener:
         try:
-            conn = self._stack.enter_context(db.dedicated_connection())
+            conn = self._stack.enter_context(db.dedicated_connection(application_name="dataloader-wait"))
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(RUN_END_CHANNEL)))
             self._conn = conn
         except (LoaderError, psycopg.Error):
-            self._stack.close()
+            self._close()
+        except BaseException:
+            self._close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
         self._conn = None
         self._stack.close()
 
@@ -185,7 +193,7 @@ class RunEndListener:
                     if isinstance(said, dict) and all(said.get(k) == v for k, v in self._key.items()):
                         return
         except psycopg.Error:
-            self.__exit__()  # broken: from now on the caller polls
+            self._close()  # broken: from now on the caller polls
             time.sleep(max(0.0, end - time.monotonic()))
 
 

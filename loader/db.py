@@ -139,11 +139,13 @@ def ledger_sql(template: sql.SQL, *tables: str, **named: str) -> bytes:
     Positional and keyword values name ledger tables (as :func:`ledger_table`); ``{next}`` is
     :func:`next_change`. psycopg renders a composed statement again on each execute (about 80 us: every
     identifier escaped, the placeholders parsed again for what is a new object); rendered bytes go straight
-    to its cache of parsed queries (about 6 us).
+    to its cache of parsed queries (about 6 us). ``template`` must be a module constant: the cache knows it
+    by ``id()`` and keeps it (a template built per call would be rendered and kept on every call).
 
     Example::
 
-        conn.execute(ledger_sql(sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s"), "runs"), [job])
+        _STATUS = sql.SQL("SELECT status FROM {} WHERE etl_job_id = %s")  # at module level
+        conn.execute(ledger_sql(_STATUS, "runs"), [job])
     """
     key = (id(template), ledger_schema(), tables, *named.items())
     text = _rendered.get(key)
@@ -264,7 +266,8 @@ def get_pool(url: str | None = None) -> ConnectionPool:
     """This process's connection pool (a new one after fork: sockets are never shared).
 
     Its ``ETL_DB_POOL_SIZE`` connections are all the process opens to the database, besides the
-    downloads' :func:`dedicated_connection`: the engine (:func:`get_engine`) borrows from it too.
+    :func:`dedicated_connection` of a download or of a wait for a run's end: the engine (:func:`get_engine`)
+    borrows from it too.
     ``close_returns``: ``close()`` on a borrowed connection gives it back, which is how SQLAlchemy
     returns one.
     """
@@ -321,11 +324,13 @@ def connection(url: str | None = None, *, skip_fresh_check: bool = False) -> Ite
 
 
 @contextmanager
-def dedicated_connection(url: str | None = None) -> Iterator[psycopg.Connection[Any]]:
+def dedicated_connection(url: str | None = None, *, application_name: str = "dataloader-stream"
+                         ) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection of its own, outside the pool, closed on exit, under the read timeout.
 
-    For long streams (downloads): a client that reads slowly then holds no connection that starting,
-    retrying or canceling a run needs. Connection failures raise TransientDbError.
+    For long streams (downloads) and long waits (``LISTEN`` for a run's end): a client that reads slowly or
+    waits then holds no connection that starting, retrying or canceling a run needs. Connection failures
+    raise TransientDbError.
 
     Example::
 
@@ -333,7 +338,7 @@ def dedicated_connection(url: str | None = None) -> Iterator[psycopg.Connection[
             conn.execute("SELECT 1")
     """
     try:
-        conninfo = make_conninfo(libpq_url(url or config.database_url()), application_name="dataloader-stream",
+        conninfo = make_conninfo(libpq_url(url or config.database_url()), application_name=application_name,
                                  **_timeout_options(_read_timeout_ms))
         conn = psycopg.connect(conninfo, autocommit=True)
     except psycopg.Error as exc:

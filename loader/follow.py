@@ -82,9 +82,10 @@ class RunFollower:
                 return []
         from . import run_metrics  # here: numpy is imported only by the processes that follow runs
 
-        # The run before its batches: a run read final has every batch ended before it, so the batches read
-        # next include the last one (read after them, a batch committing in between was left out of the
-        # stream that ends with the final run event).
+        # The run before its batches: a run that ended through its last batch has every batch ended before
+        # it, so the batches read next include the last one (read after them, a batch committing in between
+        # was left out of the stream that ends with the final run event). A run canceled while a batch is
+        # loading can still end its stream with that batch running (it is recorded canceled just after).
         summary = run_contract(self.job, self.run, include_batches=False, metrics=run_metrics.shared())
         del summary["batches"]
         with db.get_engine().connect() as conn:

@@ -104,6 +104,7 @@ def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: 
     failures = 0  # consecutive failures, for the backoff
     used = 0  # attempts that started and failed transiently: bounded by max_attempts
     outage_since: float | None = None  # the database unreachable before an attempt could start
+    unchecked = True  # borrow a connection given back moments ago without the pool's check
     while True:
         started = time.perf_counter()
         attempt: int | None = None
@@ -113,7 +114,7 @@ def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: 
             max_attempts = spec.max_attempts or max_attempts
             # Unchecked when given back moments ago (the batch before): a session ended since fails the
             # claim, before any attempt started, as a transient error (the outage path below).
-            with db.connection(skip_fresh_check=True) as conn:
+            with db.connection(skip_fresh_check=unchecked) as conn:
                 began = states.claim_batch(conn, job, run, batch, worker=worker, trigger=trigger)
                 if began is None:
                     return _not_started(conn, job, run, batch)
@@ -124,6 +125,11 @@ def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: 
                     finish_run_if_done(job, run, conn)  # on the same connection: no second borrow and check
             return outcome
         except Exception as exc:  # noqa: BLE001 - every failure is recorded in the ledger, then handled
+            if attempt is None and unchecked and _session_lost(exc):
+                # The unchecked connection's session had ended (a restart, a terminated backend): borrow
+                # again at once, checked, as the pool would have done; nothing to record or wait for.
+                unchecked = False
+                continue
             failures += 1
             error = exc if isinstance(exc, LoaderError) else (
                 db.wrap_db_error(exc, batch=batch) if isinstance(exc, psycopg.Error) or db.is_transient(exc)
@@ -166,6 +172,14 @@ def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: 
             # The ledger cannot record the outcome: fail the RQ job; the reconciler re-queues the
             # batch once the database is back (it is still pending, retried or running there).
             raise
+
+
+def _session_lost(exc: BaseException) -> bool:
+    """The connection's session is gone (no SQLSTATE: the socket closed; 08: connection exception; 57P:
+    the server ended it), as opposed to the database refusing or failing a statement."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    return exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))
 
 
 def _error_code(exc: BaseException, error: LoaderError | None) -> str:
@@ -312,16 +326,18 @@ def _load_in_transaction(conn: psycopg.Connection[Any], spec: JobSpec, job: str,
             _write_rejects(conn, job, run, batch, planned.file, rejected)
         required = sum(1 for _, _, p in rejected if p[0].error_class == ErrorClass.REQUIRED_FIELD)
         ms = (time.perf_counter() - started) * 1000
-        # One round trip: the attempt's end and its event are queued, the commit row's answer fetched. If the
-        # commit row is refused, the rollback takes the other two back and the event is never logged.
+        # One round trip: the commit row (the batch row locked first, as every writer of a batch does), the
+        # attempt's end and its event. If the commit row matches nothing, the rollback takes the other two
+        # back and the event is never logged.
         with conn.pipeline():
+            committed = states.commit_batch_sent(conn, job, run, batch, attempt, inserted=inserted,
+                                                 updated=updated, valid=valid, rejected=len(rejected),
+                                                 required=required, ms=ms)
             _end_attempt(conn, job, run, batch, attempt, AttemptStatus.SUCCEEDED, started)
             echo = record_event(conn, job, run, "batch_committed", batch=batch, attempt=attempt,
                                 rows_attempted=attempted, rows_inserted=inserted, rows_updated=updated,
                                 rows_validated=valid, validation_failures=len(rejected), duration_ms=round(ms, 1))
-            committed = states.commit_batch(conn, job, run, batch, attempt, inserted=inserted, updated=updated,
-                                            valid=valid, rejected=len(rejected), required=required, ms=ms)
-        if not committed:
+        if not committed():
             # The commit row matches only the attempt holding the batch of a loading run: another execution
             # took the batch over while this one loaded, or the run was canceled (the cancel is a barrier).
             # Either way this attempt's rows roll back; _attempt finds out which it was.

@@ -48,6 +48,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -460,13 +461,24 @@ def commit_batch(conn: Conn, job: str, run: str, batch: int, attempt: int, *, in
     cancel (which locks the run FOR NO KEY UPDATE) waits for commits in flight and no batch commits after it.
     False: another attempt took the batch over, or the run is no longer loading (canceled); the caller
     rolls back and asks :func:`holds_batch` which, then ends its attempt skipped or :func:`cancel_attempt`.
-    The answer is fetched (RETURNING), not read from the row count: in a pipeline, statements queued before
-    this one (the attempt's end, its event) go to the server in the same round trip.
     """
-    return conn.execute(ledger_sql(_COMMIT, batches="batches", runs="runs"), {
+    return commit_batch_sent(conn, job, run, batch, attempt, inserted=inserted, updated=updated, valid=valid,
+                             rejected=rejected, required=required, ms=ms)()
+
+
+def commit_batch_sent(conn: Conn, job: str, run: str, batch: int, attempt: int, *, inserted: int, updated: int,
+                      valid: int, rejected: int, required: int, ms: float) -> Callable[[], bool]:
+    """:func:`commit_batch`'s statement sent now, its answer (RETURNING) read when the result is called.
+
+    In a pipeline, the attempt's end and its event are queued after it and ride the same round trip, while
+    the batch row is locked first: every writer of a batch locks its ``batches`` row before its ``attempts``
+    row (the claim, the reconciler, a failure), so a commit racing a redelivery's claim cannot deadlock.
+    """
+    cur = conn.execute(ledger_sql(_COMMIT, batches="batches", runs="runs"), {
         "ins": inserted, "upd": updated, "valid": valid, "superseded": valid - inserted - updated,
         "rejected": rejected, "req": required, "shape": rejected - required, "ms": ms,
-        "job": job, "run": run, "batch": batch, "attempt": attempt}).fetchone() is not None
+        "job": job, "run": run, "batch": batch, "attempt": attempt})
+    return lambda: cur.fetchone() is not None
 
 
 _FAIL_ATTEMPT = sql.SQL("""
@@ -478,13 +490,18 @@ _FAIL_ATTEMPT = sql.SQL("""
 
 def fail_attempt(conn: Conn, job: str, run: str, batch: int, attempt: int, *, retry: bool, code: str,
                  message: str, stack: str, ms: float) -> bool:
-    """running (by ``attempt``) -> retried (another attempt is due) or failed; ends the attempt too."""
-    end_attempt(conn, job, run, batch, attempt, AttemptStatus.RETRYING if retry else AttemptStatus.FAILED,
-                ms=ms, code=code, message=message, stack=stack)
-    return conn.execute(_FAIL_ATTEMPT.format(batches=ledger_table("batches"), next=next_change()), {
+    """running (by ``attempt``) -> retried (another attempt is due) or failed; ends the attempt too.
+
+    The batch row first, then the attempt's (the order every writer of a batch keeps: no deadlock with a
+    claim of the same batch).
+    """
+    moved = conn.execute(ledger_sql(_FAIL_ATTEMPT, batches="batches"), {
         "status": (BatchStatus.RETRIED if retry else BatchStatus.FAILED).value, "ms": ms, "code": code,
         "message": message, "stack": stack, "job": job, "run": run, "batch": batch, "attempt": attempt,
     }).rowcount > 0
+    end_attempt(conn, job, run, batch, attempt, AttemptStatus.RETRYING if retry else AttemptStatus.FAILED,
+                ms=ms, code=code, message=message, stack=stack)
+    return moved
 
 
 _FAIL_UNSTARTED = sql.SQL(

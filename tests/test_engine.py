@@ -143,6 +143,9 @@ def test_a_session_ended_moments_after_its_connection_was_given_back_costs_its_b
         c = loader.run_contract(job, ref.etl_run_id)
         assert c["status"] == "success" and c["metrics"]["rows_inserted"] == 200
         assert [b["attempts"] for b in c["batches"]] == [1, 1]
+        warned = pg.execute(sql.SQL("SELECT count(*) FROM {} WHERE etl_run_id = %s AND level <> 'info'").format(
+            sql.Identifier(ledger, "events")), [ref.etl_run_id]).fetchone()
+        assert warned == (0,)  # met quietly: borrowed again, checked, at once
         with db.connection() as conn:
             pid = conn.info.backend_pid
         with db.connection() as conn:  # a borrower that did not ask: checked however fresh
@@ -670,7 +673,7 @@ def test_waiting_for_a_run_without_a_listening_connection_polls_its_status(tmp_p
     from loader import runs as runs_mod
     from loader.errors import TransientDbError
 
-    def refuse(url=None):
+    def refuse(*args, **kwargs):
         raise TransientDbError("the database refused a new connection")
 
     monkeypatch.setattr(db, "dedicated_connection", refuse)
