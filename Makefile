@@ -62,8 +62,12 @@ stop: $(STAMP)
 clean-data: stop
 	rm -rf .data data
 
+# Everything issue 18 asks to report: the engine's stages (small batches paired with the loop at the same size,
+# the fixed cost per batch against bench/small_before.json), worker memory at 10M records (about 20 minutes,
+# merged into the same report), object storage, and the console at scale. About an hour on 2 cores.
 bench: $(STAMP)
-	$(PY) bench/engine.py
+	$(PY) bench/engine.py --before bench/small_before.json
+	$(PY) bench/engine.py --stages memory_10m --merge bench/.data/results.json --before bench/small_before.json
 	$(PY) bench/objstore.py
 	$(PY) bench/console_scale.py
 
