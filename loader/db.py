@@ -482,6 +482,15 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, PoolTimeout | ConnectionError | TimeoutError)
 
 
+def is_session_lost(exc: BaseException) -> bool:
+    """The connection's session is gone (no SQLSTATE: the socket closed; 08: connection exception; 57P: the
+    server ended it), as opposed to the database refusing or failing a statement (a narrower case of
+    :func:`is_transient`)."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    return exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))
+
+
 def wrap_db_error(exc: BaseException, **context: object) -> LoaderError:
     """Turn a driver error into TransientDbError or PermanentDbError, password-free."""
     orig = getattr(exc, "orig", None)

@@ -125,7 +125,7 @@ def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: 
                     finish_run_if_done(job, run, conn)  # on the same connection: no second borrow and check
             return outcome
         except Exception as exc:  # noqa: BLE001 - every failure is recorded in the ledger, then handled
-            if attempt is None and unchecked and _session_lost(exc):
+            if attempt is None and unchecked and db.is_session_lost(exc):
                 # The unchecked connection's session had ended (a restart, a terminated backend): borrow
                 # again at once, checked, as the pool would have done; nothing to record or wait for.
                 unchecked = False
@@ -172,14 +172,6 @@ def _load_batch(job: str, run: str, batch: int, *, worker: str | None, trigger: 
             # The ledger cannot record the outcome: fail the RQ job; the reconciler re-queues the
             # batch once the database is back (it is still pending, retried or running there).
             raise
-
-
-def _session_lost(exc: BaseException) -> bool:
-    """The connection's session is gone (no SQLSTATE: the socket closed; 08: connection exception; 57P:
-    the server ended it), as opposed to the database refusing or failing a statement."""
-    if not isinstance(exc, psycopg.OperationalError):
-        return False
-    return exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))
 
 
 def _error_code(exc: BaseException, error: LoaderError | None) -> str:
