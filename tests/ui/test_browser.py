@@ -130,7 +130,7 @@ def test_a_failed_batch_shows_its_error_and_retry_from_the_ui_completes_the_run(
 
     # Only failed batches, kept in the URL; selecting the row shows error, stack and timeline.
     page.get_by_role("button", name="failed", exact=True).click()
-    page.wait_for_url(re.compile(r"status=failed"), timeout=10_000)
+    page.wait_for_url(re.compile(r"status=failed"), timeout=30_000)  # a rerun under a loaded CI can take long
     page.wait_for_function("() => document.querySelectorAll(\"iframe[title='st_aggrid.AgGrid.agGrid']\").length === 1",
                            timeout=10_000)  # the filtered grid replaces the unfiltered one
     grid = page.frame_locator("iframe[title='st_aggrid.AgGrid.agGrid']")
