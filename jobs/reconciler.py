@@ -10,7 +10,7 @@ from rq.job import Job
 from loader import db, states
 from loader.events import log_event
 from loader.queue import batch_job_id, enqueue_batches, enqueue_plan, get_redis, group_size, plan_job_id
-from loader.reconcile import Reconciled, exclusive, reconcile
+from loader.reconcile import Reconciled, exclusive, pending_batches, reconcile
 
 #: RQ job states meaning "nobody will run this job again".
 GONE = {None, b"finished", b"failed", b"stopped", b"canceled"}
@@ -36,9 +36,9 @@ def requeue(found: Reconciled, redis: Redis | None = None) -> dict[str, int]:
     todo: dict[tuple[str, str], set[int]] = defaultdict(set)
     for job, run, batch in found.abandoned:
         todo[(job, run)].add(batch)
-    if found.pending:
+    for page in pending_batches(found):  # a page at a time: the pass's memory does not grow with a run's size
         ids: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
-        for j, r, b, d, size in found.pending:
+        for j, r, b, d, size in page:
             ids[batch_job_id(j, r, b, d, group_size(size))].append((j, r, b))
         for job_id in _missing(redis, list(ids), found.live_workers):
             for j, r, b in ids[job_id]:
