@@ -31,16 +31,20 @@ def _missing(redis: Redis, ids: list[str], live_workers: set[str] | None = None)
 
 
 def requeue(found: Reconciled, redis: Redis | None = None) -> dict[str, int]:
-    """Queue again the abandoned batches, and the pending batches and runs whose RQ job is gone."""
+    """Queue again the abandoned batches, and the pending batches and runs whose RQ job is gone.
+
+    Call it with the reconcile lock held (:func:`loader.reconcile.exclusive`, as :func:`reconcile_once` does):
+    it reads the pending batches itself, and two passes at once would both queue a lost one.
+    """
     redis = redis or get_redis()
     todo: dict[tuple[str, str], set[int]] = defaultdict(set)
     for job, run, batch in found.abandoned:
         todo[(job, run)].add(batch)
     for page in pending_batches(found):  # a page at a time: the pass's memory does not grow with a run's size
         ids: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
-        for j, r, b, d, size in page:
+        for j, r, b, d, size in page.batches:
             ids[batch_job_id(j, r, b, d, group_size(size))].append((j, r, b))
-        for job_id in _missing(redis, list(ids), found.live_workers):
+        for job_id in _missing(redis, list(ids), page.live_workers):
             for j, r, b in ids[job_id]:
                 todo[(j, r)].add(b)
     batches = 0

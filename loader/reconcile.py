@@ -47,9 +47,6 @@ class Reconciled:
     #: The windows the pass used: :func:`pending_batches` reads the pending batches with them, a chunk at a time.
     grace: float = ORPHAN_GRACE_SECONDS
     stale_after: float = STALE_AFTER_SECONDS
-    #: Workers of the queue that beat within the stale window: an RQ job a worker not named here started
-    #: will not go on (a group job's batches after the one its worker died in).
-    live_workers: set[str] = field(default_factory=set)
     canceled: list[tuple[str, str, int]] = field(default_factory=list)
     plannable: list[tuple[str, str, bool]] = field(default_factory=list)
     finished: list[tuple[str, str, str]] = field(default_factory=list)
@@ -108,17 +105,33 @@ PENDING_CHUNK = 500
 
 PendingBatch = tuple[str, str, int, int, int]
 
+_LIVE_WORKERS = sql.SQL(
+    "SELECT name FROM {} WHERE queue = %s AND heartbeat_at > now() - make_interval(secs => %s)")
 
-def pending_batches(found: Reconciled, *, queue: str | None = None) -> Iterator[list[PendingBatch]]:
+
+@dataclass
+class PendingPage:
+    """One page of :func:`pending_batches`, and the queue's workers alive when it was read."""
+
+    batches: list[PendingBatch]
+    #: Workers of the queue that beat within the stale window, read right after the page: an RQ job a worker
+    #: not named here started will not go on (a group job's batches after the one its worker died in). Read
+    #: with each page, so a worker that started since the pass began is not taken for a dead one.
+    live_workers: set[str]
+
+
+def pending_batches(found: Reconciled, *, queue: str | None = None) -> Iterator[PendingPage]:
     """The pass's pending batches (:data:`PENDING`), :data:`PENDING_CHUNK` at a time, in key order.
 
     Each page is its own short query on a borrowed connection (keyset paging, no cursor held open), so
     the caller may ask Redis about a page between two reads; a batch that changes meanwhile is read as
-    it is then, and one that ends is not read at all.
+    it is then, and one that ends is not read at all. Read them with the reconcile lock held
+    (:func:`exclusive`), as the caller re-queues what it finds.
     """
     queue = queue or config.get("ETL_QUEUE")
     tables = {"batches": ledger_table("batches"), "runs": ledger_table("runs"), "workers": ledger_table("workers")}
     query = PENDING.format(**tables)
+    live_query = _LIVE_WORKERS.format(tables["workers"])
     after: tuple[str, str, int] = ("", "", -1)
     while True:
         params = {"grace": found.grace, "queue": queue, "stale": found.stale_after, "limit": PENDING_CHUNK,
@@ -126,9 +139,10 @@ def pending_batches(found: Reconciled, *, queue: str | None = None) -> Iterator[
         with db.connection() as conn:
             page: list[PendingBatch] = [(str(j), str(r), int(b), int(d), int(size))
                                         for j, r, b, d, size in conn.execute(query, params)]
+            live = {str(r[0]) for r in conn.execute(live_query, [queue, found.stale_after])} if page else set()
         if not page:
             return
-        yield page
+        yield PendingPage(page, live)
         if len(page) < PENDING_CHUNK:
             return
         after = page[-1][:3]
@@ -249,9 +263,6 @@ def _reconcile(stale_after: float | None, grace: float) -> Reconciled:
         # Workers that stopped beating a day ago are history (their attempts keep the name).
         conn.execute(sql.SQL("DELETE FROM {} WHERE heartbeat_at < now() - interval '1 day'").format(
             tables["workers"]))
-        out.live_workers = {str(r[0]) for r in conn.execute(
-            sql.SQL("SELECT name FROM {} WHERE queue = %s AND heartbeat_at > now() - make_interval(secs => %s)"
-                    ).format(tables["workers"]), [queue, stale_after])}
         out.plannable = [tuple(r) for r in conn.execute(
             PLANNABLE.format(**tables), {"grace": grace, "stale": stale_after, "queue": queue})]
         for job, run in conn.execute(UNFINISHED.format(**tables), {"queue": queue}).fetchall():

@@ -31,6 +31,8 @@ OVERSIZED_HEAD_BYTES = 64 * 1024
 _OVERSIZED_MARK = b"\x00dataloader-oversized-record "
 #: Bytes read at a time while skipping the rest of an over-long line.
 _SKIP_CHUNK = 1 << 20
+#: The read buffer of a plain file opened to be read through (planning): one read() a MiB, not one per 8 KiB.
+_PLAN_BUFFER = 1 << 20
 #: How a batch's checksum starts: the digest that made it (``batches.checksum``, "sha256:<hex>"). SHA-256
 #: because CPUs hash it in hardware (SHA-NI): about twice as fast as blake2b in CPython, about 1 ns a byte.
 CHECKSUM_PREFIX = "sha256:"
@@ -248,7 +250,7 @@ def _open(source: SourceObject, options: Mapping[str, Any] | None) -> IO[bytes]:
             return gzip.open(path, "rb")  # type: ignore[return-value]
         # The planner reads every line of the file: through the default 8 KiB buffer that is one read() per
         # 7 lines of 1 KB (planning 100k such records: 0.154 -> 0.123 s with this buffer).
-        return open(path, "rb", buffering=_SKIP_CHUNK)  # noqa: SIM115 - the caller closes it
+        return open(path, "rb", buffering=_PLAN_BUFFER)  # noqa: SIM115 - the caller closes it
     except OSError as exc:
         raise SourceError(f"source file {path} cannot be read: {exc.strerror}", file=str(path)) from None
 

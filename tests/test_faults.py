@@ -647,16 +647,19 @@ def test_a_reconciler_holds_its_lock_until_what_it_found_is_queued_again(ledger,
 def test_a_reconcile_pass_reads_pending_batches_a_page_at_a_time_and_queues_every_lost_one_once(
         tmp_path, target_schema, pg, own_queue, redis_conn, monkeypatch):
     """A pass over a big run holds one page of its pending batches, never all of them (a worker's RSS stays flat
-    at 10M records), and paging loses none: 23 planned batches whose RQ jobs never existed, pages of 4 (groups
-    of 10 batches span pages), every one queued again exactly once; a second pass finds their new jobs queued."""
+    at 10M records), and paging loses none: two runs of 23 planned batches whose RQ jobs never existed, pages of
+    4 (groups of 10 batches and the two runs span pages), every batch queued again exactly once; a second pass
+    finds their new jobs queued."""
     from jobs import reconciler
     from loader import planning, reconcile
     from loader import runs as runs_mod
     from loader.queue import group_size
 
     catalog, job = setup_job(tmp_path, target_schema, 2300)
-    ref = runs_mod.create_run(loader.load_catalog(catalog).get(job), actor="test", batch_size=100)
-    assert len(planning.plan_run(job, ref.etl_run_id)) == 23  # planned, never queued: as after a flushed Redis
+    spec = loader.load_catalog(catalog).get(job)
+    runs = [runs_mod.create_run(spec, actor="test", batch_size=100, force=True).etl_run_id for _ in range(2)]
+    for run in runs:  # planned, never queued: as after a flushed Redis
+        assert len(planning.plan_run(job, run)) == 23
     monkeypatch.setattr(reconcile, "PENDING_CHUNK", 4)
     asked: list[list[str]] = []
     real_missing = reconciler._missing
@@ -670,21 +673,24 @@ def test_a_reconcile_pass_reads_pending_batches_a_page_at_a_time_and_queues_ever
         assert got
         found = reconcile.reconcile(grace=0.0, locked=True)
         assert found is not None
-        assert [len(p) for p in reconcile.pending_batches(found)] == [4, 4, 4, 4, 4, 3]
-        assert reconciler.requeue(found) == {"batches": 23, "plans": 0}
-    assert len(asked) == 6 and all(len(ids) <= 4 for ids in asked)
+        pages = [page.batches for page in reconcile.pending_batches(found)]
+        assert [len(p) for p in pages] == [4] * 11 + [2]
+        assert sorted((r, b) for p in pages for _, r, b, _, _ in p) == sorted((r, b) for r in runs for b in range(23))
+        assert reconciler.requeue(found) == {"batches": 46, "plans": 0}
+    assert len(asked) == 12 and all(len(ids) <= 4 for ids in asked)
     schema = sql.Identifier(os.environ["ETL_LEDGER_SCHEMA"], "batches")
     assert pg.execute(sql.SQL("SELECT count(*), min(deliveries), max(deliveries) FROM {} WHERE etl_job_id = %s"
-                              ).format(schema), [job]).fetchone() == (23, 1, 1)
-    for index in range(23):  # each batch's new delivery is a job of its own, waiting in this test's queue
-        assert redis_conn.hget(f"rq:job:{batch_job_id(job, ref.etl_run_id, index, 1, group_size(100))}",
-                               "status") == b"queued"
+                              ).format(schema), [job]).fetchone() == (46, 1, 1)
+    for run in runs:  # each batch's new delivery is a job of its own, waiting in this test's queue
+        for index in range(23):
+            assert redis_conn.hget(f"rq:job:{batch_job_id(job, run, index, 1, group_size(100))}",
+                                   "status") == b"queued"
     asked.clear()
     with reconcile.exclusive() as got:
         assert got
         found = reconcile.reconcile(grace=0.0, locked=True)
         assert found is not None and reconciler.requeue(found) == {"batches": 0, "plans": 0}
-    assert sum(len(ids) for ids in asked) == 23
+    assert sum(len(ids) for ids in asked) == 46
 
 
 def test_the_heartbeat_goes_on_while_reconciling_hangs_on_a_redis_that_stopped_answering(
