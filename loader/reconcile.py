@@ -67,10 +67,15 @@ def forget(conn: psycopg.Connection[Any], name: str) -> None:
     conn.execute(sql.SQL("DELETE FROM {} WHERE name = %s").format(ledger_table("workers")), [name])
 
 
+#: The names of the queue's workers that beat within the stale window (params: queue, stale seconds): what
+#: "alive" means for the CLI's warning (:func:`live_workers`) and for a reconcile pass (:class:`PendingPage`).
+_LIVE_WORKERS = sql.SQL(
+    "SELECT name FROM {} WHERE queue = %s AND heartbeat_at > now() - make_interval(secs => %s)")
+
+
 def live_workers(conn: psycopg.Connection[Any] | None = None) -> int:
     """Workers of this queue that beat within the stale window (from the ledger, not Redis)."""
-    query = sql.SQL("SELECT count(*) FROM {} WHERE queue = %s AND heartbeat_at > now() - make_interval(secs => %s)"
-                    ).format(ledger_table("workers"))
+    query = sql.SQL("SELECT count(*) FROM ({}) w").format(_LIVE_WORKERS.format(ledger_table("workers")))
     params = [config.get("ETL_QUEUE"), stale_seconds()]
     if conn is not None:
         row = conn.execute(query, params).fetchone()
@@ -104,10 +109,6 @@ PENDING = sql.SQL("""
 PENDING_CHUNK = 500
 
 PendingBatch = tuple[str, str, int, int, int]
-
-_LIVE_WORKERS = sql.SQL(
-    "SELECT name FROM {} WHERE queue = %s AND heartbeat_at > now() - make_interval(secs => %s)")
-
 
 @dataclass
 class PendingPage:
